@@ -1,0 +1,191 @@
+"""The canonical feed: one folder per as-of date of UTF-8 CSV files (see docs/feed_contract.md).
+
+This module is the single, declarative statement of that public interface. The ingest
+(`rebal_pipeline.core.landing`), the SQL staging models and the sandbox generator all read
+it, so a column added here is added everywhere. Changes must stay additive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ColumnKind = Literal["id", "text", "decimal", "date", "bool", "enum"]
+
+# Decimal text: optional minus, digits, optional fraction of at most 8 places, no thousands
+# separators, no exponent. Anything else is quarantined rather than guessed at.
+DECIMAL_PLACES = 8
+DECIMAL_PATTERN = r"^-?[0-9]+(\.[0-9]{1,8})?$"
+DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+BOOL_VALUES = ("true", "false")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: ColumnKind
+    # A required column missing from the header fails the whole file.
+    required: bool = True
+    # May the value be empty? (e.g. suspended_reason when not suspended)
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeedFile:
+    name: str  # file stem, e.g. "positions" for positions.csv
+    columns: tuple[Column, ...]
+    # Columns that identify a row; a second row with the same key is a duplicate.
+    key: tuple[str, ...] = ()
+    doc: str = ""
+    optional_file: bool = False
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.csv"
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.required]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+ROLES = ("advisor", "compliance", "trading_desk", "operations")
+ACCOUNT_TYPES = ("taxable", "traditional_ira", "roth_ira", "401k", "529", "erisa")
+ASSET_CLASSES = ("equity", "fixed_income", "alternatives", "cash")
+SECURITY_TYPES = ("stock", "etf", "mutual_fund", "bond", "money_market", "cash")
+RESTRICTION_KINDS = ("no_buy_symbol", "no_sell_symbol", "no_asset_class", "min_cash_weight")
+TRANSACTION_TYPES = ("buy", "sell", "reinvest", "transfer_in", "transfer_out")
+TARGET_SCOPES = ("account", "household")
+CASH_SYMBOL = "CASH"
+
+FEED_FILES: dict[str, FeedFile] = {
+    f.name: f
+    for f in (
+        FeedFile(
+            "users",
+            (
+                Column("user_id", "id"),
+                Column("name", "text"),
+                Column("email", "text"),
+                Column("role", "enum", choices=ROLES),
+            ),
+            key=("user_id",),
+            doc="Advisors, compliance officers, trading desk and operations staff.",
+        ),
+        FeedFile(
+            "households",
+            (
+                Column("household_id", "id"),
+                Column("name", "text"),
+                Column("advisor_id", "id"),
+                Column("aggregate_rebalancing", "bool"),
+                Column("federal_ordinary_rate", "decimal"),
+                Column("federal_ltcg_rate", "decimal"),
+                Column("state_rate", "decimal"),
+            ),
+            key=("household_id",),
+            doc="Client households; aggregate_rebalancing rebalances all accounts as one.",
+        ),
+        FeedFile(
+            "accounts",
+            (
+                Column("account_id", "id"),
+                Column("household_id", "id"),
+                Column("client_name", "text"),
+                Column("client_email", "text"),
+                Column("custodian", "id"),
+                Column("account_type", "enum", choices=ACCOUNT_TYPES),
+                Column("discretionary", "bool"),
+                Column("tax_sensitive", "bool"),
+                Column("suspended", "bool"),
+                Column("suspended_reason", "text", nullable=True),
+                Column("model_id", "id", nullable=True),
+                # Optional: overrides the household's advisor of record.
+                Column("advisor_id", "id", required=False, nullable=True),
+            ),
+            key=("account_id",),
+        ),
+        FeedFile(
+            "models",
+            (Column("model_id", "id"), Column("symbol", "id"), Column("weight", "decimal")),
+            key=("model_id", "symbol"),
+            doc="Security-level model weights; sum to 1 per model.",
+        ),
+        FeedFile(
+            "ips_targets",
+            (
+                Column("scope", "enum", choices=TARGET_SCOPES),
+                Column("scope_id", "id"),
+                Column("asset_class", "enum", choices=ASSET_CLASSES),
+                Column("target_weight", "decimal"),
+            ),
+            key=("scope", "scope_id", "asset_class"),
+            doc="IPS asset-class targets that override the model; sum to 1 per scope.",
+        ),
+        FeedFile(
+            "restrictions",
+            (
+                Column("account_id", "id"),
+                Column("kind", "enum", choices=RESTRICTION_KINDS),
+                Column("value", "text"),
+            ),
+            key=("account_id", "kind", "value"),
+        ),
+        FeedFile(
+            "securities",
+            (
+                Column("symbol", "id"),
+                Column("cusip", "text", nullable=True),
+                Column("description", "text"),
+                Column("asset_class", "enum", choices=ASSET_CLASSES),
+                Column("security_type", "enum", choices=SECURITY_TYPES),
+                Column("wash_group", "id"),
+                Column("tlh_substitute", "id", nullable=True),
+                Column("fractional", "bool"),
+            ),
+            key=("symbol",),
+        ),
+        FeedFile(
+            "prices",
+            (Column("symbol", "id"), Column("close", "decimal")),
+            key=("symbol",),
+            doc="Close of the as-of date; cash has price 1.",
+        ),
+        FeedFile(
+            "positions",
+            (Column("account_id", "id"), Column("symbol", "id"), Column("quantity", "decimal")),
+            key=("account_id", "symbol"),
+            doc="Cash is the symbol CASH with quantity in dollars.",
+        ),
+        FeedFile(
+            "lots",
+            (
+                Column("account_id", "id"),
+                Column("symbol", "id"),
+                Column("lot_id", "id"),
+                Column("open_date", "date"),
+                Column("quantity", "decimal"),
+                Column("cost_basis", "decimal"),
+            ),
+            key=("account_id", "lot_id"),
+            doc="cost_basis is the lot's total dollars; lots of one account/symbol sum to the position.",
+        ),
+        FeedFile(
+            "transactions",
+            (
+                Column("account_id", "id"),
+                Column("symbol", "id"),
+                Column("trade_date", "date"),
+                Column("type", "enum", choices=TRANSACTION_TYPES),
+                Column("quantity", "decimal"),
+                Column("price", "decimal"),
+            ),
+            key=(),
+            doc="At least the last 31 days (the wash-sale look-back).",
+        ),
+    )
+}
