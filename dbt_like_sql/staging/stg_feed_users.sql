@@ -1,0 +1,10 @@
+-- Advisors, compliance officers, trading desk and operations staff (users.csv), typed.
+select
+    as_of,
+    _line,
+    user_id,
+    name,
+    email,
+    role
+from {{ source('users') }}
+where as_of = $as_of and _type_ok

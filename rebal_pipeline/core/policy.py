@@ -1,0 +1,114 @@
+"""The versioned drift policy: tiers, bands, urgency, tax-sensitive rules.
+
+Loaded from a YAML file (default: rebal_pipeline/policies/drift_policy.yaml, or the path in
+REBAL_DRIFT_POLICY) and validated here at the boundary. The version id recorded on every
+drift row and alert is `<version>+<first 12 hex of the file's SHA-256>`, so an edited file
+that forgot to bump its version is still told apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "drift_policy.yaml"
+
+Urgency = Literal["high", "medium", "low"]
+Delivery = Literal["same_day", "within_48h", "weekly_batch"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tier(_Strict):
+    name: str = Field(pattern=r"^[a-z_]+$")
+    min_aum: Decimal = Field(ge=0)
+    max_aum: Decimal | None = None
+    band: Decimal = Field(gt=0, lt=1)
+    urgency: Urgency
+    delivery: Delivery
+
+
+class TaxSensitiveRule(_Strict):
+    band: Decimal = Field(gt=0, lt=1)
+    urgency: Urgency
+    delivery: Delivery
+
+
+class DriftPolicy(_Strict):
+    version: str = Field(min_length=1)
+    effective_from: date
+    tiers: list[Tier] = Field(min_length=1)
+    tax_sensitive: TaxSensitiveRule
+    tlh_loss_threshold: Decimal = Field(gt=0, lt=1)
+    relative_band: Decimal | None = Field(default=None, gt=0, lt=1)
+    content_sha256: str = ""
+
+    @model_validator(mode="after")
+    def _tiers_cover_every_aum_once(self) -> "DriftPolicy":
+        # Tiers must tile [0, ∞) with no gap and no overlap, so every household gets exactly one.
+        ordered = sorted(self.tiers, key=lambda t: t.min_aum)
+        if ordered[0].min_aum != 0:
+            raise ValueError("the lowest tier must start at min_aum 0")
+        for lower, upper in zip(ordered, ordered[1:]):
+            if lower.max_aum != upper.min_aum:
+                raise ValueError(
+                    f"tiers {lower.name} and {upper.name} leave a gap or overlap "
+                    f"({lower.max_aum} vs {upper.min_aum})"
+                )
+        if ordered[-1].max_aum is not None:
+            raise ValueError("the highest tier must have max_aum null (open-ended)")
+        return self
+
+    @property
+    def version_id(self) -> str:
+        return f"{self.version}+{self.content_sha256[:12]}"
+
+    def bands_frame(self) -> pl.DataFrame:
+        """One row per tier plus the tax-sensitive rule, for the drift SQL to join."""
+        rows = [
+            {
+                "rule": t.name,
+                "min_aum": float(t.min_aum),
+                "max_aum": None if t.max_aum is None else float(t.max_aum),
+                "band": float(t.band),
+                "urgency": t.urgency,
+                "delivery": t.delivery,
+            }
+            for t in self.tiers
+        ]
+        ts = self.tax_sensitive
+        rows.append(
+            {
+                "rule": "tax_sensitive",
+                "min_aum": None,
+                "max_aum": None,
+                "band": float(ts.band),
+                "urgency": ts.urgency,
+                "delivery": ts.delivery,
+            }
+        )
+        return pl.DataFrame(rows).with_columns(
+            pl.lit(self.version_id).alias("policy_version"),
+            pl.lit(float(self.tlh_loss_threshold)).alias("tlh_loss_threshold"),
+            pl.lit(None if self.relative_band is None else float(self.relative_band), pl.Float64).alias(
+                "relative_band"
+            ),
+        )
+
+
+def load_policy(path: Path | str | None = None) -> DriftPolicy:
+    path = Path(path) if path else DEFAULT_POLICY_FILE
+    raw = path.read_bytes()
+    document = yaml.safe_load(raw)
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: a drift policy must be a YAML mapping")
+    return DriftPolicy.model_validate({**document, "content_sha256": hashlib.sha256(raw).hexdigest()})

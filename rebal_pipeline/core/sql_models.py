@@ -1,0 +1,213 @@
+"""A small dbt-like runner for the SQL models in dbt_like_sql/.
+
+Each `<layer>/<name>.sql` file is one model: a single SELECT producing one as-of partition.
+Templates are rendered by jinja2 and may only produce *identifiers*:
+  {{ ref('holdings') }}          another model (a dependency, drawn as lineage in Dagster)
+  {{ source('positions') }}      a landed feed file (table landing_positions)
+  {{ feed_files }}               the feed contract, for models that check every file alike
+Values are never rendered into SQL: the as-of date is the bound parameter `$as_of`.
+
+Materialising a model for a date deletes that date's rows and inserts the new ones inside one
+transaction, so re-running a day replaces it exactly (no duplicates, no partial partition).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from graphlib import TopologicalSorter
+from pathlib import Path
+
+import duckdb
+from jinja2 import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from rebal_pipeline.core.feed_contract import FEED_FILES
+from rebal_pipeline.core.landing import REFERENCE_COLUMNS
+
+LAYERS = ("staging", "intermediate", "marts")
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def quote_identifier(name: str) -> str:
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a safe SQL identifier: {name!r}")
+    return f'"{name}"'
+
+
+_CONTRACT_LITERAL = re.compile(r"^[a-z0-9_.,|]*$")
+
+
+def contract_literal(text: str) -> str:
+    """A string literal for a name from the feed contract (a file or column name).
+
+    Only the contract's own names may be rendered this way; they are code constants, never
+    data, and the pattern refuses anything that could escape the literal.
+    """
+    if not _CONTRACT_LITERAL.match(text):
+        raise ValueError(f"not a contract name: {text!r}")
+    return f"'{text}'"
+
+
+def landing_table(feed_file: str) -> str:
+    return f"landing_{feed_file}"
+
+
+@dataclass(frozen=True)
+class SqlModel:
+    name: str
+    layer: str
+    path: Path
+    template: str
+    refs: tuple[str, ...]
+    sources: tuple[str, ...]
+    description: str
+
+    def render(self) -> str:
+        return _environment().from_string(self.template).render()
+
+
+def _environment(on_ref=None, on_source=None) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+    def ref(name: str) -> str:
+        if on_ref:
+            on_ref(name)
+        return quote_identifier(name)
+
+    def source(name: str) -> str:
+        if name not in FEED_FILES:
+            raise ValueError(f"unknown feed file in source(): {name!r}")
+        if on_source:
+            on_source(name)
+        return quote_identifier(landing_table(name))
+
+    env.globals.update(
+        ref=ref,
+        source=source,
+        feed_files=list(FEED_FILES.values()),
+        reference_columns=REFERENCE_COLUMNS,
+        quote=quote_identifier,
+        literal=contract_literal,
+    )
+    return env
+
+
+def _description(template: str) -> str:
+    lines = []
+    for line in template.splitlines():
+        if not line.startswith("--"):
+            break
+        lines.append(line[2:].strip())
+    return " ".join(lines).strip()
+
+
+def load_model(path: Path, layer: str) -> SqlModel:
+    template = path.read_text(encoding="utf-8")
+    refs: list[str] = []
+    sources: list[str] = []
+    _environment(refs.append, sources.append).from_string(template).render()
+    return SqlModel(
+        name=path.stem,
+        layer=layer,
+        path=path,
+        template=template,
+        refs=tuple(dict.fromkeys(refs)),
+        sources=tuple(dict.fromkeys(sources)),
+        description=_description(template),
+    )
+
+
+@cache
+def load_project(sql_dir: Path) -> dict[str, SqlModel]:
+    """All models of the project in dependency order (dependencies first)."""
+    models: dict[str, SqlModel] = {}
+    for layer in LAYERS:
+        for path in sorted((sql_dir / layer).glob("*.sql")):
+            model = load_model(path, layer)
+            if model.name in models:
+                raise ValueError(f"two models named {model.name}: {models[model.name].path}, {path}")
+            models[model.name] = model
+    for model in models.values():
+        unknown = [r for r in model.refs if r not in models and r not in EXTERNAL_REFS]
+        if unknown:
+            raise ValueError(f"{model.path}: ref() to unknown model(s): {', '.join(unknown)}")
+    graph = {m.name: {r for r in m.refs if r in models} for m in models.values()}
+    order = list(TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    return {name: models[name] for name in order}
+
+
+# Tables written by Python assets that SQL models may ref() (e.g. the drift policy).
+EXTERNAL_REFS: set[str] = {"drift_policy", "feed_type_errors", "feed_manifest"}
+
+
+def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    rows = con.execute(
+        "select column_name, data_type from information_schema.columns "
+        "where table_schema = current_schema() and table_name = ? order by ordinal_position",
+        [table],
+    ).fetchall()
+    return dict(rows)
+
+
+def materialize_model(con: duckdb.DuckDBPyConnection, model: SqlModel, as_of: date) -> int:
+    """Replace the `as_of` partition of the model's table; returns the partition's row count."""
+    sql = model.render()
+    table = quote_identifier(model.name)
+    params = {"as_of": as_of}
+    con.execute("begin transaction")
+    try:
+        con.execute(f"create temp table __model_rows as {sql}", params)
+        new_columns = _table_columns_temp(con)
+        if "as_of" not in new_columns:
+            raise ValueError(f"{model.path}: a model must select an as_of column")
+        existing = _table_columns(con, model.name)
+        if not existing:
+            con.execute(f"create table {table} as select * from __model_rows where false")
+        else:
+            # Additive schema evolution: new columns are added, old rows get NULL.
+            for column, data_type in new_columns.items():
+                if column not in existing:
+                    con.execute(f"alter table {table} add column {quote_identifier(column)} {data_type}")
+        con.execute(f"delete from {table} where as_of = $as_of", params)
+        con.execute(f"insert into {table} by name select * from __model_rows")
+        rows = con.execute("select count(*) from __model_rows").fetchone()[0]
+        con.execute("drop table __model_rows")
+        con.execute("commit")
+    except Exception:
+        con.execute("rollback")
+        raise
+    return rows
+
+
+def _table_columns_temp(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    rows = con.execute(
+        "select column_name, data_type from information_schema.columns "
+        "where table_name = '__model_rows' and table_catalog = 'temp' order by ordinal_position"
+    ).fetchall()
+    return dict(rows)
+
+
+def replace_partition(
+    con: duckdb.DuckDBPyConnection, table: str, as_of: date, rows, *, columns_ddl: str | None = None
+) -> None:
+    """Replace one as-of partition of a table written from Python (an Arrow/polars frame)."""
+    name = quote_identifier(table)
+    con.register("__partition_rows", rows)
+    try:
+        con.execute("begin transaction")
+        if not _table_columns(con, table):
+            if columns_ddl:
+                con.execute(f"create table {name} ({columns_ddl})")
+            else:
+                con.execute(f"create table {name} as select * from __partition_rows where false")
+        con.execute(f"delete from {name} where as_of = ?", [as_of])
+        con.execute(f"insert into {name} by name select * from __partition_rows")
+        con.execute("commit")
+    except Exception:
+        con.execute("rollback")
+        raise
+    finally:
+        con.unregister("__partition_rows")

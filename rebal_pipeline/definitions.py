@@ -1,0 +1,17 @@
+"""The one place rebal's Dagster definitions are assembled. It only assembles."""
+
+from dagster import Definitions, in_process_executor
+
+from rebal_pipeline.defs.drift.schedules import daily_drift_at_market_close, daily_drift_scan
+from rebal_pipeline.defs.feed import assets as feed
+from rebal_pipeline.defs.warehouse import assets as warehouse
+from rebal_pipeline.resources import local_resources
+
+defs = Definitions(
+    assets=[*feed.assets, *warehouse.assets],
+    jobs=[daily_drift_scan],
+    schedules=[daily_drift_at_market_close],
+    resources=local_resources(),
+    # DuckDB allows one writing process at a time: run the steps of a run in one process.
+    executor=in_process_executor,
+)

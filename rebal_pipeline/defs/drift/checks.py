@@ -1,0 +1,112 @@
+"""Blocking data checks on the warehouse (pandera.polars schemas).
+
+They run inside the asset that produces the table, on the partition just written, and are
+blocking: when one fails, nothing downstream of that table runs for the day, because drift
+or alerts computed on top of it would be wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Callable
+
+import duckdb
+import pandera.polars as pa
+import polars as pl
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+
+WEIGHT_TOLERANCE = 1e-6
+
+
+class HoldingsSchema(pa.DataFrameModel):
+    """Every position priced, no negative market value, lots reconcile to positions."""
+
+    account_id: str = pa.Field(nullable=False)
+    symbol: str = pa.Field(nullable=False)
+    quantity: float = pa.Field(ge=0)
+    price: float = pa.Field(nullable=False, gt=0)  # every position priced
+    market_value: float = pa.Field(ge=0)  # no negative market values
+
+    @pa.dataframe_check
+    def lots_reconcile_to_positions(cls, data) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("lot_quantity") == pl.col("quantity"))
+
+
+class DriftWeightsSchema(pa.DataFrameModel):
+    """Current and target weights each sum to 1 within every scope."""
+
+    scope: str = pa.Field(isin=["account", "household"])
+    scope_id: str
+    current_weight: float = pa.Field(ge=0, le=1 + WEIGHT_TOLERANCE)
+    target_weight: float = pa.Field(ge=0, le=1 + WEIGHT_TOLERANCE)
+
+    @pa.dataframe_check
+    def current_weights_sum_to_one(cls, data) -> pl.LazyFrame:
+        total = pl.col("current_weight").sum().over("scope", "scope_id")
+        return data.lazyframe.select((total - 1).abs() <= WEIGHT_TOLERANCE)
+
+    @pa.dataframe_check
+    def target_weights_sum_to_one(cls, data) -> pl.LazyFrame:
+        total = pl.col("target_weight").sum().over("scope", "scope_id")
+        return data.lazyframe.select((total - 1).abs() <= WEIGHT_TOLERANCE)
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    name: str
+    description: str
+    schema: type[pa.DataFrameModel]
+    columns: tuple[str, ...]
+
+    def spec(self, asset: str) -> AssetCheckSpec:
+        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=True)
+
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+        cols = ", ".join(f'"{c}"' for c in self.columns)
+        frame = con.execute(f'select {cols} from "{table}" where as_of = ?', [as_of]).pl()
+        # Decimals are checked as floats: the checks compare signs, presence and sums.
+        frame = frame.with_columns(
+            [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items() if isinstance(t, pl.Decimal)]
+        )
+        return validate(self.name, self.schema, frame)
+
+
+def validate(check_name: str, schema: type[pa.DataFrameModel], frame: pl.DataFrame) -> AssetCheckResult:
+    try:
+        schema.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        failures = exc.failure_cases
+        return AssetCheckResult(
+            check_name=check_name,
+            passed=False,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "rows_checked": frame.height,
+                "failures": failures.height,
+                "failed_checks": MetadataValue.json(sorted(set(failures["check"].to_list()))),
+                "examples": MetadataValue.text(str(failures.head(10))),
+            },
+        )
+    return AssetCheckResult(check_name=check_name, passed=True, metadata={"rows_checked": frame.height})
+
+
+# Which checks run on which table.
+TABLE_CHECKS: dict[str, list[TableCheck]] = {
+    "holdings": [
+        TableCheck(
+            "holdings_priced_nonnegative_and_reconciled",
+            "Every position priced (> 0), no negative market value, lots sum to each position.",
+            HoldingsSchema,
+            ("account_id", "symbol", "quantity", "price", "market_value", "lot_quantity"),
+        )
+    ],
+    "drift": [
+        TableCheck(
+            "weights_sum_to_one_per_scope",
+            "Current and target weights each sum to 1 in every account and household scope.",
+            DriftWeightsSchema,
+            ("scope", "scope_id", "current_weight", "target_weight"),
+        )
+    ],
+}

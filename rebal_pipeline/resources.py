@@ -1,0 +1,58 @@
+"""Resources, configured in one place per environment (see definitions.py)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+from dagster import ConfigurableResource
+
+from rebal_pipeline import settings
+from rebal_pipeline.core.policy import DriftPolicy, load_policy
+
+
+class Warehouse(ConfigurableResource):
+    """The DuckDB warehouse file. Only Dagster runs write it (one writer process at a time)."""
+
+    database: str
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(self.database)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+class FeedLocation(ConfigurableResource):
+    """Where the canonical feed arrives and where raw files are archived."""
+
+    feed_root: str
+    archive_root: str
+
+    def feed_dir(self, as_of: str) -> Path:
+        return Path(self.feed_root) / as_of
+
+
+class DriftPolicySource(ConfigurableResource):
+    """The versioned drift policy file (empty = the policy shipped with rebal)."""
+
+    policy_file: str = ""
+
+    def load(self) -> DriftPolicy:
+        return load_policy(self.policy_file or None)
+
+
+def local_resources() -> dict:
+    policy = settings.policy_file()
+    return {
+        "warehouse": Warehouse(database=str(settings.warehouse_path())),
+        "feed": FeedLocation(
+            feed_root=str(settings.feed_root()), archive_root=str(settings.archive_root())
+        ),
+        "drift_policy_source": DriftPolicySource(policy_file=str(policy) if policy else ""),
+    }
