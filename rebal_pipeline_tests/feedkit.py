@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -74,7 +75,11 @@ class FeedBuilder:
                      lot_id=f"{account_id}-{symbol}-1",
                      open_date=(open_date or self.as_of - timedelta(days=800)).isoformat(),
                      quantity=str(quantity),
-                     cost_basis=str(cost_basis if cost_basis is not None else quantity * 90))
+                     cost_basis=str(cost_basis if cost_basis is not None else Decimal(str(quantity)) * 90))
+
+    def line_of(self, file: str, row: dict) -> int:
+        """The line a row will be written on (the header is line 1)."""
+        return next(i for i, r in enumerate(self.rows[file]) if r is row) + 2
 
     def price(self, symbol: str) -> str:
         return next(r["close"] for r in self.rows["prices"] if r["symbol"] == symbol)

@@ -78,6 +78,7 @@ select
     scope, scope_id, household_id, asset_class,
     market_value, scope_market_value,
     current_weight, target_weight, drift, band,
-    abs(drift) > band as breached,
+    -- Exactly at the band is inside; the 1e-9 absorbs binary floating point (0.65 - 0.6).
+    abs(drift) - band > 1e-9 as breached,
     tier, tax_sensitive, target_source, policy_version
 from banded

@@ -25,7 +25,7 @@ breaches as (
            max(abs(drift)) as max_abs_drift,
            max(band) filter (where breached) as band,
            string_agg(asset_class || ' ' || case when drift > 0 then '+' else '' end
-                      || round(drift * 100, 1)::varchar || '%', ', ' order by abs(drift) desc)
+                      || round(drift * 100, 1)::varchar || '%', ', ' order by abs(drift) desc, asset_class)
                filter (where breached) as breached_classes,
            count(*) filter (where breached) as breached_class_count
     from drift group by scope, scope_id
