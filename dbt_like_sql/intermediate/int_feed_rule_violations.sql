@@ -1,6 +1,7 @@
 -- Row-level rule violations across the feed (FEED_CONTRACT.md): negative quantities, unknown
 -- symbols and accounts, prices <= 0, lots not summing to positions, targets not summing to 1.
--- Each names the file, line, column, value and reason; int_held_accounts maps them to accounts.
+-- Each names the file, line, column and reason; int_feed_problems restores the value exactly
+-- as written in the file; int_held_accounts maps them to accounts.
 with
 accounts as (select * from {{ ref('stg_feed_accounts') }} where as_of = $as_of),
 households as (select * from {{ ref('stg_feed_households') }} where as_of = $as_of),
@@ -43,8 +44,8 @@ violations as (
     -- Cash (security_type cash) is dollars and has no lots.
     select 'positions.csv', p._line, 'quantity', p.quantity::varchar,
         case when t.lot_quantity is null then 'no lots for this position in lots.csv'
-             else 'lots sum to ' || t.lot_quantity::varchar || ' (' || t.lot_count::varchar
-                  || ' lots) but the position is ' || p.quantity::varchar end,
+             else 'lots sum to ' || t.lot_quantity::double::varchar || ' (' || t.lot_count::varchar
+                  || ' lots) but the position is ' || p.quantity::double::varchar end,
         p.account_id, null, null, p.symbol, null, null
     from positions p
     join securities s on s.symbol = p.symbol and s.security_type <> 'cash'
@@ -131,7 +132,7 @@ violations as (
     from models m anti join securities s using (symbol)
     union all
     select 'models.csv', m._line, 'weight', m.weight::varchar,
-        'model ' || m.model_id || ' weights sum to ' || t.total::varchar || ', not 1',
+        'model ' || m.model_id || ' weights sum to ' || t.total::double::varchar || ', not 1',
         null, null, m.model_id, m.symbol, null, null
     from models m
     join (select model_id, sum(weight) as total from models group by all having sum(weight) <> 1) t
@@ -143,7 +144,7 @@ violations as (
     from ips_targets where target_weight not between 0 and 1
     union all
     select 'ips_targets.csv', i._line, 'target_weight', i.target_weight::varchar,
-        'targets for ' || i.scope || ' ' || i.scope_id || ' sum to ' || t.total::varchar || ', not 1',
+        'targets for ' || i.scope || ' ' || i.scope_id || ' sum to ' || t.total::double::varchar || ', not 1',
         null, null, null, null, i.scope, i.scope_id
     from ips_targets i
     join (select scope, scope_id, sum(target_weight) as total from ips_targets group by all

@@ -1,0 +1,122 @@
+"""`rebal`: the command line. `rebal --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+from rebal_pipeline import settings
+
+
+def _shock(text: str) -> dict[str, float]:
+    """Parse 'equity=-0.12,alternatives=-0.05' into {asset_class: return}."""
+    shock: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        asset_class, _, value = part.partition("=")
+        try:
+            shock[asset_class.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shock must look like equity=-0.12, got {part!r}") from None
+    return shock
+
+
+def _as_of(text: str | None) -> date:
+    from rebal_pipeline.core.market_calendar import latest_session
+
+    return date.fromisoformat(text) if text else latest_session(date.today())
+
+
+def _add_book_options(parser: argparse.ArgumentParser, households: int) -> None:
+    parser.add_argument("--households", type=int, default=households, help="households in the book (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed: same seed, same book (default %(default)s)")
+    parser.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest NYSE session)")
+    parser.add_argument("--shock", type=_shock, default={}, help="market shock on as-of closes, e.g. equity=-0.12")
+
+
+def cmd_sandbox(args) -> int:
+    from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
+
+    config = SandboxConfig(as_of=_as_of(args.as_of), households=args.households, seed=args.seed,
+                           shock=args.shock, defects=args.defects)
+    report = generate_feed(config, Path(args.out) if args.out else settings.feed_root())
+    print(f"Wrote {report.feed_dir}: {report.households:,} households, {report.accounts:,} accounts, "
+          f"{report.positions:,} positions, {report.lots:,} lots, {report.transactions:,} transactions")
+    for defect in report.defects:
+        print(f"  injected defect {defect.kind}: {defect.file} [{defect.column}] account {defect.account_id}")
+    return 0
+
+
+def cmd_drill(args) -> int:
+    from rebal_pipeline.drill import materialize_day, prepare_local_instance, summarize_day
+    from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
+
+    home = prepare_local_instance()
+    as_of = _as_of(args.as_of)
+    config = SandboxConfig(as_of=as_of, households=args.households, seed=args.seed,
+                           shock=args.shock, defects=not args.clean)
+    report = generate_feed(config, settings.feed_root())
+    print(f"Sandbox book: {report.households:,} households, {report.accounts:,} accounts "
+          f"→ {report.feed_dir}" + (f" (with {len(report.defects)} injected bad rows)" if report.defects else ""))
+    print(f"Materialising the daily asset graph for {as_of} on the Dagster instance at {home} …")
+    if not materialize_day(as_of):
+        print("The daily run failed; see above and the run in the Dagster UI.", file=sys.stderr)
+        return 1
+    print()
+    print(summarize_day(settings.warehouse_path(), as_of).text)
+    print()
+    print("Open the Dagster UI to see the run, the lineage from custodian_feed to drift_alerts and the checks:")
+    print(f"  DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000")
+    print(f"Query the warehouse: .venv/bin/python -c \"import duckdb; print(duckdb.connect('{settings.warehouse_path()}', read_only=True).sql('from drift_alerts limit 5'))\"")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from rebal_pipeline.drill import summarize_day
+
+    print(summarize_day(settings.warehouse_path(), _as_of(args.as_of)).text)
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from rebal_pipeline.benchmark import run_benchmark
+
+    sizes = [int(s) for s in args.accounts.split(",")]
+    if args.million:
+        sizes.append(1_000_000)
+    return run_benchmark(sizes, Path(args.output), work_dir=Path(args.work_dir) if args.work_dir else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("sandbox", help="write a synthetic canonical feed for one as-of date")
+    _add_book_options(p, households=200)
+    p.add_argument("--defects", action="store_true", help="inject the documented bad rows (docs/sandbox.md)")
+    p.add_argument("--out", help="feed root (default: $REBAL_FEED_ROOT or .rebal/feeds)")
+    p.set_defaults(func=cmd_sandbox)
+
+    p = commands.add_parser("drill", help="generate a sandbox book and run the full daily scan through Dagster")
+    _add_book_options(p, households=200)
+    p.add_argument("--clean", action="store_true", help="no injected bad rows")
+    p.set_defaults(func=cmd_drill)
+
+    p = commands.add_parser("summary", help="print the scan summary of a day already materialised")
+    p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest NYSE session)")
+    p.set_defaults(func=cmd_summary)
+
+    p = commands.add_parser("benchmark", help="time each stage at 10k and 100k accounts; writes BENCHMARKS.md")
+    p.add_argument("--accounts", default="10000,100000", help="comma-separated book sizes (default %(default)s)")
+    p.add_argument("--million", action="store_true", help="also run 1,000,000 accounts")
+    p.add_argument("--output", default=str(settings.REPO_ROOT / "BENCHMARKS.md"))
+    p.add_argument("--work-dir", help="where feeds and warehouses go (default: a temp dir)")
+    p.set_defaults(func=cmd_benchmark)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The sandbox drill: a synthetic RIA book through the real daily asset graph, end to end.
+
+It uses the embedded default set-up: a Dagster instance on SQLite under a project-local
+DAGSTER_HOME and the DuckDB warehouse file, so the run is visible in the Dagster UI afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from rebal_pipeline import settings
+
+LOCAL_INSTANCE_YAML = Path(__file__).resolve().parent / "instance" / "local_dagster.yaml"
+
+
+def prepare_local_instance() -> Path:
+    """Point DAGSTER_HOME at the project-local embedded instance (created on first use)."""
+    home = settings.dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(LOCAL_INSTANCE_YAML, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def materialize_day(as_of: date) -> bool:
+    """Run the daily_drift_scan job for one as-of date on the configured Dagster instance."""
+    from dagster import DagsterInstance
+
+    from rebal_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("daily_drift_scan")
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            partition_key=as_of.isoformat(), instance=instance, raise_on_error=False
+        )
+    if not result.success:
+        for event in result.all_events:
+            if event.is_step_failure:
+                print(f"FAILED {event.step_key}: {event.step_failure_data.error.message.strip() if event.step_failure_data.error else ''}")
+                user = event.step_failure_data.user_failure_data
+                if user and user.description:
+                    print(f"  {user.description}")
+    return result.success
+
+
+@dataclass
+class DaySummary:
+    text: str
+    alerts: int
+    rejects: int
+
+
+def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
+    """What an advisor or operations lead wants to see after the scan, as plain text."""
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        q = lambda sql: con.execute(sql, [as_of]).fetchall()  # noqa: E731
+        accounts_in_feed = q("select count(*) from stg_feed_accounts where as_of = ?")[0][0]
+        scanned = q("select count(*) from int_scanned_accounts where as_of = ?")[0][0]
+        aum = q("select coalesce(sum(market_value), 0) from holdings where as_of = ?")[0][0]
+        skipped = q(
+            "select reason_kind, count(*) from skipped_accounts where as_of = ? group by all order by all"
+        )
+        by_tier = q(
+            """select tier, urgency, delivery, count(*) filter (where status = 'alert'),
+                      count(*) filter (where status = 'skipped'),
+                      count(*) filter (where tlh_flag and status = 'alert')
+               from drift_alerts where as_of = ? group by all
+               order by case tier when 'premium' then 0 when 'standard' then 1 else 2 end, urgency"""
+        )
+        scopes = q(
+            "select scope, count(*) from drift_alerts where as_of = ? and status = 'alert' group by all order by all"
+        )
+        top_rows = con.execute(
+            """select scope, scope_id, advisor_id, tier, urgency, max_abs_drift, breached_classes, market_value
+               from drift_alerts where as_of = ? and status = 'alert'
+               order by max_abs_drift desc, scope_id limit ?""",
+            [as_of, top],
+        ).fetchall()
+        rejects = q("select file, line, \"column\", value, reason from rejects where as_of = ? order by file, line, \"column\"")
+        policy = q("select any_value(policy_version) from drift_policy where as_of = ?")[0][0]
+
+    alerts = sum(r[3] for r in by_tier)
+    lines = [
+        f"rebal daily drift scan — as of {as_of.isoformat()} (policy {policy})",
+        "",
+        f"Accounts in feed       {accounts_in_feed:>10,}",
+        f"Accounts scanned       {scanned:>10,}   (market value ${aum:,.0f})",
+    ]
+    for kind, count in skipped:
+        lines.append(f"Skipped: {kind:<15}{count:>9,}")
+    lines += ["", f"Drift alerts: {alerts:,}  (" + ", ".join(f"{n} {s} scope" for s, n in scopes) + ")"]
+    lines.append(f"  {'tier':<10}{'urgency':<9}{'delivery':<14}{'alerts':>7}{'skipped':>9}{'TLH':>6}")
+    for tier, urgency, delivery, n_alert, n_skipped, n_tlh in by_tier:
+        lines.append(f"  {tier:<10}{urgency:<9}{delivery:<14}{n_alert:>7}{n_skipped:>9}{n_tlh:>6}")
+    lines += ["", f"Top {len(top_rows)} drifted:"]
+    lines.append(f"  {'scope':<10}{'id':<14}{'advisor':<10}{'tier':<10}{'max drift':>10}  {'market value':>14}  breached classes")
+    for scope, scope_id, advisor, tier, _urgency, max_drift, classes, mv in top_rows:
+        lines.append(
+            f"  {scope:<10}{scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
+        )
+    lines += ["", f"Rejected feed rows: {len(rejects)} (accounts held out with a data-quality alert)"]
+    for file, line, column, value, reason in rejects[:15]:
+        lines.append(f"  {file}:{line} [{column}] {value!r}: {reason}")
+    if len(rejects) > 15:
+        lines.append(f"  … {len(rejects) - 15} more in table rejects")
+    return DaySummary("\n".join(lines), alerts, len(rejects))
