@@ -221,9 +221,12 @@ _CASH = _SEC[CASH_SYMBOL]
 _N_SEC = len(SECURITIES)
 _SEC_CLASS = np.array([_CLASS[s.asset_class] for s in SECURITIES], dtype=np.int8)
 # Quantities are integers in units: whole shares, thousandths of a share for funds that trade
-# fractionally, cents for the CASH balance. Splitting lots in integer units keeps them summing
+# fractionally, cents for the CASH balance (and the money-market fund). Splitting lots in integer units keeps them summing
 # exactly to the position.
-_SEC_DECIMALS = np.array([2 if s.symbol == CASH_SYMBOL else 3 if s.fractional else 0 for s in SECURITIES], dtype=np.int8)
+# The money-market fund is kept in cents of a share: at a $1.00 NAV its shares are dollars.
+_SEC_DECIMALS = np.array(
+    [2 if s.asset_class == "cash" else 3 if s.fractional else 0 for s in SECURITIES], dtype=np.int8
+)
 _UNITS_PER_SHARE = (10 ** _SEC_DECIMALS.astype(np.int64)).astype(np.int64)
 _IS_STOCK = np.array([s.security_type == "stock" for s in SECURITIES])
 _IS_FUND_AT_NAV = np.array([s.security_type in ("mutual_fund", "money_market") for s in SECURITIES])
@@ -374,8 +377,7 @@ def _roll_to_trading_day(as_of: np.datetime64, days_back: np.ndarray) -> np.ndar
 
 
 def _decimal_text(value: Decimal) -> str:
-    text = format(value, "f")
-    return text
+    return format(value, "f")  # never an exponent
 
 
 def _round_cents(value: Decimal) -> Decimal:
@@ -405,7 +407,7 @@ def _draw_prices(config: SandboxConfig, as_of: np.datetime64) -> _Prices:
 
     as_of_close = []
     for security, cents in zip(SECURITIES, pre_shock_cents):
-        close = Decimal(int(cents)) / 100
+        close = (Decimal(int(cents)) / 100).quantize(Decimal("0.01"))
         move = config.shock.get(security.asset_class)
         if move is not None:
             close = max(Decimal("0.01"), _round_cents(close * (1 + Decimal(str(move)))))
@@ -856,19 +858,23 @@ def _draw_lots(config: SandboxConfig, accounts: _Accounts, positions: _Positions
     how = np.where(first & accounts.wash_sale_buyer[lot_account] & (lot_security == _SEC["VTSAX"]), _OPENED_FOR_WASH_SALE, how)
     how = np.where(reinvested, _OPENED_BY_REINVESTMENT, how)
 
-    draws = {
-        _OPENED_ANY_TIME: rng.integers(LOOKBACK_DAYS + 1, 5 * 365 + 1, n_lots),
+    month_ends = _month_end_days_back(config.as_of)
+    draws: dict[int, Callable[[int], np.ndarray]] = {
+        _OPENED_ANY_TIME: lambda k: rng.integers(LOOKBACK_DAYS + 1, 5 * 365 + 1, k),
         # Drawn two days short of the window so the roll back to a weekday stays inside it.
-        _OPENED_RECENTLY: rng.integers(0, LOOKBACK_DAYS - 1, n_lots),
-        _OPENED_NEARLY_LONG_TERM: _nearly_long_term_days_back(config.as_of)[rng.integers(0, 28, n_lots)],
-        _OPENED_NEAR_PEAK: prices.peak_days_back + rng.integers(-20, 21, n_lots),
-        _OPENED_LONG_AGO: rng.integers(3 * 365, 5 * 365 + 1, n_lots),
-        _OPENED_AT_PEAK: np.full(n_lots, prices.peak_days_back),
+        _OPENED_RECENTLY: lambda k: rng.integers(0, LOOKBACK_DAYS - 1, k),
+        _OPENED_NEARLY_LONG_TERM: lambda k: _nearly_long_term_days_back(config.as_of)[rng.integers(0, 28, k)],
+        _OPENED_NEAR_PEAK: lambda k: prices.peak_days_back + rng.integers(-20, 21, k),
+        _OPENED_LONG_AGO: lambda k: rng.integers(3 * 365, 5 * 365 + 1, k),
+        _OPENED_AT_PEAK: lambda k: np.full(k, prices.peak_days_back),
         # IRC §1091: a purchase within 30 days before the sale.
-        _OPENED_FOR_WASH_SALE: rng.integers(2, 27, n_lots),
-        _OPENED_BY_REINVESTMENT: _month_end_days_back(config.as_of)[rng.integers(0, len(_month_end_days_back(config.as_of)), n_lots)],
+        _OPENED_FOR_WASH_SALE: lambda k: rng.integers(2, 27, k),
+        _OPENED_BY_REINVESTMENT: lambda k: month_ends[rng.integers(0, len(month_ends), k)],
     }
-    days_back = np.select([how == k for k in draws], list(draws.values()))
+    days_back = np.empty(n_lots, dtype=np.int64)
+    for opened, draw in draws.items():
+        chosen = how == opened
+        days_back[chosen] = draw(int(chosen.sum()))
     days_back = _roll_to_trading_day(as_of, days_back)
 
     # Cost basis: the close of that day, give or take the intraday range; funds trade at NAV.
@@ -938,13 +944,6 @@ def _draw_transactions(config: SandboxConfig, positions: _Positions, lots: _Lots
 
     order = np.lexsort((security, -days_back, account))
     return _Transactions(account[order], security[order], days_back[order], kind[order].astype(np.int8), units[order], price_micros[order])
-
-
-@dataclass
-class _Restrictions:
-    account: np.ndarray
-    kind: np.ndarray  # index into RESTRICTION_KINDS order below
-    value: np.ndarray  # text
 
 
 _RESTRICTION_KINDS = ("no_buy_symbol", "no_sell_symbol", "no_asset_class", "min_cash_weight")
@@ -1071,12 +1070,10 @@ def _users_frame(config: SandboxConfig) -> pl.DataFrame:
 
 
 def _households_frame(households: _Households) -> pl.DataFrame:
-    styles = ("The {} Family", "{} Household", "{} Family Trust")
     surname = _pick_text(SURNAMES, pl.col("surname"))
     name = pl.when(pl.col("style") == 0).then(pl.concat_str([pl.lit("The "), surname, pl.lit(" Family")]))
     name = name.when(pl.col("style") == 1).then(pl.concat_str([surname, pl.lit(" Household")]))
     name = name.otherwise(pl.concat_str([surname, pl.lit(" Family Trust")]))
-    assert len(styles) == 3
     return pl.DataFrame(
         {
             "i": np.arange(households.n),
@@ -1300,7 +1297,6 @@ def _plan_defects(
     households: _Households,
     positions: _Positions,
     lots: _Lots,
-    restrictions: pl.DataFrame,
 ) -> tuple[list[InjectedDefect], dict[str, _FileEdits]]:
     rng = _rng(config.seed, "defects")
     edits: dict[str, _FileEdits] = {name: _FileEdits() for name in FEED_FILES}
@@ -1354,7 +1350,7 @@ def _plan_defects(
     plant("positions", account, "symbol", "unknown_symbol")
 
     # prices.csv: a zero close for the thinly held stock; only its one holder is affected.
-    edits["prices"].replace[_SEC[THIN_STOCK]] = {"close": "0"}
+    edits["prices"].replace[_SEC[THIN_STOCK]] = {"close": "0.00"}
     plant("prices", positions.thin_stock_holder, "close", "non_positive_price")
 
     # lots.csv: one lot a unit larger than it is, so the lots overstate the position.
@@ -1454,7 +1450,7 @@ def generate_feed(config: SandboxConfig, out_root: Path) -> SandboxReport:
     defects: list[InjectedDefect] = []
     edits: dict[str, _FileEdits] = {name: _FileEdits() for name in FEED_FILES}
     if config.defects:
-        defects, edits = _plan_defects(config, accounts, households, positions, lots, restrictions)
+        defects, edits = _plan_defects(config, accounts, households, positions, lots)
 
     feed_dir = Path(out_root) / config.as_of.isoformat()
     feed_dir.mkdir(parents=True, exist_ok=True)
