@@ -198,3 +198,13 @@ def test_line_numbers_count_newlines_inside_quoted_fields(workspace, dagster_ins
     assert workspace.run_day(instance=dagster_instance).success
     reject = workspace.table("rejects").filter(pl.col("column") == "federal_ordinary_rate").row(0, named=True)
     assert reject["file"] == "households.csv" and reject["line"] == 4 and reject["value"] == "high"
+
+
+def test_held_out_accounts_show_as_a_warning_check_in_dagster(module_workspace, dagster_instance, bad_day):
+    from dagster import AssetCheckKey, AssetKey
+
+    key = AssetCheckKey(AssetKey("data_quality_alerts"), "no_accounts_held_out_for_data_quality")
+    record = dagster_instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    evaluation = record.event.dagster_event.event_specific_data
+    assert evaluation.passed is False and evaluation.severity.value == "WARN"
+    assert evaluation.metadata["accounts_held_out"].value >= 10

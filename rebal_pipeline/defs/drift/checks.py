@@ -91,8 +91,39 @@ def validate(check_name: str, schema: type[pa.DataFrameModel], frame: pl.DataFra
     return AssetCheckResult(check_name=check_name, passed=True, metadata={"rows_checked": frame.height})
 
 
+@dataclass(frozen=True)
+class NoAccountsHeldOut:
+    """Visible, not blocking: accounts held out for data quality must be seen by operations,
+    but the rest of the book still gets its scan."""
+
+    name: str = "no_accounts_held_out_for_data_quality"
+    description: str = "Fails (WARN) when any account is held out because of rejected feed rows."
+
+    def spec(self, asset: str) -> AssetCheckSpec:
+        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=False)
+
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+        held, rejects = con.execute(
+            f'select count(*), coalesce(sum(problem_count), 0) from "{table}" where as_of = ?', [as_of]
+        ).fetchone()
+        examples = con.execute(
+            f'select account_id, reasons from "{table}" where as_of = ? order by account_id limit 5', [as_of]
+        ).fetchall()
+        return AssetCheckResult(
+            check_name=self.name,
+            passed=held == 0,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "accounts_held_out": held,
+                "rejected_rows": int(rejects),
+                "examples": MetadataValue.md("\n".join(f"- {a}: {r}" for a, r in examples) or "none"),
+            },
+        )
+
+
 # Which checks run on which table.
-TABLE_CHECKS: dict[str, list[TableCheck]] = {
+TABLE_CHECKS: dict[str, list[TableCheck | NoAccountsHeldOut]] = {
+    "data_quality_alerts": [NoAccountsHeldOut()],
     "holdings": [
         TableCheck(
             "holdings_priced_nonnegative_and_reconciled",
