@@ -71,7 +71,7 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
             """select tier, urgency, delivery, count(*) filter (where status = 'alert'),
                       count(*) filter (where status = 'skipped'),
                       count(*) filter (where tlh_flag and status = 'alert')
-               from drift_alerts where as_of = ? group by all
+               from drift_alerts where as_of = ? group by tier, urgency, delivery
                order by case tier when 'premium' then 0 when 'standard' then 1 else 2 end, urgency"""
         )
         scopes = q(

@@ -101,6 +101,7 @@ class Workspace:
     """A throw-away REBAL_HOME: feed folder, archive and warehouse under one tmp dir."""
 
     root: Path
+    last_result: object = None
 
     @property
     def feed_root(self) -> Path:

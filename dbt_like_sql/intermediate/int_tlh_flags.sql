@@ -9,7 +9,7 @@ select
     $as_of::date as as_of,
     l.account_id,
     count(*) as harvestable_lots,
-    sum(l.cost_basis - l.quantity::decimal(38, 8) * p.close)::double as harvestable_loss
+    sum(l.cost_basis::double - l.quantity::double * p.close::double) as harvestable_loss
 from {{ ref('stg_feed_lots') }} l
 join {{ ref('holdings') }} h
   on h.account_id = l.account_id and h.symbol = l.symbol and h.as_of = $as_of
@@ -18,5 +18,5 @@ cross join policy
 where l.as_of = $as_of
   and h.account_type = 'taxable'
   and l.cost_basis > 0
-  and (l.cost_basis - l.quantity::decimal(38, 8) * p.close) / l.cost_basis >= policy.tlh_loss_threshold
+  and (l.cost_basis::double - l.quantity::double * p.close::double) / l.cost_basis::double >= policy.tlh_loss_threshold
 group by all

@@ -21,8 +21,10 @@ select
     s.security_type,
     p.quantity,
     pr.close as price,
-    -- Widened before multiplying: DECIMAL(18,8) × DECIMAL(18,8) would overflow 18 digits.
-    cast(p.quantity::decimal(38, 8) * pr.close as decimal(18, 2)) as market_value,
+    -- Market value for drift is analytic (weights), so it is a double: exact DECIMAL(38)
+    -- products cost ~10x more over a whole book. Exact cents are computed where money
+    -- changes hands (tax lots, trade tickets), on far fewer rows.
+    p.quantity::double * pr.close::double as market_value,
     -- Cash is dollars, not lots: it reconciles to itself.
     case when s.security_type = 'cash' then p.quantity else coalesce(t.lot_quantity, 0) end as lot_quantity
 from positions p

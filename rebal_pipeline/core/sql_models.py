@@ -157,37 +157,28 @@ def materialize_model(con: duckdb.DuckDBPyConnection, model: SqlModel, as_of: da
     sql = model.render()
     table = quote_identifier(model.name)
     params = {"as_of": as_of}
+    # The model's columns and types, from planning the query (no data is read or written).
+    described = con.execute(f"describe select * from ({sql})", params).fetchall()
+    new_columns = {row[0]: row[1] for row in described}
+    if "as_of" not in new_columns:
+        raise ValueError(f"{model.path}: a model must select an as_of column")
     con.execute("begin transaction")
     try:
-        con.execute(f"create temp table __model_rows as {sql}", params)
-        new_columns = _table_columns_temp(con)
-        if "as_of" not in new_columns:
-            raise ValueError(f"{model.path}: a model must select an as_of column")
         existing = _table_columns(con, model.name)
         if not existing:
-            con.execute(f"create table {table} as select * from __model_rows where false")
+            con.execute(f"create table {table} as select * from ({sql}) where false", params)
         else:
             # Additive schema evolution: new columns are added, old rows get NULL.
             for column, data_type in new_columns.items():
                 if column not in existing:
                     con.execute(f"alter table {table} add column {quote_identifier(column)} {data_type}")
         con.execute(f"delete from {table} where as_of = $as_of", params)
-        con.execute(f"insert into {table} by name select * from __model_rows")
-        rows = con.execute("select count(*) from __model_rows").fetchone()[0]
-        con.execute("drop table __model_rows")
+        rows = con.execute(f"insert into {table} by name {sql}", params).fetchone()[0]
         con.execute("commit")
     except Exception:
         con.execute("rollback")
         raise
     return rows
-
-
-def _table_columns_temp(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    rows = con.execute(
-        "select column_name, data_type from information_schema.columns "
-        "where table_name = '__model_rows' and table_catalog = 'temp' order by ordinal_position"
-    ).fetchall()
-    return dict(rows)
 
 
 def replace_partition(

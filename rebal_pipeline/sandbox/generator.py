@@ -7,7 +7,7 @@ and the last 60 days of transactions. docs/sandbox.md describes the knobs, what 
 like and the defects that `defects=True` plants.
 
 Everything is drawn with numpy/polars over whole arrays (there is no loop over accounts), so a
-book of a million accounts takes about a minute. The book is a pure function of the config:
+book of a million accounts takes about 25 seconds. The book is a pure function of the config:
 the same config gives byte-identical files.
 
 How the book is built, in the order of the code below:
@@ -16,7 +16,7 @@ How the book is built, in the order of the code below:
 2. accounts: type, custodian, flags, model and account-level IPS targets;
 3. holdings: each account's target asset-class weights spread over the securities of its model,
    perturbed (and, for some accounts, tilted past their band), valued at PRE-shock closes and
-   floored to whole shares (thousandths for funds); the remainder is cash;
+   rounded to whole shares (thousandths for funds); the remainder is cash;
 4. lots: each position split in integer units into 1-3 lots opened over five years, priced
    from a simulated daily price history (with a market peak some eight months back, so that
    lots bought near it are tax-loss-harvesting candidates);
@@ -341,6 +341,7 @@ _CLASS_VOL = {"equity": 0.15, "fixed_income": 0.05, "alternatives": 0.04, "cash"
 _PEAK_HEIGHT = {"equity": 0.15, "fixed_income": 0.06, "alternatives": 0.12, "cash": 0.0}
 _MIN_PEAK_LOSS = math.log(1.13)
 HISTORY_DAYS = 5 * 366 + 10
+_LEGACY_LOT_MIN_DAYS = 3 * 365  # legacy single-stock lots were bought three to five years ago
 LOOKBACK_DAYS = 60  # transactions cover the last 60 days (wash-sale look-back is 30)
 
 
@@ -436,6 +437,14 @@ def _draw_prices(config: SandboxConfig, as_of: np.datetime64) -> _Prices:
         + class_vol[:, None] * class_walk[_SEC_CLASS]
         + idio_vol[:, None] * group_walk[group_of]
     )
+
+    # Legacy single stocks have run up since the client bought them (which is why some clients
+    # will not sell): their three-to-five-year-old closes are at most 65% of today's.
+    legacy = np.zeros(_N_SEC, dtype=bool)
+    legacy[_LEGACY_STOCKS] = True
+    excess = np.maximum(0.0, log_ratio[:, _LEGACY_LOT_MIN_DAYS:].max(axis=1) - math.log(0.65))
+    ramp = np.minimum(days / _LEGACY_LOT_MIN_DAYS, 1.0)
+    log_ratio[legacy] -= excess[legacy, None] * ramp[None, :]
 
     peak_days_back = int(_roll_to_trading_day(as_of, np.array([rng.integers(210, 271)]))[0])
     hump = np.exp(-0.5 * ((days - peak_days_back) / 45.0) ** 2)
@@ -559,7 +568,8 @@ def _draw_accounts(config: SandboxConfig, households: _Households) -> _Accounts:
     # Each account's share of the household's AUM.
     size = rng.gamma(2.0, size=n) * np.array([_ACCOUNT_SIZE_FACTOR[t] for t in ACCOUNT_TYPES])[account_type]
     share = size / np.bincount(household, weights=size, minlength=households.n)[household]
-    value_cents = np.floor(households.aum_cents[household] * share).astype(np.int64)
+    # No account is under $1,000: a smaller one could not hold the model in whole shares.
+    value_cents = np.maximum(100_000, np.floor(households.aum_cents[household] * share)).astype(np.int64)
 
     # Mostly one custodian per household; some accounts sit elsewhere.
     household_custodian = _choice(rng, CUSTODIAN_P, households.n)
@@ -576,13 +586,13 @@ def _draw_accounts(config: SandboxConfig, households: _Households) -> _Accounts:
     long_horizon = np.isin(account_type, [_TYPE["roth_ira"], _TYPE["529"]])
     model = np.where(long_horizon, np.maximum(np.minimum(model + 1, len(MODEL_IDS) - 1), _BALANCED), model)
 
-    # Account-level IPS overrides (not in households that are rebalanced as one).
+    # Account-level IPS overrides: every ERISA account (its plan bars alternatives, so its IPS
+    # targets none) and some others, outside households that are rebalanced as one.
     in_household_targets = households.has_targets[household]
-    has_targets = ~in_household_targets & (rng.random(n) < 0.10)
-    model = np.where(has_targets & (rng.random(n) < 0.35), _NO_MODEL, model)
+    has_targets = erisa | (~in_household_targets & (rng.random(n) < 0.07))
+    model = np.where(has_targets & ~erisa & (rng.random(n) < 0.35), _NO_MODEL, model)
     account_bp = np.zeros((n, len(ASSET_CLASSES)), dtype=np.int64)
     account_bp[:, _EQUITY] = rng.choice(np.array([3500, 4000, 5000, 5500, 6500, 7000, 7500, 8500]), n)
-    # ERISA plans may not hold alternatives, so their IPS does not target any.
     account_bp[:, _ALTERNATIVES] = np.where(erisa, 0, rng.choice(np.array([0, 0, 300, 500]), n))
     account_bp[:, _CASH_CLASS] = rng.choice(np.array([200, 300, 500]), n)
     account_bp[:, _FIXED_INCOME] = 10_000 - account_bp.sum(axis=1)
@@ -619,12 +629,17 @@ def _draw_accounts(config: SandboxConfig, households: _Households) -> _Accounts:
     wash_sale_buyer[first_ira[setup]] = True
     holding_variant[wash_sale_buyer] = _SHARE_CLASS_FUNDS
 
+    # A third of taxable accounts are joint ("Maria & David Alvarez").
+    first_name = rng.integers(0, len(FIRST_NAMES), n)
+    joint_first_name = (first_name + rng.integers(1, len(FIRST_NAMES), n)) % len(FIRST_NAMES)
+    joint_first_name = np.where(taxable & (rng.random(n) < 0.3), joint_first_name, -1)
+
     return _Accounts(
         n=n,
         household=household,
         account_type=account_type,
-        first_name=rng.integers(0, len(FIRST_NAMES), n),
-        joint_first_name=np.where(taxable & (rng.random(n) < 0.3), rng.integers(0, len(FIRST_NAMES), n), -1),
+        first_name=first_name,
+        joint_first_name=joint_first_name,
         email_domain=rng.integers(0, len(CLIENT_EMAIL_DOMAINS), n),
         custodian=custodian,
         discretionary=discretionary,
@@ -673,23 +688,15 @@ class _Positions:
     thin_stock_holder: int
 
 
-def _pick(rng: np.random.Generator, candidates: np.ndarray) -> int:
-    return int(candidates[rng.integers(0, len(candidates))])
-
-
 def _draw_positions(config: SandboxConfig, accounts: _Accounts, households: _Households, prices: _Prices) -> _Positions:
     rng = _rng(config.seed, "positions")
     n = accounts.n
     is_class = [(_SEC_CLASS == c) for c in range(len(ASSET_CLASSES))]
-    equity, fixed_income, alternatives = is_class[_EQUITY], is_class[_FIXED_INCOME], is_class[_ALTERNATIVES]
+    equity, fixed_income = is_class[_EQUITY], is_class[_FIXED_INCOME]
 
     # Target weight per security: the asset-class target spread over the model's securities.
     weights = accounts.target_bp[:, _SEC_CLASS] / 10_000.0
     weights *= _within_class_shares()[accounts.model]
-
-    # ERISA plans never held alternatives: their share went to equities.
-    erisa = np.flatnonzero(accounts.account_type == _TYPE["erisa"])
-    _move_weight(weights, erisa, alternatives, equity)
 
     for variant, swaps in _HOLDING_VARIANTS.items():
         rows = np.flatnonzero(accounts.holding_variant == variant)
@@ -731,21 +738,32 @@ def _draw_positions(config: SandboxConfig, accounts: _Accounts, households: _Hou
     if len(candidates) == 0:
         candidates = np.flatnonzero(ordinary) if ordinary.any() else np.arange(n)
         candidates = candidates[[np.argmax(accounts.value_cents[candidates])]]
-    thin_stock_holder = _pick(rng, candidates)
+    thin_stock_holder = int(candidates[rng.integers(0, len(candidates))])
     weights[thin_stock_holder, _SEC[THIN_STOCK]] = 0.01
 
     weights /= weights.sum(axis=1, keepdims=True)
 
-    # Whole shares (thousandths for funds) at the pre-shock close, floored so the remainder,
-    # never negative, is the cash balance.
+    # Whole shares (thousandths for funds) at the pre-shock close, rounded to the nearest unit;
+    # what is left is the cash balance. Where rounding up overspent the account, the largest
+    # holding gives back enough shares to keep the cash balance at or above zero.
     value = weights * accounts.value_cents[:, None].astype(np.float64)
     del weights
-    units = np.floor(value * (_UNITS_PER_SHARE / prices.pre_shock_cents)[None, :]).astype(np.int64)
+    unit_price_cents = prices.pre_shock_cents / _UNITS_PER_SHARE
+    units = np.round(value / unit_price_cents[None, :]).astype(np.int64)
     del value
     units[thin_stock_holder, _SEC[THIN_STOCK]] = max(1, units[thin_stock_holder, _SEC[THIN_STOCK]])
     units[:, _CASH] = 0
-    invested = (units * (prices.pre_shock_cents / _UNITS_PER_SHARE)[None, :]).sum(axis=1)
-    units[:, _CASH] = np.maximum(0, np.floor(accounts.value_cents - invested)).astype(np.int64)
+    cash = accounts.value_cents - (units * unit_price_cents[None, :]).sum(axis=1)
+    for _ in range(_N_SEC):  # a few rounds at most, over all overspent accounts at once
+        overspent = np.flatnonzero(cash < 0)
+        if len(overspent) == 0:
+            break
+        largest = np.argmax(units[overspent] * unit_price_cents[None, :], axis=1)
+        needed = np.ceil(-cash[overspent] / unit_price_cents[largest]).astype(np.int64)
+        given_back = np.minimum(units[overspent, largest], needed)
+        units[overspent, largest] -= given_back
+        cash[overspent] += given_back * unit_price_cents[largest]
+    units[:, _CASH] = np.floor(cash).astype(np.int64)
 
     # Every account reports its cash balance, even when it is zero.
     held = units > 0
@@ -759,25 +777,17 @@ def _draw_positions(config: SandboxConfig, accounts: _Accounts, households: _Hou
     )
 
 
-def _move_weight(weights: np.ndarray, rows: np.ndarray, source: np.ndarray, target: np.ndarray) -> None:
-    """Move the weight of the `source` columns to the `target` columns, pro rata, for `rows`."""
-    if len(rows) == 0:
-        return
-    moved = weights[rows][:, source].sum(axis=1)
-    target_weight = weights[rows][:, target].sum(axis=1)
-    weights[np.ix_(rows, np.flatnonzero(source))] = 0.0
-    weights[np.ix_(rows, np.flatnonzero(target))] *= ((target_weight + moved) / target_weight)[:, None]
-
-
 # Lot opening dates: how a lot came to be.
 _OPENED_ANY_TIME, _OPENED_RECENTLY, _OPENED_NEARLY_LONG_TERM, _OPENED_NEAR_PEAK = 0, 1, 2, 3
 _OPENED_LONG_AGO, _OPENED_AT_PEAK, _OPENED_FOR_WASH_SALE, _OPENED_BY_REINVESTMENT = 4, 5, 6, 7
-_OPENED_P = (0.72, 0.07, 0.08, 0.13)  # for ordinary lots: any time / recently / nearly long-term / near the peak
+# Ordinary lots: opened any time in five years / in the look-back window / nearly a year ago
+# (about to turn long-term) / near the peak (now at a loss).
+_OPENED_P_KINDS = (_OPENED_ANY_TIME, _OPENED_RECENTLY, _OPENED_NEARLY_LONG_TERM, _OPENED_NEAR_PEAK)
+_OPENED_P = (0.72, 0.07, 0.08, 0.13)
 
 
 @dataclass
 class _Lots:
-    position: np.ndarray  # index into the positions arrays
     account: np.ndarray
     security: np.ndarray
     units: np.ndarray
@@ -818,45 +828,53 @@ def _month_end_days_back(as_of: dt.date) -> np.ndarray:
 
 
 def _draw_lots(config: SandboxConfig, accounts: _Accounts, positions: _Positions, prices: _Prices) -> _Lots:
+    # Lots outnumber accounts 16 to 1, so this part keeps to small integer types and in-place
+    # updates: a million accounts make 16 million lots.
     rng = _rng(config.seed, "lots")
     as_of = np.datetime64(config.as_of)
     with_lots = np.flatnonzero(positions.security != _CASH)
-    security = positions.security[with_lots].astype(np.int64)
+    security = positions.security[with_lots]
     account = positions.account[with_lots]
     units = positions.units[with_lots]
     m = len(with_lots)
 
     # Funds paying monthly dividends often have a small lot from last month's reinvestment.
     reinvests = _REINVESTS_MONTHLY[security] & (rng.random(m) < 0.5) & (units >= 20)
-    reinvested_units = np.where(reinvests, np.clip(np.round(units * rng.uniform(0.002, 0.008, m)), 1, None), 0).astype(np.int64)
+    reinvested_units = np.where(reinvests, np.maximum(1, np.round(units * rng.uniform(0.002, 0.008, m))), 0).astype(np.int64)
     bought_units = units - reinvested_units
-    bought_lots = np.minimum(np.asarray((1, 2, 3))[_choice(rng, (0.45, 0.35, 0.20), m)], bought_units)
+    # One to three lots per position, the reinvestment lot included.
+    bought_lots = np.minimum(np.array([1, 2, 3])[_choice(rng, (0.45, 0.35, 0.20), m)], bought_units)
+    bought_lots = np.maximum(1, np.minimum(bought_lots, 3 - reinvests))
     lot_count = bought_lots + reinvests
 
-    lot_position = np.repeat(np.arange(m), lot_count)
-    rank = _rank_in_segment(lot_count)
+    lot_position = np.repeat(np.arange(m, dtype=np.int32), lot_count)
     n_lots = len(lot_position)
-    reinvested = reinvests[lot_position] & (rank == lot_count[lot_position] - 1)
+    first_lot = _segment_starts(lot_count)
+    last_bought = first_lot + bought_lots - 1
+    reinvested = np.zeros(n_lots, dtype=bool)
+    reinvested[(last_bought + 1)[reinvests]] = True
 
     # Split the bought units in integer units: one each, the rest by random proportions, any
     # rounding remainder to the last bought lot, so the lots sum exactly to the position.
-    proportion = np.where(reinvested, 0.0, rng.uniform(0.2, 1.0, n_lots))
-    proportion_total = np.bincount(lot_position, weights=proportion, minlength=m)
-    spare = (bought_units - bought_lots)[lot_position]
-    lot_units = np.where(reinvested, reinvested_units[lot_position], 1 + np.floor(spare * proportion / proportion_total[lot_position]).astype(np.int64))
-    shortfall = bought_units - np.bincount(lot_position, weights=np.where(reinvested, 0, lot_units), minlength=m).astype(np.int64)
-    last_bought = _segment_starts(lot_count) + bought_lots - 1
-    lot_units[last_bought] += shortfall
+    proportion = rng.uniform(0.2, 1.0, n_lots)
+    proportion[reinvested] = 0.0
+    proportion /= np.bincount(lot_position, weights=proportion, minlength=m)[lot_position]
+    lot_units = 1 + np.floor((bought_units - bought_lots)[lot_position] * proportion).astype(np.int64)
+    del proportion
+    lot_units[reinvested] = reinvested_units[reinvests]
+    lot_units[last_bought] += bought_units - np.bincount(lot_position[~reinvested], weights=lot_units[~reinvested], minlength=m).astype(np.int64)
 
     # When each lot was opened.
     lot_security = security[lot_position]
-    how = _choice(rng, _OPENED_P, n_lots)
-    how = np.where(_IS_STOCK[lot_security] & (lot_security != _SEC[THIN_STOCK]), _OPENED_LONG_AGO, how)
-    first = rank == 0
     lot_account = account[lot_position]
-    how = np.where(first & accounts.wash_sale_seller[lot_account] & (lot_security == _SEC["VTI"]), _OPENED_AT_PEAK, how)
-    how = np.where(first & accounts.wash_sale_buyer[lot_account] & (lot_security == _SEC["VTSAX"]), _OPENED_FOR_WASH_SALE, how)
-    how = np.where(reinvested, _OPENED_BY_REINVESTMENT, how)
+    how = np.asarray(_OPENED_P_KINDS, dtype=np.int8)[_choice(rng, _OPENED_P, n_lots)]
+    how[_IS_STOCK[lot_security] & (lot_security != _SEC[THIN_STOCK])] = _OPENED_LONG_AGO
+    first = np.zeros(n_lots, dtype=bool)
+    first[first_lot] = True
+    how[first & (lot_security == _SEC["VTI"]) & accounts.wash_sale_seller[lot_account]] = _OPENED_AT_PEAK
+    how[first & (lot_security == _SEC["VTSAX"]) & accounts.wash_sale_buyer[lot_account]] = _OPENED_FOR_WASH_SALE
+    how[reinvested] = _OPENED_BY_REINVESTMENT
+    del first
 
     month_ends = _month_end_days_back(config.as_of)
     draws: dict[int, Callable[[int], np.ndarray]] = {
@@ -865,30 +883,32 @@ def _draw_lots(config: SandboxConfig, accounts: _Accounts, positions: _Positions
         _OPENED_RECENTLY: lambda k: rng.integers(0, LOOKBACK_DAYS - 1, k),
         _OPENED_NEARLY_LONG_TERM: lambda k: _nearly_long_term_days_back(config.as_of)[rng.integers(0, 28, k)],
         _OPENED_NEAR_PEAK: lambda k: prices.peak_days_back + rng.integers(-20, 21, k),
-        _OPENED_LONG_AGO: lambda k: rng.integers(3 * 365, 5 * 365 + 1, k),
+        _OPENED_LONG_AGO: lambda k: rng.integers(_LEGACY_LOT_MIN_DAYS, 5 * 365 + 1, k),
         _OPENED_AT_PEAK: lambda k: np.full(k, prices.peak_days_back),
         # IRC §1091: a purchase within 30 days before the sale.
         _OPENED_FOR_WASH_SALE: lambda k: rng.integers(2, 27, k),
         _OPENED_BY_REINVESTMENT: lambda k: month_ends[rng.integers(0, len(month_ends), k)],
     }
-    days_back = np.empty(n_lots, dtype=np.int64)
+    days_back = np.empty(n_lots, dtype=np.int32)
     for opened, draw in draws.items():
         chosen = how == opened
         days_back[chosen] = draw(int(chosen.sum()))
-    days_back = _roll_to_trading_day(as_of, days_back)
+    days_back = _roll_to_trading_day(as_of, days_back).astype(np.int32)
 
     # Cost basis: the close of that day, give or take the intraday range; funds trade at NAV.
     price_cents = prices.history_cents[lot_security, days_back].astype(np.float64)
-    intraday = np.where(_IS_FUND_AT_NAV[lot_security] | (how == _OPENED_AT_PEAK), 1.0, np.exp(rng.normal(0.0, 0.003, n_lots)))
-    price_cents = np.maximum(1.0, np.round(price_cents * intraday))
-    cost_cents = np.round(lot_units * price_cents / _UNITS_PER_SHARE[lot_security]).astype(np.int64)
+    at_close = _IS_FUND_AT_NAV[lot_security] | (how == _OPENED_AT_PEAK)
+    del how
+    price_cents[~at_close] *= np.exp(rng.normal(0.0, 0.003, int((~at_close).sum())))
+    cost_cents = np.round(lot_units * np.maximum(1.0, np.round(price_cents)) / _UNITS_PER_SHARE[lot_security]).astype(np.int64)
+    del price_cents, at_close
 
-    # Oldest lot first within each position (lot ids follow opening order).
-    order = np.lexsort((-days_back, lot_position))
+    # Oldest lot first within each position (lot ids follow opening order). The positions are
+    # already in order, so a stable sort of this key is nearly free.
+    order = np.argsort(lot_position.astype(np.int64) * 4096 + (4095 - days_back), kind="stable")
     return _Lots(
-        position=with_lots[lot_position[order]],
         account=lot_account[order],
-        security=lot_security[order].astype(np.int16),
+        security=lot_security[order],
         units=lot_units[order],
         days_back=days_back[order],
         cost_cents=cost_cents[order],
@@ -921,8 +941,10 @@ def _draw_transactions(config: SandboxConfig, positions: _Positions, lots: _Lots
     bought_price = (2 * numerator + lots.units[recent]) // (2 * lots.units[recent])  # rounded half up
     bought_kind = np.where(lots.reinvested[recent], _TRANSACTION_TYPE["reinvest"], _TRANSACTION_TYPE["buy"])
 
-    # Some positions were trimmed in the window: those shares are gone, so no lot shows them.
-    holdings = np.flatnonzero((positions.security != _CASH) & (rng.random(len(positions.account)) < 0.03))
+    # Some fund positions were trimmed in the window: those shares are gone, so no lot shows
+    # them. (Single stocks are legacy holdings, which their owners keep.)
+    trimmed = (positions.security != _CASH) & ~_IS_STOCK[positions.security]
+    holdings = np.flatnonzero(trimmed & (rng.random(len(positions.account)) < 0.03))
     sold_security = positions.security[holdings].astype(np.int64)
     sold_units = np.maximum(1, np.round(positions.units[holdings] * rng.uniform(0.05, 0.30, len(holdings)))).astype(np.int64)
     sold_days_back = _roll_to_trading_day(as_of, rng.integers(0, LOOKBACK_DAYS - 1, len(holdings)))
@@ -952,7 +974,8 @@ _RESTRICTION_KINDS = ("no_buy_symbol", "no_sell_symbol", "no_asset_class", "min_
 def _draw_restrictions(config: SandboxConfig, accounts: _Accounts, positions: _Positions) -> pl.DataFrame:
     rng = _rng(config.seed, "restrictions")
     n = accounts.n
-    # Plan documents bar alternatives in the ERISA accounts here (ERISA §404 prudence).
+    # The ERISA plans here bar alternatives in their plan documents, which bind the fiduciary
+    # (ERISA §404(a)(1)(D)).
     erisa = np.flatnonzero(accounts.account_type == _TYPE["erisa"])
     # ESG-minded clients who will not add to fossil-fuel holdings.
     esg = np.flatnonzero(rng.random(n) < 0.04)
@@ -1334,14 +1357,15 @@ def _plan_defects(
     def first_lot(account: int) -> int:
         return int(np.searchsorted(lots.account, account))
 
-    def position_text(row: int) -> str:
-        frame = _render_positions(_positions_table(positions).slice(row, 1))
-        return frame["quantity"][0]
+    def position_row(row: int) -> dict[str, str]:
+        """One positions.csv row exactly as written."""
+        one = pl.DataFrame({"account": positions.account[row : row + 1], "security": positions.security[row : row + 1], "units": positions.units[row : row + 1]})
+        return _render_positions(one).row(0, named=True)
 
     # positions.csv: a quantity below zero.
     account = take()
     row = first_holding(account)
-    edits["positions"].replace[row] = {"quantity": "-" + position_text(row)}
+    edits["positions"].replace[row] = {"quantity": "-" + position_row(row)["quantity"]}
     plant("positions", account, "quantity", "negative_quantity")
 
     # positions.csv: a holding in a symbol the security master does not know.
@@ -1356,8 +1380,7 @@ def _plan_defects(
     # lots.csv: one lot a unit larger than it is, so the lots overstate the position.
     account = take()
     row = first_lot(account)
-    unit = 10 ** -int(_SEC_DECIMALS[lots.security[row]])
-    quantity = Decimal(int(lots.units[row])) * Decimal(str(unit)) + Decimal(str(unit))
+    quantity = Decimal(int(lots.units[row]) + 1).scaleb(-int(_SEC_DECIMALS[lots.security[row]]))
     edits["lots"].replace[row] = {"quantity": _decimal_text(quantity)}
     plant("lots", account, "quantity", "lots_mismatch")
 
@@ -1369,9 +1392,7 @@ def _plan_defects(
 
     # positions.csv: the same holding reported twice.
     account = take()
-    row = first_holding(account)
-    duplicate = _render_positions(_positions_table(positions).slice(row, 1)).row(0, named=True)
-    edits["positions"].append.append(duplicate)
+    edits["positions"].append.append(position_row(first_holding(account)))
     plant("positions", account, "account_id,symbol", "duplicate_key")
 
     # positions.csv: a thousands separator in a quantity ("12,345.67"): the cash balance,
@@ -1454,7 +1475,10 @@ def generate_feed(config: SandboxConfig, out_root: Path) -> SandboxReport:
 
     feed_dir = Path(out_root) / config.as_of.isoformat()
     feed_dir.mkdir(parents=True, exist_ok=True)
-    write = lambda name, table, render=None: _write_feed_file(feed_dir, name, table, render, edits[name])  # noqa: E731
+
+    def write(name: str, table: pl.DataFrame, render: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> int:
+        return _write_feed_file(feed_dir, name, table, render, edits[name])
+
     write("users", _users_frame(config))
     write("households", _households_frame(households))
     write("accounts", _accounts_frame(accounts, households))

@@ -86,7 +86,9 @@ def defective_book() -> tuple[FeedBuilder, dict]:
 def bad_day(module_workspace, dagster_instance):
     book, expected = defective_book()
     book.write(module_workspace.feed_root)
-    assert module_workspace.run_day(instance=dagster_instance).success
+    result = module_workspace.run_day(instance=dagster_instance)
+    assert result.success
+    module_workspace.last_result = result
     return module_workspace, expected
 
 
@@ -200,11 +202,14 @@ def test_line_numbers_count_newlines_inside_quoted_fields(workspace, dagster_ins
     assert reject["file"] == "households.csv" and reject["line"] == 4 and reject["value"] == "high"
 
 
-def test_held_out_accounts_show_as_a_warning_check_in_dagster(module_workspace, dagster_instance, bad_day):
-    from dagster import AssetCheckKey, AssetKey
-
-    key = AssetCheckKey(AssetKey("data_quality_alerts"), "no_accounts_held_out_for_data_quality")
-    record = dagster_instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
-    evaluation = record.event.dagster_event.event_specific_data
+def test_held_out_accounts_show_as_a_warning_check_in_dagster(bad_day):
+    ws, expected = bad_day
+    evaluations = [
+        e.event_specific_data for e in ws.last_result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.check_name == "no_accounts_held_out_for_data_quality"
+    ]
+    assert len(evaluations) == 1
+    evaluation = evaluations[0]
     assert evaluation.passed is False and evaluation.severity.value == "WARN"
     assert evaluation.metadata["accounts_held_out"].value >= 10
