@@ -85,25 +85,26 @@ def _stage_of_models() -> dict[str, str]:
 
 
 def _pipeline(work: Path) -> dict:
-    import duckdb
-    import polars as pl
-
-    from rebal_pipeline import settings
-    from rebal_pipeline.core.feed_contract import FEED_FILES
-    from rebal_pipeline.core.landing import archive_manifest, land_feed
-    from rebal_pipeline.core.policy import load_policy
-    from rebal_pipeline.core.sql_models import landing_table, load_project, materialize_model, replace_partition
+    from rebal_pipeline.resources import Warehouse
 
     timings = dict.fromkeys(STAGES, 0.0)
-    con = duckdb.connect(str(work / "warehouse.duckdb"))
+    warehouse = Warehouse(database=str(work / "warehouse.duckdb"))
+    with warehouse.connect() as con:
+        _timed_pipeline(con, work, timings)
+        alerts = con.execute("select count(*) from drift_alerts where status = 'alert'").fetchone()[0]
+        rejects = con.execute("select count(*) from rejects").fetchone()[0]
+    return {**{f"{s}_s": v for s, v in timings.items()}, "pipeline_rss_mb": _peak_rss_mb(),
+            "alerts": alerts, "rejects": rejects}
+
+
+def _timed_pipeline(con, work: Path, timings: dict) -> None:
+    from rebal_pipeline import settings
+    from rebal_pipeline.core.landing import land_feed
+    from rebal_pipeline.core.policy import load_policy
+    from rebal_pipeline.core.sql_models import load_project, materialize_model, replace_partition
+
     started = time.perf_counter()
-    landed = land_feed(work / "feeds" / BENCH_AS_OF.isoformat(), BENCH_AS_OF, work / "archive")
-    for name in FEED_FILES:
-        rows = landed.files[name].rows.with_columns(pl.lit(BENCH_AS_OF).alias("as_of"))
-        replace_partition(con, landing_table(name), BENCH_AS_OF, rows.to_arrow())
-    problems = landed.problems.with_columns(pl.lit(BENCH_AS_OF).alias("as_of"))
-    replace_partition(con, "feed_type_errors", BENCH_AS_OF, problems.to_arrow())
-    replace_partition(con, "feed_manifest", BENCH_AS_OF, archive_manifest(landed).to_arrow())
+    land_feed(con, work / "feeds" / BENCH_AS_OF.isoformat(), BENCH_AS_OF, work / "archive")
     policy = load_policy().bands_frame().with_columns(as_of=BENCH_AS_OF)
     replace_partition(con, "drift_policy", BENCH_AS_OF, policy.to_arrow())
     timings["ingest"] = time.perf_counter() - started
@@ -113,11 +114,6 @@ def _pipeline(work: Path) -> dict:
         t0 = time.perf_counter()
         materialize_model(con, model, BENCH_AS_OF)
         timings[stage_of[model.name]] += time.perf_counter() - t0
-    alerts = con.execute("select count(*) from drift_alerts where status = 'alert'").fetchone()[0]
-    rejects = con.execute("select count(*) from rejects").fetchone()[0]
-    con.close()
-    return {**{f"{s}_s": v for s, v in timings.items()}, "pipeline_rss_mb": _peak_rss_mb(),
-            "alerts": alerts, "rejects": rejects}
 
 
 def _dagster(work: Path) -> dict:

@@ -7,11 +7,17 @@ from rebal_pipeline.defs.feed import assets as feed
 from rebal_pipeline.defs.warehouse import assets as warehouse
 from rebal_pipeline.resources import local_resources
 
-defs = Definitions(
-    assets=[*feed.assets, *warehouse.assets],
-    jobs=[daily_drift_scan],
-    schedules=[daily_drift_at_market_close],
-    resources=local_resources(),
-    # DuckDB allows one writing process at a time: run the steps of a run in one process.
-    executor=in_process_executor,
-)
+
+def build_definitions() -> Definitions:
+    """Definitions with resources read from the environment now (see settings.py)."""
+    return Definitions(
+        assets=[*feed.assets, *warehouse.assets],
+        jobs=[daily_drift_scan],
+        schedules=[daily_drift_at_market_close],
+        resources=local_resources(),
+        # DuckDB allows one writing process at a time: run the steps of a run in one process.
+        executor=in_process_executor,
+    )
+
+
+defs = build_definitions()

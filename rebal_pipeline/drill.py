@@ -33,9 +33,9 @@ def materialize_day(as_of: date) -> bool:
     """Run the daily_drift_scan job for one as-of date on the configured Dagster instance."""
     from dagster import DagsterInstance
 
-    from rebal_pipeline.definitions import defs
+    from rebal_pipeline.definitions import build_definitions
 
-    job = defs.resolve_job_def("daily_drift_scan")
+    job = build_definitions().resolve_job_def("daily_drift_scan")
     with DagsterInstance.get() as instance:
         result = job.execute_in_process(
             partition_key=as_of.isoformat(), instance=instance, raise_on_error=False

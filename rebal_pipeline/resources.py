@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,11 +18,13 @@ class Warehouse(ConfigurableResource):
     """The DuckDB warehouse file. Only Dagster runs write it (one writer process at a time)."""
 
     database: str
+    # DuckDB's own cap (it spills to disk beyond it); keeps a 1M-account day within ~6 GB.
+    memory_limit: str = "4GB"
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(self.database)
+        con = duckdb.connect(self.database, config={"memory_limit": self.memory_limit})
         try:
             yield con
         finally:
@@ -50,7 +53,10 @@ class DriftPolicySource(ConfigurableResource):
 def local_resources() -> dict:
     policy = settings.policy_file()
     return {
-        "warehouse": Warehouse(database=str(settings.warehouse_path())),
+        "warehouse": Warehouse(
+            database=str(settings.warehouse_path()),
+            memory_limit=os.environ.get("REBAL_DUCKDB_MEMORY_LIMIT", "4GB"),
+        ),
         "feed": FeedLocation(
             feed_root=str(settings.feed_root()), archive_root=str(settings.archive_root())
         ),

@@ -1,27 +1,32 @@
-"""Landing the canonical feed: archive raw files untouched, then parse them strictly.
+"""Landing the canonical feed: archive raw files untouched, then load them strictly.
 
 Two kinds of problem, two outcomes (FEED_CONTRACT.md):
 - file-level (unreadable, not UTF-8, no header, missing required column, malformed CSV):
   `FeedFileError`, naming the file and what is wrong; the ingest fails and nothing is landed.
 - row-level (a value that is not of its column's type, an empty required value, an unknown
   enum): the row is kept in the landing table with `_type_ok = false` and one problem per bad
-  value is recorded (file, line, column, value, reason). Nothing is dropped or "fixed":
-  rows land exactly as written, as text, and the staging SQL casts only the good ones.
+  value is recorded in feed_type_errors (file, line, column, value, reason). Nothing is
+  dropped or "fixed": rows land exactly as written, as text, and the staging SQL casts only
+  the good ones.
 Semantic rules (negative quantity, unknown symbol, lots vs positions, ...) are SQL models in
 dbt_like_sql/intermediate, where they can see every file at once.
+
+Files stream from disk into DuckDB (its CSV reader, explicit columns, no type sniffing): a
+million-account feed is never held in Python memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
-import polars as pl
+import duckdb
 
 from rebal_pipeline.core.feed_contract import (
     BOOL_VALUES,
@@ -36,15 +41,16 @@ from rebal_pipeline.core.feed_contract import (
 # found even when the row itself never reaches staging.
 REFERENCE_COLUMNS = ("account_id", "household_id", "model_id", "symbol", "scope", "scope_id")
 UTF8_BOM = b"\xef\xbb\xbf"
+CHUNK = 8 * 2**20
 
-PROBLEM_SCHEMA = {
-    "file": pl.String,
-    "line": pl.Int64,
-    "column": pl.String,
-    "value": pl.String,
-    "reason": pl.String,
-    **{c: pl.String for c in REFERENCE_COLUMNS},
-}
+PROBLEMS_DDL = (
+    'as_of date, file varchar, line bigint, "column" varchar, value varchar, reason varchar, '
+    + ", ".join(f"{c} varchar" for c in REFERENCE_COLUMNS)
+)
+MANIFEST_DDL = (
+    "as_of date, file varchar, sha256 varchar, size_bytes bigint, rows bigint, "
+    "archive_path varchar, landed_at timestamp"
+)
 
 
 class FeedFileError(Exception):
@@ -57,61 +63,92 @@ class FeedFileError(Exception):
 
 
 @dataclass
-class ArchivedFile:
-    file: str
+class ReceivedFile:
+    """A feed file as received: archived, decoded as UTF-8, header read."""
+
+    spec: FeedFile
+    path: Path
     sha256: str
     size_bytes: int
     archive_path: str
+    header: list[str]
+
+    @property
+    def ignored_columns(self) -> list[str]:
+        return [h for h in self.header if h not in self.spec.column_names]
 
 
 @dataclass
-class LandedFile:
-    spec: FeedFile
-    rows: pl.DataFrame  # every row as text, plus _line and _type_ok
-    problems: pl.DataFrame  # PROBLEM_SCHEMA
-    warnings: list[str] = field(default_factory=list)
+class LandedFeed:
+    as_of: date
+    received: dict[str, ReceivedFile]
+    rows: dict[str, int] = field(default_factory=dict)
+    rows_with_type_errors: dict[str, int] = field(default_factory=dict)
+    type_errors: int = 0
+
+    @property
+    def warnings(self) -> list[str]:
+        return [
+            f"{r.path.name}: ignored unknown column(s): {', '.join(r.ignored_columns)}"
+            for r in self.received.values()
+            if r.ignored_columns
+        ]
 
 
-def archive_raw_file(path: Path, archive_root: Path) -> ArchivedFile:
-    """Copy a raw file into the content-addressed archive before anything parses it.
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
-    The archive is write-once: a file is stored under its SHA-256, never overwritten, never
-    deleted, and made read-only, so the exact bytes a decision was based on stay recoverable
-    (SEC Rule 17a-4(f) spirit: the original is preserved).
+
+def landing_table(feed_file: str) -> str:
+    return f"landing_{feed_file}"
+
+
+def receive_file(path: Path, spec: FeedFile, archive_root: Path) -> ReceivedFile:
+    """Archive one raw file, byte for byte, and check it can be read as the contract says.
+
+    One streaming pass hashes the file, checks it decodes as UTF-8 and reads its header. The
+    archive is write-once: stored under its SHA-256, never overwritten or deleted, read-only,
+    so the exact bytes a decision was based on stay recoverable (SEC Rule 17a-4(f) spirit).
     """
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size, lines_before, first_chunk = 0, 0, b""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                if not first_chunk:
+                    first_chunk = chunk
+                digest.update(chunk)
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    line = lines_before + chunk[: exc.start].count(b"\n") + 1
+                    raise FeedFileError(
+                        path, f"not UTF-8: byte 0x{chunk[exc.start]:02x} at line {line} cannot be decoded"
+                    ) from exc
+                lines_before += chunk.count(b"\n")
+                size += len(chunk)
+            decoder.decode(b"", final=True)
     except OSError as exc:
         raise FeedFileError(path, f"unreadable: {exc.strerror or exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    target = archive_root / "sha256" / digest[:2] / digest
+    except UnicodeDecodeError as exc:
+        raise FeedFileError(path, "not UTF-8: the file ends inside a multi-byte character") from exc
+
+    sha = digest.hexdigest()
+    target = archive_root / "sha256" / sha[:2] / sha
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{digest}.{os.getpid()}.part")
-        tmp.write_bytes(data)
+        tmp = target.with_name(f".{sha}.{os.getpid()}.part")
+        with path.open("rb") as source, tmp.open("wb") as sink:
+            while chunk := source.read(CHUNK):
+                sink.write(chunk)
         os.chmod(tmp, 0o444)
         os.replace(tmp, target)
-    return ArchivedFile(path.name, digest, len(data), str(target))
 
-
-def _decode_check(path: Path, data: bytes) -> bytes:
-    if data.startswith(UTF8_BOM):
-        # A byte-order mark is encoding metadata (Excel writes one), not data.
-        data = data[len(UTF8_BOM) :]
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise FeedFileError(
-            path, f"not UTF-8: byte 0x{data[exc.start]:02x} at line {line} cannot be decoded"
-        ) from exc
-    if not data.strip():
+    text = first_chunk.removeprefix(UTF8_BOM)
+    if not text.strip():
         raise FeedFileError(path, "empty file: no header row")
-    return data
-
-
-def _header(path: Path, data: bytes, spec: FeedFile) -> tuple[list[str], list[str]]:
-    first_line = data.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
+    first_line = text.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
     header = next(csv.reader(io.StringIO(first_line)))
     duplicated = sorted({h for h in header if header.count(h) > 1})
     if duplicated:
@@ -119,158 +156,191 @@ def _header(path: Path, data: bytes, spec: FeedFile) -> tuple[list[str], list[st
     missing = [c for c in spec.required_columns if c not in header]
     if missing:
         raise FeedFileError(
-            path,
-            f"missing required column(s): {', '.join(missing)} (header has: {', '.join(header)})",
+            path, f"missing required column(s): {', '.join(missing)} (header has: {', '.join(header)})"
         )
-    extra = [h for h in header if h not in spec.column_names]
-    return header, extra
+    return ReceivedFile(spec, path, sha, size, str(target), header)
 
 
-def _bad_value(column: Column) -> tuple[pl.Expr, str]:
-    """An expression that is true where a present value is not of the column's type."""
-    value = pl.col(column.name)
+def _bad_value(column: Column) -> tuple[str, list, str] | None:
+    """SQL that is true where a present value is not of the column's type (values bound)."""
+    c = quote(column.name)
     if column.kind == "decimal":
-        return ~value.str.contains(DECIMAL_PATTERN), (
+        return (
+            f"({c} is not null and not regexp_full_match({c}, ?))",
+            [DECIMAL_PATTERN],
             "not a decimal number (plain digits, at most 10 before and 8 after an "
-            "optional '.', no thousands separators or exponent)"
+            "optional '.', no thousands separators or exponent)",
         )
     if column.kind == "date":
-        parsed = value.str.strptime(pl.Date, "%Y-%m-%d", strict=False)
-        return ~value.str.contains(DATE_PATTERN) | parsed.is_null(), (
-            "not a valid ISO date (YYYY-MM-DD)"
+        return (
+            f"({c} is not null and (not regexp_full_match({c}, ?) or try_cast({c} as date) is null))",
+            [DATE_PATTERN],
+            "not a valid ISO date (YYYY-MM-DD)",
         )
     if column.kind == "bool":
-        return ~value.is_in(BOOL_VALUES), "not a boolean (true or false)"
+        return f"({c} is not null and not list_contains(?, {c}))", [list(BOOL_VALUES)], "not a boolean (true or false)"
     if column.kind == "enum":
-        return ~value.is_in(column.choices), f"not one of: {', '.join(column.choices)}"
-    return pl.lit(False), ""
-
-
-def _physical_lines(frame: pl.DataFrame) -> pl.Series:
-    """The line each record starts on (header = line 1), counting newlines inside quoted fields."""
-    if frame.height == 0:
-        return pl.Series("_line", [], dtype=pl.Int64)
-    embedded = pl.sum_horizontal(
-        [pl.col(c).str.count_matches("\n").fill_null(0) for c in frame.columns]
-    )
-    span = (embedded + 1).cast(pl.Int64)
-    return frame.select((span.cum_sum() - span + 2).alias("_line")).to_series()
-
-
-def land_feed_file(path: Path, spec: FeedFile) -> LandedFile:
-    """Parse one feed file as text and flag each value that is not of its column's type."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FeedFileError(path, f"unreadable: {exc.strerror or exc}") from exc
-    data = _decode_check(path, raw)
-    header, extra = _header(path, data, spec)
-    try:
-        frame = pl.read_csv(
-            data,
-            infer_schema=False,
-            has_header=True,
-            quote_char='"',
-            empty_string_is_null=True,
+        return (
+            f"({c} is not null and not list_contains(?, {c}))",
+            [list(column.choices)],
+            f"not one of: {', '.join(column.choices)}",
         )
-    except Exception as exc:  # polars raises ComputeError/NoDataError with its own detail
-        raise FeedFileError(path, f"malformed CSV: {exc}") from exc
+    return None
 
-    warnings = []
-    if extra:
-        warnings.append(f"{path.name}: ignored unknown column(s): {', '.join(extra)}")
-    frame = frame.with_columns(_physical_lines(frame))
-    missing_optional = [c.name for c in spec.columns if c.name not in header]
-    frame = frame.select(
-        [pl.col(c) if c in header else pl.lit(None, pl.String).alias(c) for c in spec.column_names]
-        + ["_line"]
-    )
 
-    checks: list[tuple[str, pl.Expr, str]] = []
+def _value_checks(spec: FeedFile, header: list[str]) -> list[tuple[str, str, list, str]]:
+    """(column, bad-value SQL, its parameters, reason) for every check of the file."""
+    checks = []
     for column in spec.columns:
-        if column.name in missing_optional:
-            continue
-        value = pl.col(column.name)
+        if column.name not in header:
+            continue  # an optional column the file does not have
         if not column.nullable:
-            checks.append((column.name, value.is_null(), "required value is empty"))
-        bad, reason = _bad_value(column)
-        if reason:
-            checks.append((column.name, value.is_not_null() & bad, reason))
+            checks.append((column.name, f"({quote(column.name)} is null)", [], "required value is empty"))
+        bad = _bad_value(column)
+        if bad:
+            checks.append((column.name, *bad))
+    return checks
 
-    refs = [
-        (pl.col(c) if c in spec.column_names else pl.lit(None, pl.String)).alias(c)
-        for c in REFERENCE_COLUMNS
-    ]
-    problem_frames = [
-        frame.filter(bad).select(
-            pl.lit(spec.filename).alias("file"),
-            pl.col("_line").alias("line"),
-            pl.lit(name).alias("column"),
-            pl.col(name).alias("value"),
-            pl.lit(reason).alias("reason"),
-            *refs,
-        )
-        for name, bad, reason in checks
-    ]
-    problems = (
-        pl.concat(problem_frames).sort("line", "column")
-        if problem_frames
-        else pl.DataFrame(schema=PROBLEM_SCHEMA)
+
+def ensure_landing_table(con: duckdb.DuckDBPyConnection, spec: FeedFile) -> None:
+    columns = ", ".join(f"{quote(c)} varchar" for c in spec.column_names)
+    con.execute(
+        f"create table if not exists {quote(landing_table(spec.name))} "
+        f"(as_of date, _line bigint, _type_ok boolean, {columns})"
     )
-    any_bad = pl.any_horizontal([bad for _, bad, _ in checks]) if checks else pl.lit(False)
-    frame = frame.with_columns((~any_bad).alias("_type_ok"))
-    return LandedFile(spec, frame, problems.cast(PROBLEM_SCHEMA), warnings)
 
 
-@dataclass
-class LandedFeed:
-    as_of: date
-    files: dict[str, LandedFile]
-    archive: list[ArchivedFile]
+def _load_rows(con: duckdb.DuckDBPyConnection, received: ReceivedFile, as_of: date) -> int:
+    spec, header = received.spec, received.header
+    table = quote(landing_table(spec.name))
+    file_columns = "{" + ", ".join(f"'{h.replace(chr(39), chr(39) * 2)}': 'VARCHAR'" for h in header) + "}"
+    selected = ", ".join(
+        quote(c) if c in header else f"null::varchar as {quote(c)}" for c in spec.column_names
+    )
+    checks = _value_checks(spec, header)
+    any_bad = " or ".join(sql for _, sql, _, _ in checks) or "false"
+    # Placeholders in text order: the as-of date, the checks' values, the file path.
+    params = [as_of, *[p for _, _, ps, _ in checks for p in ps], str(received.path)]
+    # row_number() over () numbers rows in file order (DuckDB preserves the order of a single
+    # table-function scan); header = line 1. Newlines inside quoted fields are fixed up below.
+    sql = f"""
+        insert into {table} by name
+        select ?::date as as_of, _row + 1 as _line, not ({any_bad}) as _type_ok, * exclude (_row)
+        from (
+            select row_number() over () as _row, {selected}
+            from read_csv(?, header = true, auto_detect = false, columns = {file_columns},
+                          delim = ',', quote = '"', escape = '"', strict_mode = true,
+                          null_padding = false)
+        )
+    """
+    try:
+        rows = con.execute(sql, params).fetchone()[0]
+    except duckdb.Error as exc:
+        raise FeedFileError(received.path, f"malformed CSV: {str(exc).splitlines()[0]}") from exc
+    _fix_lines_after_embedded_newlines(con, spec, as_of)
+    return rows
 
-    @property
-    def problems(self) -> pl.DataFrame:
-        frames = [f.problems for f in self.files.values()]
-        return pl.concat(frames) if frames else pl.DataFrame(schema=PROBLEM_SCHEMA)
 
-    @property
-    def warnings(self) -> list[str]:
-        return [w for f in self.files.values() for w in f.warnings]
+def _fix_lines_after_embedded_newlines(con: duckdb.DuckDBPyConnection, spec: FeedFile, as_of: date) -> None:
+    """Make _line the physical line a record starts on when quoted fields contain newlines."""
+    table = quote(landing_table(spec.name))
+    newlines = " + ".join(
+        f"coalesce(length({quote(c)}) - length(replace({quote(c)}, chr(10), '')), 0)" for c in spec.column_names
+    )
+    has_any = con.execute(
+        f"select count(*) from {table} where as_of = ? and ({newlines}) > 0", [as_of]
+    ).fetchone()[0]
+    if not has_any:
+        return
+    con.execute(
+        f"""
+        update {table} t set _line = fixed.line
+        from (
+            select _line as record_line,
+                   _line + coalesce(sum({newlines}) over (order by _line rows between unbounded preceding
+                                                          and 1 preceding), 0) as line
+            from {table} where as_of = ?
+        ) fixed
+        where t.as_of = ? and t._line = fixed.record_line
+        """,
+        [as_of, as_of],
+    )
 
 
-def feed_dir_for(feed_root: Path, as_of: date) -> Path:
-    return feed_root / as_of.isoformat()
+def _record_type_errors(con: duckdb.DuckDBPyConnection, received: ReceivedFile, as_of: date) -> int:
+    spec, header = received.spec, received.header
+    table = quote(landing_table(spec.name))
+    refs = ", ".join(
+        f"{quote(c) if c in spec.column_names and c in header else 'null::varchar'} as {quote(c)}"
+        for c in REFERENCE_COLUMNS
+    )
+    total = 0
+    for column, bad_sql, bad_params, reason in _value_checks(spec, header):
+        total += con.execute(
+            f"""insert into feed_type_errors by name
+                select as_of, ? as file, _line as line, ? as "column", {quote(column)} as value,
+                       ? as reason, {refs}
+                from {table} where as_of = ? and not _type_ok and {bad_sql}""",
+            [spec.filename, column, reason, as_of, *bad_params],
+        ).fetchone()[0]
+    return total
 
 
-def land_feed(feed_dir: Path, as_of: date, archive_root: Path) -> LandedFeed:
-    """Archive every file of one as-of date's feed, then land each one.
+def land_feed(con: duckdb.DuckDBPyConnection, feed_dir: Path, as_of: date, archive_root: Path) -> LandedFeed:
+    """Archive every file of one as-of date's feed, then land them all in one transaction.
 
-    All files are archived first, so even a feed that fails a file-level check is preserved
-    exactly as received for the operations team to inspect.
+    All present files are archived before anything is parsed, so even a feed that fails a
+    file-level check is preserved exactly as received for operations to inspect; a failure
+    while loading rolls the whole day's landing back.
     """
     if not feed_dir.is_dir():
         raise FeedFileError(feed_dir, f"no feed folder for {as_of.isoformat()}")
-    missing = [f.filename for f in FEED_FILES.values() if not (feed_dir / f.filename).exists()]
-    present = [feed_dir / f.filename for f in FEED_FILES.values() if f.filename not in missing]
-    archive = [archive_raw_file(p, archive_root) for p in present]
+    specs = list(FEED_FILES.values())
+    missing = [s.filename for s in specs if not (feed_dir / s.filename).exists()]
+    received: dict[str, ReceivedFile] = {}
+    problems: list[FeedFileError] = []
+    for spec in specs:
+        if spec.filename in missing:
+            continue
+        try:
+            received[spec.name] = receive_file(feed_dir / spec.filename, spec, archive_root)
+        except FeedFileError as exc:
+            problems.append(exc)
     if missing:
         raise FeedFileError(feed_dir, f"missing feed file(s): {', '.join(missing)}")
-    files = {spec.name: land_feed_file(feed_dir / spec.filename, spec) for spec in FEED_FILES.values()}
-    return LandedFeed(as_of, files, archive)
+    if problems:
+        raise problems[0]
+
+    feed = LandedFeed(as_of, received)
+    con.execute(f"create table if not exists feed_type_errors ({PROBLEMS_DDL})")
+    con.execute("begin transaction")
+    try:
+        con.execute("delete from feed_type_errors where as_of = ?", [as_of])
+        for spec in specs:
+            ensure_landing_table(con, spec)
+            con.execute(f"delete from {quote(landing_table(spec.name))} where as_of = ?", [as_of])
+            feed.rows[spec.name] = _load_rows(con, received[spec.name], as_of)
+            errors = _record_type_errors(con, received[spec.name], as_of)
+            feed.type_errors += errors
+            feed.rows_with_type_errors[spec.name] = con.execute(
+                f"select count(*) from {quote(landing_table(spec.name))} where as_of = ? and not _type_ok",
+                [as_of],
+            ).fetchone()[0]
+        _record_manifest(con, feed)
+        con.execute("commit")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    return feed
 
 
-def archive_manifest(feed: LandedFeed) -> pl.DataFrame:
-    now = datetime.now(UTC).replace(tzinfo=None)
-    rows = {name: f.rows.height for name, f in feed.files.items()}
-    return pl.DataFrame(
-        {
-            "as_of": [feed.as_of] * len(feed.archive),
-            "file": [a.file for a in feed.archive],
-            "sha256": [a.sha256 for a in feed.archive],
-            "size_bytes": [a.size_bytes for a in feed.archive],
-            "rows": [rows.get(Path(a.file).stem, 0) for a in feed.archive],
-            "archive_path": [a.archive_path for a in feed.archive],
-            "landed_at": [now] * len(feed.archive),
-        },
-        schema_overrides={"as_of": pl.Date, "landed_at": pl.Datetime("us")},
+def _record_manifest(con: duckdb.DuckDBPyConnection, feed: LandedFeed) -> None:
+    con.execute(f"create table if not exists feed_manifest ({MANIFEST_DDL})")
+    con.execute("delete from feed_manifest where as_of = ?", [feed.as_of])
+    con.executemany(
+        "insert into feed_manifest values (?, ?, ?, ?, ?, ?, now()::timestamp)",
+        [
+            [feed.as_of, r.path.name, r.sha256, r.size_bytes, feed.rows[name], r.archive_path]
+            for name, r in feed.received.items()
+        ],
     )

@@ -25,7 +25,7 @@ from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from rebal_pipeline.core.feed_contract import FEED_FILES
-from rebal_pipeline.core.landing import REFERENCE_COLUMNS
+from rebal_pipeline.core.landing import REFERENCE_COLUMNS, landing_table
 
 LAYERS = ("staging", "intermediate", "marts")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -49,10 +49,6 @@ def contract_literal(text: str) -> str:
     if not _CONTRACT_LITERAL.match(text):
         raise ValueError(f"not a contract name: {text!r}")
     return f"'{text}'"
-
-
-def landing_table(feed_file: str) -> str:
-    return f"landing_{feed_file}"
 
 
 @dataclass(frozen=True)

@@ -213,3 +213,22 @@ def test_held_out_accounts_show_as_a_warning_check_in_dagster(bad_day):
     evaluation = evaluations[0]
     assert evaluation.passed is False and evaluation.severity.value == "WARN"
     assert evaluation.metadata["accounts_held_out"].value >= 10
+
+
+def test_malformed_csv_fails_naming_the_file(workspace, dagster_instance):
+    b = FeedBuilder(); b.household("HH-1"); b.account("ACC-1"); b.position("ACC-1", "VTI", 60)
+    folder = b.write(workspace.feed_root)
+    with (folder / "positions.csv").open("a") as handle:
+        handle.write("ACC-1,BND,10,surprise,extra\n")  # more fields than the header
+    result = workspace.run_day(instance=dagster_instance, raise_on_error=False)
+    assert failure_message(result).startswith("positions.csv: malformed CSV:")
+
+
+def test_a_utf8_byte_order_mark_is_accepted(workspace, dagster_instance):
+    b = FeedBuilder(); b.household("HH-1"); b.account("ACC-1"); b.position("ACC-1", "VTI", 60); b.position("ACC-1", "BND", 80)
+    folder = b.write(workspace.feed_root)
+    path = folder / "accounts.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert workspace.run_day(instance=dagster_instance).success
+    assert workspace.table("rejects").height == 0
+    assert workspace.table("holdings")["account_id"].unique().to_list() == ["ACC-1"]

@@ -4,7 +4,6 @@
 from datetime import date
 from pathlib import Path
 
-import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
@@ -15,8 +14,7 @@ from dagster import (
 )
 
 from rebal_pipeline.core.feed_contract import FEED_FILES
-from rebal_pipeline.core.landing import FeedFileError, archive_manifest, land_feed
-from rebal_pipeline.core.sql_models import landing_table, replace_partition
+from rebal_pipeline.core.landing import FeedFileError, land_feed, landing_table
 from rebal_pipeline.partitions import daily_partitions
 from rebal_pipeline.resources import FeedLocation, Warehouse
 
@@ -54,19 +52,6 @@ MANIFEST_SPEC = AssetSpec(
     group_name=FEED_GROUP,
 )
 
-# Landing tables are all text so that nothing is lost or coerced on the way in.
-_LANDING_META = "as_of date, _line bigint, _type_ok boolean"
-_PROBLEM_DDL = (
-    "as_of date, file varchar, line bigint, \"column\" varchar, value varchar, reason varchar, "
-    "account_id varchar, household_id varchar, model_id varchar, symbol varchar, scope varchar, "
-    "scope_id varchar"
-)
-_MANIFEST_DDL = (
-    "as_of date, file varchar, sha256 varchar, size_bytes bigint, rows bigint, "
-    "archive_path varchar, landed_at timestamp"
-)
-
-
 @multi_asset(
     specs=[*LANDING_SPECS, TYPE_ERRORS_SPEC, MANIFEST_SPEC],
     partitions_def=daily_partitions,
@@ -77,49 +62,29 @@ def land_feed_asset(context: AssetExecutionContext, feed: FeedLocation, warehous
     as_of = date.fromisoformat(context.partition_key)
     feed_dir = feed.feed_dir(context.partition_key)
     try:
-        landed = land_feed(feed_dir, as_of, archive_root=Path(feed.archive_root))
+        with warehouse.connect() as con:
+            landed = land_feed(con, feed_dir, as_of, archive_root=Path(feed.archive_root))
     except FeedFileError as exc:
         # File-level problems stop the day: running on a partial feed would be wrong.
-        raise Failure(
-            description=str(exc),
-            metadata={"file": exc.path, "problem": exc.problem},
-        ) from exc
+        raise Failure(description=str(exc), metadata={"file": exc.path, "problem": exc.problem}) from exc
     for warning in landed.warnings:
         context.log.warning(warning)
 
-    problems = landed.problems.with_columns(pl.lit(as_of).alias("as_of"))
-    manifest = archive_manifest(landed)
-    with warehouse.connect() as con:
-        for spec in FEED_FILES.values():
-            rows = landed.files[spec.name].rows.with_columns(pl.lit(as_of).alias("as_of"))
-            ddl = ", ".join([_LANDING_META] + [f'"{c}" varchar' for c in spec.column_names])
-            replace_partition(con, landing_table(spec.name), as_of, rows.to_arrow(), columns_ddl=ddl)
-        replace_partition(con, "feed_type_errors", as_of, problems.to_arrow(), columns_ddl=_PROBLEM_DDL)
-        replace_partition(con, "feed_manifest", as_of, manifest.to_arrow(), columns_ddl=_MANIFEST_DDL)
-
     for spec in FEED_FILES.values():
-        frame = landed.files[spec.name].rows
         yield MaterializeResult(
             asset_key=landing_table(spec.name),
             metadata={
-                "rows": frame.height,
-                "rows_with_type_errors": int((~frame["_type_ok"]).sum()) if frame.height else 0,
+                "rows": landed.rows[spec.name],
+                "rows_with_type_errors": landed.rows_with_type_errors[spec.name],
+                "sha256": landed.received[spec.name].sha256,
             },
         )
-    yield MaterializeResult(
-        asset_key="feed_type_errors",
-        metadata={
-            "type_errors": problems.height,
-            "by_file": MetadataValue.json(
-                dict(problems.group_by("file").len().iter_rows()) if problems.height else {}
-            ),
-        },
-    )
+    yield MaterializeResult(asset_key="feed_type_errors", metadata={"type_errors": landed.type_errors})
     yield MaterializeResult(
         asset_key="feed_manifest",
         metadata={
-            "files": manifest.height,
-            "bytes": int(manifest["size_bytes"].sum()),
+            "files": len(landed.received),
+            "bytes": sum(r.size_bytes for r in landed.received.values()),
             "feed_dir": MetadataValue.path(str(feed_dir)),
             "ignored_columns": MetadataValue.json(landed.warnings),
         },

@@ -1,0 +1,53 @@
+"""The README's drill, end to end: sandbox book → real Dagster instance → summary."""
+
+from datetime import date
+
+import duckdb
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from rebal_pipeline.cli import main
+from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
+
+AS_OF = date(2026, 11, 20)
+
+
+@pytest.fixture
+def rebal_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("REBAL_HOME", str(tmp_path))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("REBAL_WAREHOUSE", raising=False)
+    monkeypatch.delenv("REBAL_FEED_ROOT", raising=False)
+    return tmp_path
+
+
+def test_drill_materialises_the_day_on_the_local_instance_and_prints_the_scan(rebal_home, capsys):
+    assert main(["drill", "--households", "120", "--as-of", AS_OF.isoformat(), "--shock", "equity=-0.12"]) == 0
+    out = capsys.readouterr().out
+    assert "Accounts scanned" in out and "Drift alerts:" in out
+    for tier in ("premium", "standard", "base"):
+        assert f"  {tier} " in out
+    assert "Top 10 drifted:" in out
+    assert "Rejected feed rows: " in out and "unknown symbol (not in securities.csv)" in out
+    assert "dagster dev -w workspace.yaml" in out
+
+    # The run is on the project-local SQLite instance, where the Dagster UI will find it.
+    home = rebal_home / "dagster_home"
+    assert (home / "dagster.yaml").exists()
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(RunsFilter(job_name="daily_drift_scan"))
+        assert len(runs) == 1 and runs[0].status == DagsterRunStatus.SUCCESS
+        assert runs[0].tags["dagster/partition"] == AS_OF.isoformat()
+
+    with duckdb.connect(str(rebal_home / "warehouse.duckdb"), read_only=True) as con:
+        alerts = con.execute("select count(*) from drift_alerts where status = 'alert'").fetchone()[0]
+    assert f"Drift alerts: {alerts:,}" in out and alerts > 0
+
+
+def test_sandbox_defects_hold_out_exactly_the_named_accounts(workspace, dagster_instance):
+    report = generate_feed(SandboxConfig(as_of=AS_OF, households=150, seed=3, defects=True), workspace.feed_root)
+    assert workspace.run_day(as_of=AS_OF, instance=dagster_instance).success
+    held = set(workspace.table("data_quality_alerts", AS_OF)["account_id"].to_list())
+    assert held == {d.account_id for d in report.defects}
+    rejected_files = set(workspace.table("rejects", AS_OF)["file"].to_list())
+    assert rejected_files == {d.file for d in report.defects}
