@@ -247,8 +247,9 @@ def _fix_lines_after_embedded_newlines(con: duckdb.DuckDBPyConnection, spec: Fee
     newlines = " + ".join(
         f"coalesce(length({quote(c)}) - length(replace({quote(c)}, chr(10), '')), 0)" for c in spec.column_names
     )
+    any_newline = " or ".join(f"contains({quote(c)}, chr(10))" for c in spec.column_names)
     has_any = con.execute(
-        f"select count(*) from {table} where as_of = ? and ({newlines}) > 0", [as_of]
+        f"select count(*) from {table} where as_of = ? and ({any_newline})", [as_of]
     ).fetchone()[0]
     if not has_any:
         return
