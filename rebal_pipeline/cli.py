@@ -23,15 +23,15 @@ def _shock(text: str) -> dict[str, float]:
 
 
 def _as_of(text: str | None) -> date:
-    from rebal_pipeline.core.market_calendar import latest_session
+    from rebal_pipeline.core.market_calendar import latest_closed_session
 
-    return date.fromisoformat(text) if text else latest_session(date.today())
+    return date.fromisoformat(text) if text else latest_closed_session()
 
 
 def _add_book_options(parser: argparse.ArgumentParser, households: int) -> None:
     parser.add_argument("--households", type=int, default=households, help="households in the book (default %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="random seed: same seed, same book (default %(default)s)")
-    parser.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest NYSE session)")
+    parser.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest closed NYSE session)")
     parser.add_argument("--shock", type=_shock, default={}, help="market shock on as-of closes, e.g. equity=-0.12")
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_drill)
 
     p = commands.add_parser("summary", help="print the scan summary of a day already materialised")
-    p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest NYSE session)")
+    p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest closed NYSE session)")
     p.set_defaults(func=cmd_summary)
 
     p = commands.add_parser("benchmark", help="time each stage at 10k and 100k accounts; writes BENCHMARKS.md")

@@ -52,3 +52,19 @@ def test_schedule_runs_on_nyse_sessions_only(day, runs):
     else:
         assert isinstance(result, SkipReason)
         assert "not an NYSE trading session" in result.skip_message
+
+
+@pytest.mark.parametrize(
+    "now, expected",
+    [
+        (datetime(2026, 11, 24, 10, 0, tzinfo=NY), "2026-11-23"),  # Tuesday morning: Monday's close
+        (datetime(2026, 11, 24, 16, 5, tzinfo=NY), "2026-11-24"),  # after Tuesday's close
+        (datetime(2026, 11, 26, 12, 0, tzinfo=NY), "2026-11-25"),  # Thanksgiving: Wednesday
+        (datetime(2026, 11, 27, 13, 30, tzinfo=NY), "2026-11-27"),  # after the 13:00 early close
+        (datetime(2026, 11, 29, 9, 0, tzinfo=NY), "2026-11-27"),   # Sunday: Friday
+    ],
+)
+def test_default_as_of_is_the_latest_closed_nyse_session(now, expected):
+    from rebal_pipeline.core.market_calendar import latest_closed_session
+
+    assert latest_closed_session(now).isoformat() == expected
