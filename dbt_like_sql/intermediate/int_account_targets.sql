@@ -2,10 +2,10 @@
 -- its model's security weights rolled up to asset classes.
 with
 accounts as (
-    select a.* from {{ ref('stg_feed_accounts') }} a
-    anti join {{ ref('int_held_accounts') }} held
-      on held.account_id = a.account_id and held.as_of = $as_of
-    where a.as_of = $as_of
+    select s.account_id, a.model_id
+    from {{ ref('int_scanned_accounts') }} s
+    join {{ ref('stg_feed_accounts') }} a on a.account_id = s.account_id and a.as_of = $as_of
+    where s.as_of = $as_of
 ),
 ips as (
     select scope_id as account_id, asset_class, target_weight

@@ -15,7 +15,6 @@ ColumnKind = Literal["id", "text", "decimal", "date", "bool", "enum"]
 # Decimal text: optional minus, at most 10 integer digits, optional fraction of at most 8
 # places (so every value fits DECIMAL(18,8) exactly), no thousands
 # separators, no exponent. Anything else is quarantined rather than guessed at.
-DECIMAL_PLACES = 8
 DECIMAL_PATTERN = r"^-?[0-9]{1,10}(\.[0-9]{1,8})?$"
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 BOOL_VALUES = ("true", "false")

@@ -178,7 +178,7 @@ def materialize_model(con: duckdb.DuckDBPyConnection, model: SqlModel, as_of: da
 
 
 def replace_partition(
-    con: duckdb.DuckDBPyConnection, table: str, as_of: date, rows, *, columns_ddl: str | None = None
+    con: duckdb.DuckDBPyConnection, table: str, as_of: date, rows
 ) -> None:
     """Replace one as-of partition of a table written from Python (an Arrow/polars frame)."""
     name = quote_identifier(table)
@@ -186,10 +186,7 @@ def replace_partition(
     try:
         con.execute("begin transaction")
         if not _table_columns(con, table):
-            if columns_ddl:
-                con.execute(f"create table {name} ({columns_ddl})")
-            else:
-                con.execute(f"create table {name} as select * from __partition_rows where false")
+            con.execute(f"create table {name} as select * from __partition_rows where false")
         con.execute(f"delete from {name} where as_of = ?", [as_of])
         con.execute(f"insert into {name} by name select * from __partition_rows")
         con.execute("commit")
