@@ -221,3 +221,22 @@ def test_relative_band_policy_option_tightens_small_targets(tmp_path, workspace,
     assert reit["drift"] == pytest.approx(0.03)
     assert reit["band"] == pytest.approx(0.025) and reit["breached"]
     assert workspace.table("drift_alerts")["policy_version"][0] != ""
+
+
+def test_model_version_changes_only_for_the_model_whose_weights_changed(workspace, dagster_instance):
+    b = FeedBuilder()
+    for symbol, weight in (("VTI", "0.8"), ("BND", "0.2")):
+        b.add("models", model_id="M8020", symbol=symbol, weight=weight)
+    b.household("HH-1"); b.account("ACC-1"); b.position("ACC-1", "VTI", 60); b.position("ACC-1", "BND", 80)
+    b.write(workspace.feed_root)
+    assert workspace.run_day(instance=dagster_instance).success
+    before = dict(workspace.table("int_model_versions").select("model_id", "model_version").iter_rows())
+
+    b.rows["models"] = [r for r in b.rows["models"] if r["model_id"] != "M6040"]
+    for symbol, weight in (("VTI", "0.55"), ("BND", "0.4"), ("VNQ", "0.05")):
+        b.add("models", model_id="M6040", symbol=symbol, weight=weight)
+    b.write(workspace.feed_root)
+    assert workspace.run_day(instance=dagster_instance).success
+    after = dict(workspace.table("int_model_versions").select("model_id", "model_version").iter_rows())
+    assert after["M8020"] == before["M8020"]
+    assert after["M6040"] != before["M6040"]
