@@ -43,6 +43,15 @@ class TaxSensitiveRule(_Strict):
     delivery: Delivery
 
 
+class TradeSizingRule(_Strict):
+    """How proposals are sized: minimum trade, cash buffer, fractional share precision."""
+
+    min_trade_value: Decimal = Field(default=Decimal(100), ge=0)
+    min_trade_pct: Decimal = Field(default=Decimal("0.001"), ge=0, lt=1)
+    default_cash_buffer: Decimal = Field(default=Decimal(0), ge=0, lt=1)
+    fractional_decimals: int = Field(default=3, ge=0, le=8)
+
+
 class DriftPolicy(_Strict):
     version: str = Field(min_length=1)
     effective_from: date
@@ -50,6 +59,7 @@ class DriftPolicy(_Strict):
     tax_sensitive: TaxSensitiveRule
     tlh_loss_threshold: Decimal = Field(gt=0, lt=1)
     relative_band: Decimal | None = Field(default=None, gt=0, lt=1)
+    trade_sizing: TradeSizingRule = TradeSizingRule()
     content_sha256: str = ""
 
     @model_validator(mode="after")

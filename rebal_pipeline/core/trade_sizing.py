@@ -1,0 +1,859 @@
+"""Trade sizing: one day's drifted accounts → whole-share trade proposals.
+
+Pure and vectorised: plain functions over polars DataFrames, no Dagster, no DuckDB, and no
+per-account Python loop (every step is a join, a group_by or a window `over` the account), so a
+book of 100,000 accounts sizes in a few seconds. The only per-account Python is the final SHA-256
+of one canonical string per account (`recommendation_ids`), which is not the hot path.
+
+    result = size_trades(holdings, class_targets, model_weights, securities, restrictions, bands,
+                         SizingPolicy(model_version="..."))
+    result.trades     # account_id, recommendation_id, symbol, asset_class, side, quantity,
+                      # est_price, est_value, reason
+    result.accounts   # account_id, recommendation_id, market_value, cash_before, cash_after,
+                      # trade_count, dust_dropped, inside_bands, unresolved, compliance_review
+
+Only accounts present in `class_targets` are sized (the caller passes just the breached ones).
+
+The rules, in the order they are applied (each is also commented where it is implemented):
+
+1. Security targets. Within each asset class the account's model security weights are scaled to
+   the account's class target (target × weight / the model's weight in that class). A class the
+   model has no security in (or every class of an IPS-only account) is split over the securities
+   the account already holds in that class, by value; if it holds none, the alphabetically first
+   symbol of that class among the securities of any model in `model_weights`; if still none the
+   class is unreachable and reported. The cash class is split the same way with the symbol CASH
+   counted among its securities, and falls back to CASH itself (always reachable).
+2. Cash (the symbol CASH, price 1, quantity = dollars) is never traded: it is the balancing item.
+   Its target weight = max(CASH's share of the cash-class target, the account's min_cash_weight
+   restriction, policy.default_cash_buffer). When that is above what the targets leave for cash,
+   every other security target is scaled down by the same factor to make room. A money-market
+   fund of the cash class is an ordinary (fractional) security; only CASH counts for the cash
+   target, because money-market shares must be sold before they can be spent.
+3. Sells first, toward target, never more than held; then buys of underweights with the cash
+   available (cash + sell proceeds − cash target), all of an account's buys scaled down by one
+   factor when they need more than that; buys round down, so cash never goes negative and never
+   ends below its target because of rounding (sells are rounded up instead of to the nearest
+   share when nearest rounding would leave cash under its target).
+4. Restrictions: no_sell_symbol → never sold; no_buy_symbol → never bought: the security keeps
+   at most what it holds and the rest of its target moves to a substitute of the same class (the
+   first allowed of: the account's model securities of the class, then its holdings of the
+   class, then the class's securities in any model, then any security of the class in
+   `securities`; alphabetical within each tier); no substitute → the money stays in cash and the
+   class is reported. no_asset_class (ERISA plan restriction) → nothing of the class is bought or
+   sold, and holdings of it are flagged in `compliance_review`.
+5. Rounding: fractional = false → whole shares (buys down, sells to the nearest share);
+   fractional = true → policy.fractional_decimals (buys down, sells to the nearest unit); a sell
+   is never above the held quantity.
+6. Minimum trade: a trade whose value is below max(min_trade_value, min_trade_pct × account
+   market value) is not proposed ("dust"); `dust_dropped` counts them (every security whose
+   wanted trade was at least one cent and was not proposed, including a wanted trade that rounds
+   to zero shares).
+7. Post-trade asset-class weights are checked against `bands`; a class still outside is listed
+   in `unresolved` with the reason in plain words (restriction, no reachable security, cash
+   shortfall, cash target, or else rounding and minimum trade size). Nothing is ever violated to
+   get inside.
+8. Reason on every trade, one rule: "restriction" if a restriction changed the trade (a
+   substitute buy for a no-buy security, or a buy cut because restricted holdings could not be
+   sold to fund it); otherwise "cash" if the cash target changed it (a sell enlarged to raise the
+   cash target, or a buy cut for lack of cash); otherwise "rebalance". A change counts only when
+   it is at least one minimum trade, so rounding noise never relabels a trade (except a sell
+   rounded up to protect the cash target, which is "cash").
+9. Determinism: intermediate frames are sorted before every floating-point aggregation, outputs
+   are sorted by (account_id, side, symbol), and `recommendation_id` is the first 32 hex of the
+   SHA-256 of a canonical text of the account id, its trades and policy.model_version
+   (`canonical_text`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import polars as pl
+
+CASH_SYMBOL = "CASH"
+CASH_CLASS = "cash"
+
+_KEY = ["account_id", "symbol"]
+_CLASS_KEY = ["account_id", "asset_class"]
+# Tolerance for comparing weights computed in floating point (e.g. 0.6 × 0.6 / 0.6).
+_EPS = 1e-9
+# Quantities in the canonical text are written with this many decimals (the feed carries at most 8).
+_QTY_DECIMALS = 8
+
+TRADES_SCHEMA: dict[str, pl.DataType] = {
+    "account_id": pl.String(),
+    "recommendation_id": pl.String(),
+    "symbol": pl.String(),
+    "asset_class": pl.String(),
+    "side": pl.String(),
+    "quantity": pl.Float64(),
+    "est_price": pl.Float64(),
+    "est_value": pl.Float64(),
+    "reason": pl.String(),
+}
+ACCOUNTS_SCHEMA: dict[str, pl.DataType] = {
+    "account_id": pl.String(),
+    "recommendation_id": pl.String(),
+    "market_value": pl.Float64(),
+    "cash_before": pl.Float64(),
+    "cash_after": pl.Float64(),
+    "trade_count": pl.Int64(),
+    "dust_dropped": pl.Int64(),
+    "inside_bands": pl.Boolean(),
+    "unresolved": pl.String(),
+    "compliance_review": pl.String(),
+}
+
+_INPUTS: dict[str, dict[str, pl.DataType]] = {
+    "holdings": {
+        "account_id": pl.String(),
+        "symbol": pl.String(),
+        "asset_class": pl.String(),
+        "quantity": pl.Float64(),
+        "price": pl.Float64(),
+        "market_value": pl.Float64(),
+    },
+    "class_targets": {"account_id": pl.String(), "asset_class": pl.String(), "target_weight": pl.Float64()},
+    "model_weights": {"account_id": pl.String(), "symbol": pl.String(), "weight": pl.Float64()},
+    "securities": {"symbol": pl.String(), "asset_class": pl.String(), "fractional": pl.Boolean(), "price": pl.Float64()},
+    "restrictions": {"account_id": pl.String(), "kind": pl.String(), "value": pl.String()},
+    "bands": {"account_id": pl.String(), "asset_class": pl.String(), "band": pl.Float64()},
+}
+
+
+@dataclass(frozen=True)
+class SizingPolicy:
+    min_trade_value: float = 100.0  # dollars
+    min_trade_pct: float = 0.001  # of the account's market value; the larger of the two applies
+    default_cash_buffer: float = 0.0  # minimum cash weight when the account has no min_cash_weight
+    fractional_decimals: int = 3  # share decimals for securities with fractional = true
+    model_version: str = ""  # recorded in every recommendation_id
+
+    def __post_init__(self) -> None:
+        if self.min_trade_value < 0:
+            raise ValueError("min_trade_value must be >= 0")
+        if not 0 <= self.min_trade_pct < 1:
+            raise ValueError("min_trade_pct must be in [0, 1)")
+        if not 0 <= self.default_cash_buffer < 1:
+            raise ValueError("default_cash_buffer must be in [0, 1)")
+        if not 0 <= self.fractional_decimals <= _QTY_DECIMALS:
+            raise ValueError(f"fractional_decimals must be in [0, {_QTY_DECIMALS}]")
+
+
+@dataclass(frozen=True)
+class SizingResult:
+    trades: pl.DataFrame
+    accounts: pl.DataFrame
+
+
+# --------------------------------------------------------------------------------------------
+# Recommendation ids
+# --------------------------------------------------------------------------------------------
+
+
+def _qty_text_py(quantity: float) -> str:
+    units = int(round(quantity * 10**_QTY_DECIMALS))
+    whole, frac = divmod(units, 10**_QTY_DECIMALS)
+    return f"{whole}.{frac:0{_QTY_DECIMALS}d}"
+
+
+def _qty_text_expr(quantity: pl.Expr) -> pl.Expr:
+    # Integer micro-units rendered by hand: float-to-text casting is not promised stable across
+    # polars versions, integer-to-text is.
+    units = (quantity * 10**_QTY_DECIMALS).round(0).cast(pl.Int64)
+    return pl.concat_str(
+        (units // 10**_QTY_DECIMALS).cast(pl.String),
+        pl.lit("."),
+        (units % 10**_QTY_DECIMALS).cast(pl.String).str.zfill(_QTY_DECIMALS),
+    )
+
+
+def canonical_text(account_id: str, trades: Iterable[tuple[str, str, float]], model_version: str) -> str:
+    """The text hashed into a recommendation id: `account_id=<id>;trades=<symbol>:<side>:<qty>,...;
+    model_version=<v>`, trades sorted by (symbol, side), quantities with 8 decimals."""
+    lines = ",".join(f"{s}:{side}:{_qty_text_py(q)}" for s, side, q in sorted(trades, key=lambda t: (t[0], t[1])))
+    return f"account_id={account_id};trades={lines};model_version={model_version}"
+
+
+def recommendation_id(account_id: str, trades: Iterable[tuple[str, str, float]], model_version: str) -> str:
+    """sha256 hex (first 32) of `canonical_text` (the scalar twin of `recommendation_ids`)."""
+    return hashlib.sha256(canonical_text(account_id, trades, model_version).encode("utf-8")).hexdigest()[:32]
+
+
+def recommendation_ids(account_ids: pl.Series | pl.DataFrame, trades: pl.DataFrame, model_version: str) -> pl.DataFrame:
+    """account_id → recommendation_id for every account given (an account without trades still
+    gets one), from trades with account_id, symbol, side, quantity. The canonical text is built
+    vectorised; SHA-256 runs once per account on that one string."""
+    ids = account_ids.select("account_id") if isinstance(account_ids, pl.DataFrame) else account_ids.to_frame("account_id")
+    ids = ids.unique().sort("account_id")
+    lines = (
+        trades.sort(["account_id", "symbol", "side"])
+        .group_by("account_id", maintain_order=True)
+        .agg(lines=pl.concat_str("symbol", "side", _qty_text_expr(pl.col("quantity")), separator=":").str.join(","))
+    )
+    text = ids.join(lines, on="account_id", how="left").select(
+        "account_id",
+        text=pl.concat_str(
+            pl.lit("account_id="),
+            pl.col("account_id"),
+            pl.lit(";trades="),
+            pl.col("lines").fill_null(""),
+            pl.lit(f";model_version={model_version}"),
+        ),
+    )
+    digests = [hashlib.sha256(t.encode("utf-8")).hexdigest()[:32] for t in text["text"].to_list()]
+    return text.select("account_id").with_columns(recommendation_id=pl.Series(digests, dtype=pl.String))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _frame(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    schema = _INPUTS[name]
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {', '.join(missing)}")
+    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def _flag(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    return df.unique().with_columns(pl.lit(True).alias(name))
+
+
+def _pct(x: pl.Expr) -> pl.Expr:
+    """A weight as text with one decimal of a percent, e.g. 0.7 → "70.0%" (integer arithmetic,
+    so the text does not depend on float formatting)."""
+    tenths = (x * 1000).round(0).cast(pl.Int64)
+    mag = tenths.abs()
+    return pl.concat_str(
+        pl.when(tenths < 0).then(pl.lit("-")).otherwise(pl.lit("")),
+        (mag // 10).cast(pl.String),
+        pl.lit("."),
+        (mag % 10).cast(pl.String),
+        pl.lit("%"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sizing
+# --------------------------------------------------------------------------------------------
+
+
+def size_trades(
+    holdings: pl.DataFrame,
+    class_targets: pl.DataFrame,
+    model_weights: pl.DataFrame,
+    securities: pl.DataFrame,
+    restrictions: pl.DataFrame,
+    bands: pl.DataFrame,
+    policy: SizingPolicy = SizingPolicy(),
+) -> SizingResult:
+    """Size whole-share trades for every account in `class_targets`. See the module docstring."""
+    ct = (
+        _frame(class_targets, "class_targets")
+        .group_by(_CLASS_KEY)
+        .agg(pl.col("target_weight").sum())
+        .sort(_CLASS_KEY)
+    )
+    accounts = ct.select("account_id").unique().sort("account_id")
+
+    sec = (
+        _frame(securities, "securities")
+        .unique(subset="symbol", keep="first", maintain_order=True)
+        .sort("symbol")
+    )
+    priced = sec.filter(pl.col("price") > 0).select("symbol")
+
+    hv = (
+        _frame(holdings, "holdings")
+        .join(accounts, on="account_id", how="semi")
+        .with_columns(
+            asset_class=pl.when(pl.col("symbol") == CASH_SYMBOL).then(pl.lit(CASH_CLASS)).otherwise(pl.col("asset_class"))
+        )
+        .sort(_KEY)
+        .group_by(_KEY, maintain_order=True)
+        .agg(
+            pl.col("asset_class").first(),
+            pl.col("quantity").sum(),
+            pl.col("price").first(),
+            pl.col("market_value").sum(),
+        )
+    )
+    held = hv.filter(pl.col("market_value") > 0).select("account_id", "symbol", "asset_class", "market_value")
+
+    r = (
+        _frame(restrictions, "restrictions")
+        .with_columns(pl.col("value").str.strip_chars())
+        .join(accounts, on="account_id", how="semi")
+    )
+    no_buy = _flag(r.filter(pl.col("kind") == "no_buy_symbol").select("account_id", symbol="value"), "no_buy")
+    no_sell = _flag(r.filter(pl.col("kind") == "no_sell_symbol").select("account_id", symbol="value"), "no_sell")
+    barred = _flag(r.filter(pl.col("kind") == "no_asset_class").select("account_id", asset_class="value"), "barred")
+    # A min_cash_weight that is not a number fails loudly (strict cast): a compliance restriction
+    # is never silently ignored.
+    min_cash = (
+        r.filter(pl.col("kind") == "min_cash_weight")
+        .group_by("account_id")
+        .agg(min_cash=pl.col("value").cast(pl.Float64).max())
+    )
+
+    # Model securities with their asset class (from `securities`; CASH is always class cash). A
+    # model symbol unknown to `securities` cannot be priced or classed and is left out: its class
+    # then falls through to the rule-1 fallbacks.
+    mw_all = (
+        _frame(model_weights, "model_weights")
+        .join(sec.select("symbol", "asset_class"), on="symbol", how="left")
+        .with_columns(
+            asset_class=pl.when(pl.col("symbol") == CASH_SYMBOL).then(pl.lit(CASH_CLASS)).otherwise(pl.col("asset_class"))
+        )
+        .filter(pl.col("asset_class").is_not_null())
+    )
+    mw = (
+        mw_all.join(accounts, on="account_id", how="semi")
+        .filter(pl.col("weight") > 0)
+        .sort(_KEY)
+        .group_by(_KEY, maintain_order=True)
+        .agg(pl.col("asset_class").first(), pl.col("weight").sum())
+    )
+    model_symbols = mw_all.filter(pl.col("symbol") != CASH_SYMBOL).select("symbol", "asset_class").unique().sort("symbol")
+    # Rule 1, last fallback: the alphabetically first symbol of the class among the securities of
+    # any model (deterministic). For the cash class it is CASH itself: cash is always reachable.
+    model_first = pl.concat(
+        [
+            model_symbols.filter(pl.col("asset_class") != CASH_CLASS)
+            .group_by("asset_class")
+            .agg(first_symbol=pl.col("symbol").min()),
+            pl.DataFrame({"asset_class": [CASH_CLASS], "first_symbol": [CASH_SYMBOL]}),
+        ]
+    )
+
+    # ---- Rule 1: security-level targets (tw0, before the cash target) ---------------------
+    # The model's security weights scaled to the account's class target, so an IPS that
+    # overrides the model's class weights still uses the model's securities inside each class.
+    model_t = (
+        mw.join(ct, on=_CLASS_KEY, how="inner")
+        .sort(_KEY)
+        .with_columns(tw0=pl.col("target_weight") * pl.col("weight") / pl.col("weight").sum().over(_CLASS_KEY))
+        .select("account_id", "symbol", "asset_class", "tw0")
+    )
+    need = ct.filter(pl.col("target_weight") > 0).join(model_t.select(_CLASS_KEY).unique(), on=_CLASS_KEY, how="anti")
+    # No model security in the class: keep what the account already holds there, in proportion
+    # to value (no needless switching of securities).
+    held_t = (
+        need.join(held, on=_CLASS_KEY, how="inner")
+        .sort(_KEY)
+        .with_columns(
+            tw0=pl.col("target_weight") * pl.col("market_value") / pl.col("market_value").sum().over(_CLASS_KEY)
+        )
+        .select("account_id", "symbol", "asset_class", "tw0")
+    )
+    need2 = need.join(held_t.select(_CLASS_KEY).unique(), on=_CLASS_KEY, how="anti")
+    any_t = need2.join(model_first, on="asset_class", how="inner").select(
+        "account_id", symbol="first_symbol", asset_class="asset_class", tw0="target_weight"
+    )
+    unreachable = _flag(need2.join(model_first, on="asset_class", how="anti").select(_CLASS_KEY), "unreachable")
+    targets = (
+        pl.concat([model_t, held_t, any_t])
+        .sort(_KEY)
+        .group_by(_KEY, maintain_order=True)
+        .agg(pl.col("asset_class").first(), pl.col("tw0").sum())
+    )
+
+    # ---- Rule 2: the cash target and the room it needs ------------------------------------
+    acct = (
+        accounts.join(
+            hv.group_by("account_id").agg(
+                market_value=pl.col("market_value").sum(),
+                cash_before=pl.col("market_value").filter(pl.col("symbol") == CASH_SYMBOL).sum(),
+            ),
+            on="account_id",
+            how="left",
+        )
+        .join(
+            targets.filter(pl.col("symbol") == CASH_SYMBOL).select("account_id", tw0_cash="tw0"),
+            on="account_id",
+            how="left",
+        )
+        .join(
+            targets.filter(pl.col("symbol") != CASH_SYMBOL).group_by("account_id").agg(noncash_w=pl.col("tw0").sum()),
+            on="account_id",
+            how="left",
+        )
+        .join(min_cash, on="account_id", how="left")
+        .join(
+            ct.filter(pl.col("asset_class") == CASH_CLASS).select("account_id", cash_class_target="target_weight"),
+            on="account_id",
+            how="left",
+        )
+        .with_columns(pl.col("market_value", "cash_before", "tw0_cash", "noncash_w", "cash_class_target").fill_null(0.0))
+        .with_columns(
+            cash_target_w=pl.max_horizontal(
+                pl.col("tw0_cash"), pl.col("min_cash").fill_null(0.0), pl.lit(float(policy.default_cash_buffer))
+            ).clip(0.0, 1.0)
+        )
+        .with_columns(
+            # Scale every non-cash target down by one factor when the cash target needs more room
+            # than the targets leave for cash (never scale up: unreachable money stays in cash).
+            f=pl.when(
+                (pl.col("noncash_w") > 0) & (pl.col("noncash_w") > 1.0 - pl.col("cash_target_w") + _EPS)
+            )
+            .then((1.0 - pl.col("cash_target_w")) / pl.col("noncash_w"))
+            .otherwise(1.0),
+            cash_target_v=pl.col("cash_target_w") * pl.col("market_value"),
+            # Rule 6: the larger of the dollar and the percentage minimum applies.
+            threshold=pl.max_horizontal(
+                pl.lit(float(policy.min_trade_value)), pl.lit(float(policy.min_trade_pct)) * pl.col("market_value")
+            ),
+        )
+        .sort("account_id")
+    )
+
+    # ---- Rule 4 (no-buy): keep at most what is held, move the rest to a substitute ---------
+    t2 = (
+        targets.filter(pl.col("symbol") != CASH_SYMBOL)
+        .join(acct.select("account_id", "f", "market_value"), on="account_id", how="left")
+        .join(hv.select("account_id", "symbol", cv="market_value"), on=_KEY, how="left")
+        .join(no_buy, on=_KEY, how="left")
+        .join(barred, on=_CLASS_KEY, how="left")
+        .with_columns(pl.col("cv").fill_null(0.0), pl.col("no_buy", "barred").fill_null(False))
+        .sort(_KEY)
+        .with_columns(
+            tw=pl.col("tw0") * pl.col("f"),
+            cur_w=pl.when(pl.col("market_value") > 0)
+            .then(pl.col("cv") / pl.col("market_value"))
+            .otherwise(0.0),
+        )
+        .with_columns(
+            short_w=pl.when(pl.col("no_buy") & ~pl.col("barred") & (pl.col("tw") > pl.col("cur_w") + _EPS))
+            .then(pl.col("tw") - pl.col("cur_w"))
+            .otherwise(0.0)
+        )
+        .with_columns(tw=pl.col("tw") - pl.col("short_w"))
+    )
+    # In the cash class the unbought part simply stays in CASH (same class): no substitute needed.
+    pairs = (
+        t2.filter((pl.col("short_w") > 0) & (pl.col("asset_class") != CASH_CLASS))
+        .group_by(_CLASS_KEY, maintain_order=True)
+        .agg(pl.col("short_w").sum(), restricted=pl.col("symbol").sort().str.join(", "))
+        .sort(_CLASS_KEY)
+    )
+    # Substitute candidates in order of preference: 1 the account's own model securities of the
+    # class, 2 its holdings of the class, 3 the class's securities in any model, 4 any security
+    # of the class on the shelf (`securities`); alphabetical within a tier. Never a no-buy one.
+    cand_cols = ["account_id", "asset_class", "symbol", "tier"]
+    candidates = (
+        pl.concat(
+            [
+                pairs.join(mw.select("account_id", "symbol", "asset_class"), on=_CLASS_KEY).with_columns(tier=pl.lit(1)).select(cand_cols),
+                pairs.join(held.select("account_id", "symbol", "asset_class"), on=_CLASS_KEY).with_columns(tier=pl.lit(2)).select(cand_cols),
+                pairs.join(model_symbols, on="asset_class").with_columns(tier=pl.lit(3)).select(cand_cols),
+                pairs.join(sec.select("symbol", "asset_class"), on="asset_class").with_columns(tier=pl.lit(4)).select(cand_cols),
+            ]
+        )
+        .filter(pl.col("symbol") != CASH_SYMBOL)
+        .join(no_buy.select(_KEY), on=_KEY, how="anti")
+        .join(priced, on="symbol", how="semi")
+    )
+    subs = (
+        candidates.sort(["account_id", "asset_class", "tier", "symbol"])
+        .group_by(_CLASS_KEY, maintain_order=True)
+        .agg(sub_symbol=pl.col("symbol").first())
+    )
+    sub_rows = pairs.join(subs, on=_CLASS_KEY, how="inner").select(
+        "account_id", symbol="sub_symbol", asset_class="asset_class", tw="short_w", sub_w="short_w"
+    )
+    nobuy_unsub = pairs.join(subs, on=_CLASS_KEY, how="anti").select(
+        "account_id", "asset_class", nobuy_syms="restricted"
+    )
+    final_t = (
+        pl.concat(
+            [
+                t2.select("account_id", "symbol", "asset_class", "tw", sub_w=pl.lit(0.0)),
+                sub_rows,
+            ]
+        )
+        .sort(_KEY)
+        .group_by(_KEY, maintain_order=True)
+        .agg(pl.col("asset_class").first(), pl.col("tw").sum(), pl.col("sub_w").sum())
+    )
+
+    # ---- The universe: every (account, non-cash security) with a target or a holding -------
+    u = (
+        final_t.join(
+            hv.filter(pl.col("symbol") != CASH_SYMBOL).select(
+                "account_id", "symbol", h_class="asset_class", quantity="quantity", h_price="price", cv="market_value"
+            ),
+            on=_KEY,
+            how="full",
+            coalesce=True,
+        )
+        .join(
+            sec.select("symbol", s_class="asset_class", s_price="price", fractional="fractional"),
+            on="symbol",
+            how="left",
+        )
+        .with_columns(
+            asset_class=pl.coalesce("asset_class", "h_class", "s_class"),
+            price=pl.coalesce("s_price", "h_price"),
+            fractional=pl.col("fractional").fill_null(False),
+            quantity=pl.col("quantity").fill_null(0.0),
+            cv=pl.col("cv").fill_null(0.0),
+            tw=pl.col("tw").fill_null(0.0),
+            sub_w=pl.col("sub_w").fill_null(0.0),
+        )
+        .drop("h_class", "s_class", "h_price", "s_price")
+        .join(
+            acct.select("account_id", "market_value", "cash_before", "cash_target_v", "threshold", "f"),
+            on="account_id",
+            how="left",
+        )
+        .join(no_buy, on=_KEY, how="left")
+        .join(no_sell, on=_KEY, how="left")
+        .join(barred, on=_CLASS_KEY, how="left")
+        .with_columns(pl.col("no_buy", "no_sell", "barred").fill_null(False))
+        .sort(_KEY)
+    )
+
+    mv = pl.col("market_value")
+    price = pl.col("price")
+    # Share units: 1 for whole shares, 10^decimals for fractional securities.
+    unit = pl.when(pl.col("fractional")).then(pl.lit(10.0 ** policy.fractional_decimals)).otherwise(pl.lit(1.0))
+    per_acct = {"partition_by": "account_id"}
+
+    u = u.with_columns(
+        unit=unit,
+        diff=pl.col("tw") * mv - pl.col("cv"),
+        # A barred class is frozen (no trade either way); so is anything unpriced, and an account
+        # without market value has nothing to rebalance.
+        tradable=(price > 0).fill_null(False) & (mv > 0) & ~pl.col("barred"),
+    )
+
+    # ---- Rule 3 + 4 + 5: sells first ---------------------------------------------------------
+    u = u.with_columns(
+        # Sell overweights toward target, never more than held.
+        want_sell_v=pl.when(pl.col("diff") < 0)
+        .then(pl.min_horizontal(-pl.col("diff"), pl.col("cv")))
+        .otherwise(0.0)
+        .clip(lower_bound=0.0),
+        sell_blocked=~pl.col("tradable") | pl.col("no_sell"),
+    ).with_columns(
+        # The part of the wanted sell that a restriction (no-sell, barred class) blocks.
+        blocked_sell_v=pl.when(pl.col("no_sell") | pl.col("barred")).then(pl.col("want_sell_v")).otherwise(0.0),
+        sell_raw_q=pl.when(pl.col("sell_blocked")).then(0.0).otherwise(pl.col("want_sell_v") / price),
+    ).with_columns(
+        # Rule 5: sells round to the nearest unit, never above the held quantity.
+        sell_q_near=pl.min_horizontal(
+            (pl.col("sell_raw_q") * pl.col("unit") + 0.5).floor() / pl.col("unit"), pl.col("quantity")
+        ).clip(lower_bound=0.0),
+        sell_q_up=pl.min_horizontal(
+            (pl.col("sell_raw_q") * pl.col("unit") - _EPS).ceil() / pl.col("unit"), pl.col("quantity")
+        ).clip(lower_bound=0.0),
+    ).with_columns(
+        # Rule 3: if nearest rounding would leave cash under its target, round this account's
+        # sells up instead (at most one more unit each, still capped at the holding).
+        use_ceil=(
+            pl.col("cash_before") + (pl.col("sell_q_near") * price).fill_null(0.0).sum().over(**per_acct)
+            < pl.col("cash_target_v") - 0.005
+        )
+    ).with_columns(
+        sell_q=pl.when(pl.col("use_ceil")).then(pl.col("sell_q_up")).otherwise(pl.col("sell_q_near")),
+    ).with_columns(
+        ceil_changed=pl.col("use_ceil") & (pl.col("sell_q") > pl.col("sell_q_near")),
+        # Rule 6: drop dust sells.
+        sell_keep=(pl.col("sell_q") > 0) & (pl.col("sell_q") * price >= pl.col("threshold") - 1e-6),
+    ).with_columns(
+        sell_q_final=pl.when(pl.col("sell_keep")).then(pl.col("sell_q")).otherwise(0.0),
+        sell_dust=(pl.col("sell_raw_q") * price >= 0.01) & ~pl.col("sell_keep"),
+    ).with_columns(
+        proceeds=(pl.col("sell_q_final") * price).fill_null(0.0).sum().over(**per_acct),
+    )
+
+    # ---- Rule 3 + 4 + 5: then buys, scaled to the cash available -----------------------------
+    u = u.with_columns(
+        want_buy_v=pl.when(pl.col("tradable") & ~pl.col("no_buy") & (pl.col("diff") > 0))
+        .then(pl.col("diff"))
+        .otherwise(0.0),
+    ).with_columns(
+        total_want=pl.col("want_buy_v").sum().over(**per_acct),
+        avail=pl.col("cash_before") + pl.col("proceeds") - pl.col("cash_target_v"),
+    ).with_columns(
+        # One scale factor per account: every buy is cut in the same proportion.
+        scale=pl.when(pl.col("total_want") > 0)
+        .then((pl.col("avail") / pl.col("total_want")).clip(0.0, 1.0))
+        .otherwise(0.0),
+    ).with_columns(
+        buy_raw_v=pl.col("want_buy_v") * pl.col("scale"),
+    ).with_columns(
+        # Rule 5: buys round down (whole shares or fractional units), so they never overspend.
+        buy_q=((pl.col("buy_raw_v") / price * pl.col("unit") + _EPS).floor() / pl.col("unit")).fill_null(0.0),
+    ).with_columns(
+        buy_keep=(pl.col("buy_q") > 0) & (pl.col("buy_q") * price >= pl.col("threshold") - 1e-6),
+    ).with_columns(
+        buy_q_final=pl.when(pl.col("buy_keep")).then(pl.col("buy_q")).otherwise(0.0),
+        buy_dust=(pl.col("buy_raw_v") >= 0.01) & ~pl.col("buy_keep"),
+        # A cut of less than one minimum trade is rounding noise, not a cash decision.
+        buys_cut=(pl.col("total_want") - pl.col("avail") >= pl.col("threshold")) & (pl.col("total_want") > 0),
+        blocked_any=pl.col("blocked_sell_v").sum().over(**per_acct) > 0.005,
+    )
+
+    # ---- Rule 8: one reason per trade -------------------------------------------------------
+    # The ordinary overweight, measured against the target before the cash-target scaling.
+    unscaled_tw = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
+    ordinary_sell_v = (pl.col("cv") - unscaled_tw * mv).clip(lower_bound=0.0)
+    u = u.with_columns(
+        sell_reason=pl.when(
+            pl.col("ceil_changed")
+            | ((pl.col("f") < 1.0 - _EPS) & (pl.col("want_sell_v") - ordinary_sell_v >= pl.col("threshold")))
+        )
+        .then(pl.lit("cash"))
+        .otherwise(pl.lit("rebalance")),
+        buy_reason=pl.when((pl.col("sub_w") > _EPS) | (pl.col("buys_cut") & pl.col("blocked_any")))
+        .then(pl.lit("restriction"))
+        .when(pl.col("buys_cut"))
+        .then(pl.lit("cash"))
+        .otherwise(pl.lit("rebalance")),
+        post_v=pl.col("cv") - (pl.col("sell_q_final") * price).fill_null(0.0) + (pl.col("buy_q_final") * price).fill_null(0.0),
+    )
+
+    trade_cols = ["account_id", "symbol", "asset_class", "side", "quantity", "est_price", "est_value", "reason"]
+    sells = u.filter(pl.col("sell_q_final") > 0).select(
+        "account_id",
+        "symbol",
+        "asset_class",
+        side=pl.lit("sell"),
+        quantity="sell_q_final",
+        est_price="price",
+        est_value=pl.col("sell_q_final") * price,
+        reason="sell_reason",
+    )
+    buys = u.filter(pl.col("buy_q_final") > 0).select(
+        "account_id",
+        "symbol",
+        "asset_class",
+        side=pl.lit("buy"),
+        quantity="buy_q_final",
+        est_price="price",
+        est_value=pl.col("buy_q_final") * price,
+        reason="buy_reason",
+    )
+    trades = pl.concat([sells.select(trade_cols), buys.select(trade_cols)]).sort(["account_id", "side", "symbol"])
+
+    # ---- Account totals ----------------------------------------------------------------------
+    acct_u = u.group_by("account_id", maintain_order=True).agg(
+        proceeds=pl.col("proceeds").first(),
+        buy_cost=(pl.col("buy_q_final") * price).fill_null(0.0).sum(),
+        trade_count=((pl.col("sell_q_final") > 0).cast(pl.Int64) + (pl.col("buy_q_final") > 0).cast(pl.Int64)).sum(),
+        dust_dropped=(pl.col("sell_dust").cast(pl.Int64) + pl.col("buy_dust").cast(pl.Int64)).sum(),
+        buys_cut=pl.col("buys_cut").first(),
+        blocked_any=pl.col("blocked_any").first(),
+        blocked_syms=pl.col("symbol").filter(pl.col("blocked_sell_v") > 0.005).sort().str.join(", "),
+    )
+    acct = (
+        acct.join(acct_u, on="account_id", how="left")
+        .with_columns(
+            pl.col("proceeds", "buy_cost").fill_null(0.0),
+            pl.col("trade_count", "dust_dropped").fill_null(0),
+            pl.col("buys_cut", "blocked_any").fill_null(False),
+        )
+        .with_columns(
+            # Cents-level float noise of the buy rounding is cleared (+ 0.0 turns -0.0 into 0.0).
+            cash_after=(pl.col("cash_before") + pl.col("proceeds") - pl.col("buy_cost")).round(6) + 0.0,
+        )
+        .sort("account_id")
+    )
+
+    # ---- Rule 7: post-trade class weights against the bands ---------------------------------
+    cls = (
+        pl.concat(
+            [
+                u.select(
+                    "account_id",
+                    "asset_class",
+                    "post_v",
+                    pre_v="cv",
+                    nosell_sym=pl.when(pl.col("no_sell") & (pl.col("blocked_sell_v") > 0.005)).then(pl.col("symbol")),
+                ),
+                acct.select(
+                    "account_id",
+                    asset_class=pl.lit(CASH_CLASS),
+                    post_v="cash_after",
+                    pre_v="cash_before",
+                    nosell_sym=pl.lit(None, dtype=pl.String),
+                ),
+            ]
+        )
+        .sort(_CLASS_KEY)
+        .group_by(_CLASS_KEY, maintain_order=True)
+        .agg(
+            pl.col("post_v").sum(),
+            pl.col("pre_v").sum(),
+            nosell_syms=pl.col("nosell_sym").drop_nulls().sort().str.join(", "),
+        )
+        .join(ct, on=_CLASS_KEY, how="full", coalesce=True)
+        .with_columns(pl.col("post_v", "pre_v", "target_weight").fill_null(0.0))
+        .filter((pl.col("target_weight") > 0) | (pl.col("post_v").abs() > 0.005) | (pl.col("pre_v").abs() > 0.005))
+    )
+    bands_f = _frame(bands, "bands").group_by(_CLASS_KEY).agg(pl.col("band").min())
+    # A class without a band row (e.g. a class held but not targeted) is held to the account's
+    # tightest band; an account without any band row to 0 (strict).
+    min_band = bands_f.group_by("account_id").agg(min_band=pl.col("band").min())
+    cls = (
+        cls.join(bands_f, on=_CLASS_KEY, how="left")
+        .join(min_band, on="account_id", how="left")
+        .join(barred, on=_CLASS_KEY, how="left")
+        .join(unreachable, on=_CLASS_KEY, how="left")
+        .join(nobuy_unsub, on=_CLASS_KEY, how="left")
+        .join(
+            acct.select(
+                "account_id", "market_value", "buys_cut", "blocked_any", "blocked_syms", "cash_target_w", "tw0_cash", "min_cash"
+            ),
+            on="account_id",
+            how="left",
+        )
+        .with_columns(
+            band=pl.coalesce("band", "min_band", pl.lit(0.0)),
+            barred=pl.col("barred").fill_null(False),
+            unreachable=pl.col("unreachable").fill_null(False),
+            post_w=pl.when(pl.col("market_value") > 0).then(pl.col("post_v") / pl.col("market_value")).otherwise(0.0),
+        )
+        .with_columns(
+            breach=(pl.col("post_w") - pl.col("target_weight")).abs() > pl.col("band") + _EPS,
+            under=pl.col("post_w") < pl.col("target_weight"),
+            is_cash=pl.col("asset_class") == CASH_CLASS,
+            blocked_in=pl.col("barred") | pl.col("unreachable") | pl.col("nobuy_syms").is_not_null(),
+        )
+        .with_columns(
+            # Money meant for a class that cannot be bought stays in cash.
+            uninvestable=pl.when(pl.col("blocked_in") & pl.col("under"))
+            .then(pl.col("asset_class"))
+            .otherwise(None)
+            .drop_nulls()
+            .sort()
+            .str.join(", ")
+            .over("account_id"),
+        )
+    )
+
+    cash_shortfall = pl.when(pl.col("blocked_any")).then(
+        pl.concat_str(pl.lit("cash shortfall: sales blocked by restriction ("), pl.col("blocked_syms"), pl.lit(") cannot fund the buys"))
+    ).otherwise(pl.lit("cash shortfall: not enough cash to fund the buys"))
+    cash_floor_raised = pl.col("cash_target_w") > pl.col("tw0_cash") + _EPS
+    floor_text = pl.concat_str(
+        pl.lit("cash target of "),
+        _pct(pl.col("cash_target_w")),
+        pl.when(pl.col("min_cash").is_not_null() & (pl.col("min_cash") >= pl.col("cash_target_w") - _EPS))
+        .then(pl.lit(" (min_cash_weight restriction)"))
+        .otherwise(pl.lit(" (policy cash buffer)")),
+    )
+    # Rule 7: why a class is still outside its band, in plain words (every cause that applies).
+    reasons = pl.concat_str(
+        [
+            pl.when(pl.col("barred")).then(
+                pl.concat_str(
+                    pl.lit("barred by the plan restriction (no_asset_class "),
+                    pl.col("asset_class"),
+                    pl.lit("): nothing of it may be bought or sold"),
+                )
+            ),
+            pl.when(pl.col("unreachable") & pl.col("under")).then(
+                pl.lit("no reachable security: none in the account's model, none held, none in any model")
+            ),
+            pl.when(pl.col("nobuy_syms").is_not_null() & pl.col("under")).then(
+                pl.concat_str(
+                    pl.col("nobuy_syms"),
+                    pl.lit(" no-buy (restriction) and no other "),
+                    pl.col("asset_class"),
+                    pl.lit(" security may be bought"),
+                )
+            ),
+            pl.when(pl.col("nosell_syms").is_not_null() & (pl.col("nosell_syms") != "") & ~pl.col("under")).then(
+                pl.concat_str(pl.col("nosell_syms"), pl.lit(" no-sell (restriction)"))
+            ),
+            pl.when(~pl.col("is_cash") & pl.col("under") & pl.col("buys_cut") & ~pl.col("blocked_in")).then(cash_shortfall),
+            pl.when(~pl.col("is_cash") & pl.col("under") & ~pl.col("buys_cut") & cash_floor_raised).then(
+                pl.concat_str(pl.lit("money held back for the "), floor_text)
+            ),
+            pl.when(pl.col("is_cash") & ~pl.col("under") & (pl.col("uninvestable") != "")).then(
+                pl.concat_str(pl.lit("money meant for "), pl.col("uninvestable"), pl.lit(" cannot be invested and stays in cash"))
+            ),
+            pl.when(pl.col("is_cash") & ~pl.col("under") & cash_floor_raised).then(
+                pl.concat_str(floor_text, pl.lit(" is above the cash class target"))
+            ),
+            pl.when(pl.col("is_cash") & pl.col("under") & pl.col("blocked_any")).then(
+                pl.concat_str(pl.lit("sales blocked by restriction ("), pl.col("blocked_syms"), pl.lit(") cannot raise the cash target"))
+            ),
+        ],
+        separator="; ",
+        ignore_nulls=True,
+    )
+    breached = (
+        cls.filter(pl.col("breach"))
+        .with_columns(reasons=reasons)
+        .with_columns(
+            reasons=pl.when(pl.col("reasons").is_null() | (pl.col("reasons") == ""))
+            .then(pl.lit("whole-share rounding and the minimum trade size"))
+            .otherwise(pl.col("reasons"))
+        )
+        .select(
+            "account_id",
+            "asset_class",
+            text=pl.concat_str(
+                pl.col("asset_class"),
+                pl.lit(" at "),
+                _pct(pl.col("post_w")),
+                pl.lit(" vs target "),
+                _pct(pl.col("target_weight")),
+                pl.lit(" ±"),
+                _pct(pl.col("band")),
+                pl.lit(": "),
+                pl.col("reasons"),
+            ),
+        )
+        .sort(_CLASS_KEY)
+        .group_by("account_id", maintain_order=True)
+        .agg(unresolved=pl.col("text").str.join(" | "))
+    )
+
+    # Rule 4 (no_asset_class): every holding of a barred class goes to compliance review.
+    compliance = (
+        hv.filter((pl.col("symbol") != CASH_SYMBOL) & ((pl.col("quantity") != 0) | (pl.col("market_value") != 0)))
+        .join(barred, on=_CLASS_KEY, how="semi")
+        .sort(_KEY)
+        .group_by(_CLASS_KEY, maintain_order=True)
+        .agg(syms=pl.col("symbol").str.join(", "))
+        .sort(_CLASS_KEY)
+        .select(
+            "account_id",
+            text=pl.concat_str(
+                pl.lit("holds "),
+                pl.col("asset_class"),
+                pl.lit(" ("),
+                pl.col("syms"),
+                pl.lit("), barred by ERISA plan restriction (no_asset_class): no trade proposed, review with compliance"),
+            ),
+        )
+        .group_by("account_id", maintain_order=True)
+        .agg(compliance_review=pl.col("text").str.join("; "))
+    )
+
+    rec = recommendation_ids(accounts, trades, policy.model_version)
+    trades = trades.join(rec, on="account_id", how="left").select(list(TRADES_SCHEMA)).cast(TRADES_SCHEMA)
+    accounts_out = (
+        acct.join(rec, on="account_id", how="left")
+        .join(breached, on="account_id", how="left")
+        .join(compliance, on="account_id", how="left")
+        .with_columns(
+            unresolved=pl.when(pl.col("market_value") <= 0)
+            .then(pl.lit("account has no market value to rebalance"))
+            .otherwise(pl.col("unresolved")),
+        )
+        .with_columns(inside_bands=pl.col("unresolved").is_null())
+        .select(list(ACCOUNTS_SCHEMA))
+        .cast(ACCOUNTS_SCHEMA)
+        .sort("account_id")
+    )
+    return SizingResult(trades=trades, accounts=accounts_out)
