@@ -90,6 +90,11 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         ).fetchall()
         rejects = q("select file, line, \"column\", value, reason from rejects where as_of = ? order by file, line, \"column\"")
         policy = q("select any_value(policy_version) from drift_policy where as_of = ?")[0][0]
+        proposals = q(
+            """select count(*), count(*) filter (where inside_bands), coalesce(sum(trade_count), 0),
+                      count(*) filter (where compliance_review is not null)
+               from trade_recommendations where as_of = ?"""
+        )[0]
 
     alerts = sum(r[3] for r in by_tier)
     lines = [
@@ -110,6 +115,13 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         lines.append(
             f"  {scope:<10}{scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
         )
+    recs, inside, trade_count, reviews = proposals
+    lines += [
+        "",
+        f"Trade proposals: {recs:,} account recommendations, {trade_count:,} trades; "
+        f"{inside:,} back inside every band after whole-share rounding, {recs - inside:,} explain the band "
+        f"they cannot reach; {reviews:,} flagged for compliance review",
+    ]
     lines += ["", f"Rejected feed rows: {len(rejects)} (accounts held out with a data-quality alert)"]
     for file, line, column, value, reason in rejects[:15]:
         lines.append(f"  {file}:{line} [{column}] {value!r}: {reason}")

@@ -28,6 +28,7 @@ def test_drill_materialises_the_day_on_the_local_instance_and_prints_the_scan(re
     for tier in ("premium", "standard", "base"):
         assert f"  {tier} " in out
     assert "Top 10 drifted:" in out
+    assert "Trade proposals: " in out and " back inside every band after whole-share rounding" in out
     assert "Rejected feed rows: " in out and "unknown symbol (not in securities.csv)" in out
     assert "dagster dev -w workspace.yaml" in out
 
