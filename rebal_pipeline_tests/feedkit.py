@@ -46,8 +46,13 @@ class FeedBuilder:
                      asset_class=asset_class, security_type=security_type, wash_group=wash_group,
                      tlh_substitute="", fractional=fractional)
             self.add("prices", symbol=symbol, close=price)
-        for symbol, weight in (("VTI", "0.6"), ("BND", "0.4")):
-            self.add("models", model_id="M6040", symbol=symbol, weight=weight)
+        self.model("M6040", VTI="0.6", BND="0.4")
+
+    def model(self, model_id: str, **weights: str) -> None:
+        """Define (or redefine) a model portfolio: its security weights replace any before."""
+        self.rows["models"] = [r for r in self.rows["models"] if r["model_id"] != model_id]
+        for symbol, weight in weights.items():
+            self.add("models", model_id=model_id, symbol=symbol, weight=weight)
 
     def add(self, file: str, **values) -> dict:
         self.rows[file].append(values)

@@ -209,9 +209,7 @@ def test_relative_band_policy_option_tightens_small_targets(tmp_path, workspace,
 
     policy.write_text(DEFAULT_POLICY_FILE.read_text().replace("relative_band: null", "relative_band: 0.25"))
     b = FeedBuilder()
-    b.add("models", model_id="M-REIT", symbol="VTI", weight="0.5")
-    b.add("models", model_id="M-REIT", symbol="BND", weight="0.4")
-    b.add("models", model_id="M-REIT", symbol="VNQ", weight="0.1")
+    b.model("M-REIT", VTI="0.5", BND="0.4", VNQ="0.1")
     b.household("HH-R"); b.account("ACC-R", "HH-R", model_id="M-REIT")
     # $10,000: VTI 48% , BND 39%, VNQ 13% (+3 points on a 10% target).
     b.position("ACC-R", "VTI", 48); b.position("ACC-R", "BND", 78); b.position("ACC-R", "VNQ", "16.25")
@@ -225,16 +223,13 @@ def test_relative_band_policy_option_tightens_small_targets(tmp_path, workspace,
 
 def test_model_version_changes_only_for_the_model_whose_weights_changed(workspace, dagster_instance):
     b = FeedBuilder()
-    for symbol, weight in (("VTI", "0.8"), ("BND", "0.2")):
-        b.add("models", model_id="M8020", symbol=symbol, weight=weight)
+    b.model("M8020", VTI="0.8", BND="0.2")
     b.household("HH-1"); b.account("ACC-1"); b.position("ACC-1", "VTI", 60); b.position("ACC-1", "BND", 80)
     b.write(workspace.feed_root)
     assert workspace.run_day(instance=dagster_instance).success
     before = dict(workspace.table("int_model_versions").select("model_id", "model_version").iter_rows())
 
-    b.rows["models"] = [r for r in b.rows["models"] if r["model_id"] != "M6040"]
-    for symbol, weight in (("VTI", "0.55"), ("BND", "0.4"), ("VNQ", "0.05")):
-        b.add("models", model_id="M6040", symbol=symbol, weight=weight)
+    b.model("M6040", VTI="0.55", BND="0.4", VNQ="0.05")
     b.write(workspace.feed_root)
     assert workspace.run_day(instance=dagster_instance).success
     after = dict(workspace.table("int_model_versions").select("model_id", "model_version").iter_rows())

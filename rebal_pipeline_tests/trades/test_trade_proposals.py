@@ -7,8 +7,7 @@ from rebal_pipeline_tests.feedkit import FeedBuilder
 
 def book() -> FeedBuilder:
     b = FeedBuilder()
-    for symbol, weight in (("VTI", "0.8"), ("BND", "0.2")):
-        b.add("models", model_id="M8020", symbol=symbol, weight=weight)
+    b.model("M8020", VTI="0.8", BND="0.2")
     # $10,000 at 70/30 on the 60/40 model: sell 10 VTI ($1,000), buy 20 BND ($1,000).
     b.household("HH-1"); b.account("ACC-6040")
     b.position("ACC-6040", "VTI", 70); b.position("ACC-6040", "BND", 60); b.position("ACC-6040", "CASH", "0")
@@ -47,9 +46,7 @@ def test_rerun_keeps_ids_and_a_model_change_regenerates_only_linked_accounts(wor
     assert again.height == 2 and workspace.table("trade_proposals").height == 4  # no duplicates
 
     # The 80/20 model gains a REIT sleeve: its account is re-proposed, the 60/40 one is not.
-    b.rows["models"] = [r for r in b.rows["models"] if r["model_id"] != "M8020"]
-    for symbol, weight in (("VTI", "0.75"), ("BND", "0.2"), ("VNQ", "0.05")):
-        b.add("models", model_id="M8020", symbol=symbol, weight=weight)
+    b.model("M8020", VTI="0.75", BND="0.2", VNQ="0.05")
     b.write(workspace.feed_root)
     assert workspace.run_day(instance=dagster_instance).success
     after = dict(workspace.table("trade_recommendations").select("account_id", "recommendation_id").iter_rows())
