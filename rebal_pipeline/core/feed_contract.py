@@ -7,7 +7,7 @@ it, so a column added here is added everywhere. Changes must stay additive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 ColumnKind = Literal["id", "text", "decimal", "date", "bool", "enum"]

@@ -5,12 +5,11 @@ Policy (rebal_pipeline/policies/drift_policy.yaml): base < $100k ±7% low, stand
 premium >= $500k ±3% high, tax-sensitive ±2% high.
 """
 
-from datetime import timedelta
 
 import polars as pl
 import pytest
 
-from rebal_pipeline_tests.feedkit import AS_OF, FeedBuilder
+from rebal_pipeline_tests.feedkit import FeedBuilder
 
 
 def drifted_book() -> FeedBuilder:

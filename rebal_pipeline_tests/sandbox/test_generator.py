@@ -8,10 +8,8 @@ arithmetic exactly (integers or Decimal), because the ingest demands exact sums.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 
 import polars as pl
 import pydantic
