@@ -48,6 +48,21 @@ The rules, in the order they are applied (each is also commented where it is imp
    market value) is not proposed ("dust"); `dust_dropped` counts them (every security whose
    wanted trade was at least one cent and was not proposed, including a wanted trade that rounds
    to zero shares).
+6b. Top-up: rules 3, 5 and 6 size each security on its own, so in a small account a class's
+   shortfall split over several model securities rounds to zero shares or to dust in every one
+   of them, and the account stays outside its band with the cash to get inside. So, after the
+   minimum-trade filter, while an account still has investable cash (cash after trades − its
+   cash target) and a non-cash class short of its target (the sum of its security targets) by at
+   least one minimum trade, it buys the allowed security of that class that is most underweight
+   against its security target (ties: alphabetical; never a no-buy security, a barred class, a
+   security being sold or an unpriced one) in whole shares (fractional units for fractional
+   securities): the class's shortfall rounded to the nearest unit (so the class overshoots its
+   target by at most half a unit), capped by the investable cash (rounded down, so cash never
+   ends under its target). A security whose top-up would be a new trade under the minimum is
+   skipped for the next most underweight one; a top-up merged into a proposed buy of the same
+   security may be smaller. Classes are served largest shortfall first, those the cash no longer
+   covers wait for the next round; there are `_TOPUP_ROUNDS` vectorised rounds. A top-up moves
+   every class weight toward its target, so it never pushes a class out of its band.
 7. Post-trade asset-class weights are checked against `bands`; a class still outside is listed
    in `unresolved` with the reason in plain words (restriction, no reachable security, cash
    shortfall, cash target, or else rounding and minimum trade size). Nothing is ever violated to
@@ -57,7 +72,8 @@ The rules, in the order they are applied (each is also commented where it is imp
    sold to fund it); otherwise "cash" if the cash target changed it (a sell enlarged to raise the
    cash target, or a buy cut for lack of cash); otherwise "rebalance". A change counts only when
    it is at least one minimum trade, so rounding noise never relabels a trade (except a sell
-   rounded up to protect the cash target, which is "cash").
+   rounded up to protect the cash target, which is "cash"). A rule-6b top-up merged into a
+   proposed buy keeps that buy's reason; a top-up that is a trade of its own is "rebalance".
 9. Determinism: intermediate frames are sorted before every floating-point aggregation, outputs
    are sorted by (account_id, side, symbol), and `recommendation_id` is the first 32 hex of the
    SHA-256 of a canonical text of the account id, its trades and policy.model_version
@@ -79,6 +95,8 @@ _KEY = ["account_id", "symbol"]
 _CLASS_KEY = ["account_id", "asset_class"]
 # Tolerance for comparing weights computed in floating point (e.g. 0.6 × 0.6 / 0.6).
 _EPS = 1e-9
+# Rule 6b: rounds of the top-up pass (a round serves each short class of every account once).
+_TOPUP_ROUNDS = 2
 # Quantities in the canonical text are written with this many decimals (the feed carries at most 8).
 _QTY_DECIMALS = 8
 
@@ -241,6 +259,58 @@ def _pct(x: pl.Expr) -> pl.Expr:
 # --------------------------------------------------------------------------------------------
 # Sizing
 # --------------------------------------------------------------------------------------------
+
+
+def _top_up_round(u: pl.DataFrame) -> pl.DataFrame:
+    """One vectorised round of rule 6b over every account of the universe `u` (sorted by
+    account_id, symbol): adds this round's top-up quantities to `topup_q`."""
+    price = pl.col("price")
+    unit = pl.col("unit")
+    target_v = pl.col("tw") * pl.col("market_value")
+    bought_v = ((pl.col("buy_q_main") + pl.col("topup_q")) * price).fill_null(0.0)
+    x = u.with_columns(
+        bought_v=bought_v,
+        post=pl.col("cv") - (pl.col("sell_q_final") * price).fill_null(0.0) + bought_v,
+    ).with_columns(
+        # Investable cash: what is left above the cash target after every trade so far.
+        left=pl.col("cash_before") + pl.col("proceeds") - pl.col("bought_v").sum().over("account_id") - pl.col("cash_target_v"),
+        class_short=(target_v.sum() - pl.col("post").sum()).over(_CLASS_KEY),
+        sec_short=target_v - pl.col("post"),
+    )
+    picks = (
+        # A class short by less than one minimum trade is rounding noise, not a top-up.
+        x.filter(pl.col("topup_ok") & (pl.col("left") > 0.005) & (pl.col("class_short") >= pl.col("threshold") - 1e-6))
+        .with_columns(
+            q=pl.min_horizontal(
+                # The class shortfall to the nearest unit: overshoots by at most half a unit ...
+                (pl.col("class_short") / price * unit + 0.5).floor() / unit,
+                # ... and never more than the investable cash (rounded down).
+                (pl.col("left") / price * unit + _EPS).floor() / unit,
+            )
+        )
+        .filter(
+            (pl.col("q") > 0)
+            # Rule 6: a top-up that is a trade of its own must reach the minimum trade; merged into
+            # a proposed buy it may be smaller.
+            & ((pl.col("buy_q_main") > 0) | ((pl.col("topup_q") + pl.col("q")) * price >= pl.col("threshold") - 1e-6))
+        )
+        # Cents, so float noise never breaks a tie (ties go alphabetical).
+        .with_columns(sec_c=(pl.col("sec_short") * 100).round(0), cls_c=(pl.col("class_short") * 100).round(0))
+        .sort(["account_id", "asset_class", "sec_c", "symbol"], descending=[False, False, True, False])
+        .group_by(_CLASS_KEY, maintain_order=True)
+        .agg(pl.col("symbol", "q", "price", "left", "cls_c").first())
+        # Largest shortfall first; a class the remaining cash does not cover waits for next round.
+        .sort(["account_id", "cls_c", "asset_class"], descending=[False, True, False])
+        .with_columns(spent=(pl.col("q") * pl.col("price")).cum_sum().over("account_id"))
+        .filter(pl.col("spent") <= pl.col("left") + 1e-6)
+        .select("account_id", "symbol", add_q="q")
+    )
+    return (
+        u.join(picks, on=_KEY, how="left")
+        .with_columns(topup_q=pl.col("topup_q") + pl.col("add_q").fill_null(0.0))
+        .drop("add_q")
+        .sort(_KEY)
+    )
 
 
 def size_trades(
@@ -600,6 +670,33 @@ def size_trades(
         blocked_any=pl.col("blocked_sell_v").sum().over(**per_acct) > 0.005,
     )
 
+    # ---- Rule 6b: top up with the cash that rounding and the minimum trade left over ----------
+    # Without this a small account whose class shortfall is split over several securities ends
+    # outside its band with the cash to get inside: each security's own buy is under one share or
+    # under the minimum trade. The whole class shortfall goes to one security per round instead.
+    u = u.with_columns(
+        buy_q_main=pl.col("buy_q_final"),
+        topup_q=pl.lit(0.0),
+        topup_ok=(
+            pl.col("tradable")
+            & ~pl.col("no_buy")
+            & (pl.col("tw") > 0)
+            & (pl.col("asset_class") != CASH_CLASS)  # a money-market buy leaves the cash class as it is
+            & (pl.col("sell_q_final") == 0)  # never buy and sell the same security
+        ),
+    )
+    for _ in range(_TOPUP_ROUNDS):
+        u = _top_up_round(u)
+    u = u.with_columns(
+        # One row per account/symbol/side: the top-up is merged into the proposed buy (re-rounded to
+        # the unit so float noise of the sum never reaches the recommendation id).
+        buy_q_final=((pl.col("buy_q_main") + pl.col("topup_q")) * pl.col("unit")).round(0) / pl.col("unit"),
+    ).with_columns(
+        buy_q_final=pl.col("buy_q_final").fill_null(0.0),
+        # A security the top-up bought is proposed after all: it is no longer dust.
+        buy_dust=pl.col("buy_dust") & ~(pl.col("topup_q") > 0),
+    )
+
     # ---- Rule 8: one reason per trade -------------------------------------------------------
     # The ordinary overweight, measured against the target before the cash-target scaling.
     unscaled_tw = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
@@ -611,7 +708,10 @@ def size_trades(
         )
         .then(pl.lit("cash"))
         .otherwise(pl.lit("rebalance")),
-        buy_reason=pl.when((pl.col("sub_w") > _EPS) | (pl.col("buys_cut") & pl.col("blocked_any")))
+        # Rule 6b: a top-up of its own (no proposed buy to merge into) is "rebalance".
+        buy_reason=pl.when((pl.col("buy_q_main") == 0) & (pl.col("topup_q") > 0))
+        .then(pl.lit("rebalance"))
+        .when((pl.col("sub_w") > _EPS) | (pl.col("buys_cut") & pl.col("blocked_any")))
         .then(pl.lit("restriction"))
         .when(pl.col("buys_cut"))
         .then(pl.lit("cash"))

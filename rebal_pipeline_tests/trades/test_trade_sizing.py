@@ -425,7 +425,6 @@ GEN_MODELS = [
 
 def _generated_book(n: int, seed: int = 11) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
     rng = np.random.default_rng(seed)
-    syms = list(GEN_SHELF)
     cls = {s: c for s, (c, _, _) in GEN_SHELF.items()}
     price = {s: p for s, (_, _, p) in GEN_SHELF.items()}
     ids = np.array([f"ACC{i:06d}" for i in range(n)])
@@ -523,3 +522,97 @@ def test_twenty_thousand_generated_accounts_size_without_breaking_any_rule():
     assert flagged["compliance_review"].str.contains("VNQ").fill_null(False).sum() > 0
     assert set(tr["reason"].unique()) <= {"rebalance", "cash", "restriction"}
     assert acc["unresolved"].is_null().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 6b: top-up of the cash that rounding and the minimum trade left over
+# ---------------------------------------------------------------------------------------------
+
+# Five $500+ equity ETFs; the model splits equity 60% over them (12% each), BND 38%, CASH 2%.
+TOPUP_ETFS = {
+    "QQQ": ("equity", "etf", False, 500.0),
+    "SPY": ("equity", "etf", False, 510.0),
+    "VOO": ("equity", "etf", False, 520.0),
+    "VUG": ("equity", "etf", False, 540.0),
+    "VGT": ("equity", "etf", False, 860.0),
+}
+M_SPLIT = {"QQQ": 0.12, "SPY": 0.12, "VOO": 0.12, "VUG": 0.12, "VGT": 0.12, "BND": 0.38, "CASH": 0.02}
+# $10,000: QQQ 2 ($1,000), SPY 2 ($1,020), VOO 2 ($1,040), VUG 2 ($1,080), VGT 1 ($860) = equity
+# $5,000 (50% vs 60%); BND 76 ($3,800 = its 38%); cash $1,200 (12% vs 2%, target $200).
+SMALL = {"QQQ": 2, "SPY": 2, "VOO": 2, "VUG": 2, "VGT": 1, "BND": 76, "CASH": 1_200}
+
+
+def test_small_account_tops_up_the_most_underweight_etf_and_ends_inside_its_band():
+    # Each ETF's target is $1,200: short QQQ 200, SPY 180, VOO 160, VUG 120, VGT 340, all under
+    # one share, so rules 3-6 alone buy nothing (5 dust) and the account stays at equity 50%,
+    # cash 12% (±2% bands) with $1,000 of investable cash (1,200 − 200).
+    # Top-up round 1: equity is short $1,000; the most underweight ETF is VGT (340): nearest
+    # 1,000 / 860 = 1.16 → 1 share ($860), affordable. Round 2: $140 left, equity short $140:
+    # no ETF rounds to a share → done. Equity 58.6%, cash $340 = 3.4%: inside the bands.
+    r = Book(**TOPUP_ETFS).account("A", SMALL, model=M_SPLIT, band=0.02).size()
+    assert trades_of(r, "A") == [("buy", "VGT", 1.0, "rebalance")]
+    a = account_of(r, "A")
+    assert a["cash_after"] == pytest.approx(340.0)
+    assert a["cash_after"] >= 0.02 * a["market_value"]
+    assert (a["trade_count"], a["dust_dropped"]) == (1, 4)
+    assert a["inside_bands"] is True and a["unresolved"] is None
+
+
+def test_equally_short_etfs_top_up_the_alphabetically_first():
+    # All five at $500, 2 shares each: every one is short $200 (a tie). Equity is short $1,000 and
+    # there is $1,000 to invest → 2 shares of QQQ (alphabetically first); cash ends at its $200.
+    etfs = {s: ("equity", "etf", False, 500.0) for s in TOPUP_ETFS}
+    r = Book(**etfs).account("A", {**SMALL, "VGT": 2, "CASH": 1_200}, model=M_SPLIT, band=0.02).size()
+    assert trades_of(r, "A") == [("buy", "QQQ", 2.0, "rebalance")]
+    a = account_of(r, "A")
+    assert a["market_value"] == 10_000.0 and a["cash_after"] == pytest.approx(200.0)
+    assert a["inside_bands"] is True
+
+
+def test_top_up_never_buys_a_no_buy_security_nor_spends_below_the_cash_target():
+    # As the first top-up test but VGT is no-buy: it keeps its $860 and its $340 short moves to
+    # QQQ (first of the model's other equity ETFs): QQQ target 1,540, short 540 → rule 3 buys 1
+    # share ($500, reason restriction); SPY/VOO/VUG round to 0. Investable cash left: $500.
+    # Top-up: equity short 500; SPY (180), VOO, VUG cost more than $500 → QQQ (short 40): nearest
+    # 500 / 500 = 1 share, exactly the $500 left, merged into the QQQ buy (keeps "restriction").
+    # Cash ends exactly at its $200 target, never below.
+    # Second account (FLOOR): model CASH 7% (target $700), BND 33% but BND is no-sell, so only
+    # $500 of the $1,200 cash may be invested; rule 3 scales the $1,000 of equity buys to $500 and
+    # none reaches a share. Top-up: VGT (most underweight) costs $860 > $500 → skipped; QQQ: 1 share
+    # ($500, a new trade → "rebalance"). Cash ends exactly at its $700 target, never below.
+    book = Book(**TOPUP_ETFS)
+    book.account("NOBUY", SMALL, model=M_SPLIT, band=0.02, restrictions=[("no_buy_symbol", "VGT")])
+    book.account("FLOOR", SMALL, model={**M_SPLIT, "BND": 0.33, "CASH": 0.07}, band=0.02,
+                 restrictions=[("no_sell_symbol", "BND")])
+    r = book.size()
+    assert trades_of(r, "NOBUY") == [("buy", "QQQ", 2.0, "restriction")]
+    a = account_of(r, "NOBUY")
+    assert a["cash_after"] == pytest.approx(200.0)
+    assert a["inside_bands"] is True
+    assert "VGT" not in r.trades.filter(pl.col("account_id") == "NOBUY")["symbol"].to_list()
+    assert trades_of(r, "FLOOR") == [("buy", "QQQ", 1.0, "rebalance")]
+    f = account_of(r, "FLOOR")
+    assert f["cash_after"] == pytest.approx(700.0)
+    assert "equity at 55.0% vs target 60.0% ±2.0%: cash shortfall: sales blocked by restriction (BND)" in f["unresolved"]
+    assert f["cash_after"] / f["market_value"] >= 0.07 - 1e-12
+
+
+def test_top_up_results_are_identical_whatever_the_row_order():
+    etfs = {**TOPUP_ETFS, "IVV": ("equity", "etf", False, 500.0)}
+    book = Book(**etfs)
+    book.account("A", SMALL, model=M_SPLIT, band=0.02)
+    book.account("B", SMALL, model=M_SPLIT, band=0.02, restrictions=[("no_buy_symbol", "VGT")])
+    book.account("C", {**SMALL, "QQQ": 1, "IVV": 1}, model={**M_SPLIT, "IVV": 0.12, "QQQ": 0.12, "BND": 0.26}, band=0.02)
+    frames = book.frames()
+    policy = SizingPolicy(model_version="topup@1")
+    first = size_trades(**frames, policy=policy)
+    assert first.trades.height >= 3
+    for seed in (1, 2, 3):
+        shuffled = size_trades(**{k: v.sample(fraction=1.0, shuffle=True, seed=seed) for k, v in frames.items()}, policy=policy)
+        assert_frame_equal(first.trades, shuffled.trades)
+        assert_frame_equal(first.accounts, shuffled.accounts)
+    for acc in first.accounts.iter_rows(named=True):
+        t = first.trades.filter(pl.col("account_id") == acc["account_id"])
+        assert acc["recommendation_id"] == recommendation_id(acc["account_id"], list(zip(t["symbol"], t["side"], t["quantity"])), "topup@1")
+    # One row per account/symbol/side.
+    assert first.trades.select("account_id", "symbol", "side").is_duplicated().sum() == 0
