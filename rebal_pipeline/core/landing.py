@@ -213,14 +213,19 @@ def ensure_landing_table(con: duckdb.DuckDBPyConnection, spec: FeedFile) -> None
 def _load_rows(con: duckdb.DuckDBPyConnection, received: ReceivedFile, as_of: date) -> int:
     spec, header = received.spec, received.header
     table = quote(landing_table(spec.name))
-    file_columns = "{" + ", ".join(f"'{h.replace(chr(39), chr(39) * 2)}': 'VARCHAR'" for h in header) + "}"
     selected = ", ".join(
         quote(c) if c in header else f"null::varchar as {quote(c)}" for c in spec.column_names
     )
     checks = _value_checks(spec, header)
     any_bad = " or ".join(sql for _, sql, _, _ in checks) or "false"
-    # Placeholders in text order: the as-of date, the checks' values, the file path.
-    params = [as_of, *[p for _, _, ps, _ in checks for p in ps], str(received.path)]
+    # Placeholders in text order: the as-of date, the checks' values, the file path and its
+    # columns (the header names come from the file, so they are bound, never rendered).
+    params = [
+        as_of,
+        *[p for _, _, ps, _ in checks for p in ps],
+        str(received.path),
+        {name: "VARCHAR" for name in header},
+    ]
     # row_number() over () numbers rows in file order (DuckDB preserves the order of a single
     # table-function scan); header = line 1. Newlines inside quoted fields are fixed up below.
     sql = f"""
@@ -228,7 +233,7 @@ def _load_rows(con: duckdb.DuckDBPyConnection, received: ReceivedFile, as_of: da
         select ?::date as as_of, _row + 1 as _line, not ({any_bad}) as _type_ok, * exclude (_row)
         from (
             select row_number() over () as _row, {selected}
-            from read_csv(?, header = true, auto_detect = false, columns = {file_columns},
+            from read_csv(?, header = true, auto_detect = false, columns = ?,
                           delim = ',', quote = '"', escape = '"', strict_mode = true,
                           null_padding = false)
         )

@@ -232,3 +232,15 @@ def test_a_utf8_byte_order_mark_is_accepted(workspace, dagster_instance):
     assert workspace.run_day(instance=dagster_instance).success
     assert workspace.table("rejects").height == 0
     assert workspace.table("holdings")["account_id"].unique().to_list() == ["ACC-1"]
+
+
+def test_a_hostile_unknown_column_name_is_only_data(workspace, dagster_instance):
+    b = FeedBuilder(); b.household("HH-1"); b.account("ACC-1"); b.position("ACC-1", "VTI", 60); b.position("ACC-1", "BND", 80)
+    folder = b.write(workspace.feed_root)
+    path = folder / "prices.csv"
+    lines = path.read_text().splitlines()
+    hostile = "\"x'); drop table landing_positions; --\""
+    path.write_text("\n".join([lines[0] + "," + hostile] + [l + ",1" for l in lines[1:]]) + "\n")
+    assert workspace.run_day(instance=dagster_instance).success
+    assert workspace.table("landing_positions").height == 2
+    assert workspace.table("rejects").height == 0
