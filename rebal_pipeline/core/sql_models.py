@@ -160,14 +160,7 @@ def materialize_model(con: duckdb.DuckDBPyConnection, model: SqlModel, as_of: da
         raise ValueError(f"{model.path}: a model must select an as_of column")
     con.execute("begin transaction")
     try:
-        existing = _table_columns(con, model.name)
-        if not existing:
-            con.execute(f"create table {table} as select * from ({sql}) where false", params)
-        else:
-            # Additive schema evolution: new columns are added, old rows get NULL.
-            for column, data_type in new_columns.items():
-                if column not in existing:
-                    con.execute(f"alter table {table} add column {quote_identifier(column)} {data_type}")
+        _create_or_evolve(con, model.name, new_columns, f"select * from ({sql}) where false", params)
         con.execute(f"delete from {table} where as_of = $as_of", params)
         rows = con.execute(f"insert into {table} by name {sql}", params).fetchone()[0]
         con.execute("commit")
@@ -175,6 +168,24 @@ def materialize_model(con: duckdb.DuckDBPyConnection, model: SqlModel, as_of: da
         con.execute("rollback")
         raise
     return rows
+
+
+def _create_or_evolve(
+    con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str], empty_select: str, params=None
+) -> None:
+    """Create the table from a zero-row select, or add the columns it lacks.
+
+    Additive schema evolution: a new column is added and older partitions read NULL in it, so
+    a warehouse built by an earlier release keeps working. Removed columns stay (and read NULL
+    in new rows); a changed type is an error DuckDB reports on insert.
+    """
+    existing = _table_columns(con, table)
+    if not existing:
+        con.execute(f"create table {quote_identifier(table)} as {empty_select}", params or {})
+        return
+    for column, data_type in columns.items():
+        if column not in existing:
+            con.execute(f"alter table {quote_identifier(table)} add column {quote_identifier(column)} {data_type}")
 
 
 def replace_partition(
@@ -185,8 +196,8 @@ def replace_partition(
     con.register("__partition_rows", rows)
     try:
         con.execute("begin transaction")
-        if not _table_columns(con, table):
-            con.execute(f"create table {name} as select * from __partition_rows where false")
+        columns = {row[0]: row[1] for row in con.execute("describe select * from __partition_rows").fetchall()}
+        _create_or_evolve(con, table, columns, "select * from __partition_rows where false")
         con.execute(f"delete from {name} where as_of = ?", [as_of])
         con.execute(f"insert into {name} by name select * from __partition_rows")
         con.execute("commit")

@@ -64,3 +64,19 @@ def test_a_failed_blocking_check_stops_everything_downstream(tmp_path, workspace
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "holdings" in materialized
     assert "drift" not in materialized and "drift_alerts" not in materialized
+
+
+def test_python_written_tables_gain_new_columns_without_losing_old_partitions(tmp_path):
+    from datetime import date
+
+    import duckdb
+    import polars as pl
+
+    from rebal_pipeline.core.sql_models import replace_partition
+
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    replace_partition(con, "recs", date(2026, 11, 19), pl.DataFrame({"as_of": [date(2026, 11, 19)], "a": [1]}).to_arrow())
+    newer = pl.DataFrame({"as_of": [date(2026, 11, 20)], "a": [2], "b": ["new"]})
+    replace_partition(con, "recs", date(2026, 11, 20), newer.to_arrow())
+    rows = con.execute("select as_of, a, b from recs order by as_of").fetchall()
+    assert rows == [(date(2026, 11, 19), 1, None), (date(2026, 11, 20), 2, "new")]

@@ -1,9 +1,9 @@
-"""Trade proposals: each account-scope drift alert becomes whole-share trades back to target.
+"""Trade proposals: each drift alert becomes whole-share trades back inside its bands.
 
-Thin shell: read the day's frames from the warehouse, call the pure sizing core
-(core/trade_sizing.py), write the results. Households rebalanced as one need the household
-optimiser (asset location across accounts), which is not built yet: their alerts are counted
-in the metadata and get no proposal rather than a wrong one.
+Thin shell: read the day's frames from the warehouse, call the pure cores, write the results.
+Account-scope alerts go straight to the sizing core (core/trade_sizing.py); households
+rebalanced as one first go through the asset-location optimiser (core/household_location.py),
+which decides each member account's class targets, then through the same sizing core.
 """
 
 import hashlib
@@ -20,55 +20,141 @@ from rebal_pipeline.resources import DriftPolicySource, Warehouse
 INPUTS = (
     "drift_alerts", "drift", "holdings", "int_account_targets", "int_model_versions",
     "stg_feed_accounts", "stg_feed_models", "stg_feed_securities", "stg_feed_prices",
-    "stg_feed_restrictions", "drift_policy",
+    "stg_feed_restrictions", "stg_feed_lots", "drift_policy", "int_scanned_accounts",
+    "int_household_targets",
 )
 
-# Every frame is limited to the accounts with a live account-scope alert today.
-ALERTED = "(select scope_id from drift_alerts where as_of = $as_of and scope = 'account' and status = 'alert')"
+# Who is sized: accounts with a live account-scope alert, or the tradeable (not suspended)
+# members of households with a live household-scope alert (aggregate rebalancing).
+ACCOUNT_SCOPE = "(select scope_id from drift_alerts where as_of = $as_of and scope = 'account' and status = 'alert')"
+HOUSEHOLD_MEMBERS = """(select s.account_id from int_scanned_accounts s
+    join drift_alerts a on a.scope = 'household' and a.scope_id = s.household_id
+                       and a.status = 'alert' and a.as_of = $as_of
+    where s.as_of = $as_of and s.aggregate_rebalancing and not s.suspended)"""
+
 QUERIES = {
-    "holdings": f"""select account_id, symbol, asset_class, quantity::double as quantity, price::double as price,
-                          market_value from holdings where as_of = $as_of and account_id in {ALERTED}""",
-    "class_targets": f"""select account_id, asset_class, target_weight from int_account_targets
-                         where as_of = $as_of and account_id in {ALERTED}""",
-    "model_weights": f"""select a.account_id, m.symbol, m.weight::double as weight
+    "holdings": """select account_id, symbol, asset_class, quantity::double as quantity, price::double as price,
+                          market_value from holdings where as_of = $as_of and account_id in {who}""",
+    "class_targets": """select account_id, asset_class, target_weight from int_account_targets
+                         where as_of = $as_of and account_id in {who}""",
+    "model_weights": """select a.account_id, m.symbol, m.weight::double as weight
                          from stg_feed_accounts a join stg_feed_models m on m.model_id = a.model_id and m.as_of = $as_of
-                         where a.as_of = $as_of and a.account_id in {ALERTED}""",
+                         where a.as_of = $as_of and a.account_id in {who}""",
     "securities": """select s.symbol, s.asset_class, s.security_type, s.fractional, p.close::double as price
                      from stg_feed_securities s join stg_feed_prices p on p.symbol = s.symbol and p.as_of = $as_of
                      where s.as_of = $as_of""",
-    "restrictions": f"""select account_id, kind, value from stg_feed_restrictions
-                        where as_of = $as_of and account_id in {ALERTED}""",
-    "bands": f"""select scope_id as account_id, asset_class, band from drift
-                 where as_of = $as_of and scope = 'account' and scope_id in {ALERTED}""",
+    "restrictions": """select account_id, kind, value from stg_feed_restrictions
+                        where as_of = $as_of and account_id in {who}""",
+    "bands": """select scope_id as account_id, asset_class, band from drift
+                 where as_of = $as_of and scope = 'account' and scope_id in {who}""",
     # The version of what the proposal was built from: the account's model (a hash of its
     # weights) or, for IPS-only accounts, its IPS targets.
-    "versions": f"""select a.account_id,
+    "versions": """select a.account_id,
                            coalesce('model:' || a.model_id || '@' || v.model_version, 'ips') as model_version
                     from stg_feed_accounts a
                     left join int_model_versions v on v.model_id = a.model_id and v.as_of = $as_of
-                    where a.as_of = $as_of and a.account_id in {ALERTED}""",
+                    where a.as_of = $as_of and a.account_id in {who}""",
+}
+
+# What the household optimiser needs, for the members of alerted aggregated households.
+HOUSEHOLD_QUERIES = {
+    "members": """select household_id, account_id, account_type, market_value::double as market_value
+                  from int_scanned_accounts where as_of = $as_of and account_id in {who}""",
+    "current": """select account_id, asset_class, sum(market_value)::double as market_value
+                  from holdings where as_of = $as_of and account_id in {who} group by all""",
+    # Unrealised gain as a share of market value, per account and class (taxable accounts only:
+    # selling there realises the gain; inside IRAs and 401(k)s it does not).
+    "gains": """select h.account_id, h.asset_class,
+                       (sum(h.market_value) - sum(l.cost_basis::double)) / nullif(sum(h.market_value), 0)
+                           as unrealised_gain_ratio
+                from holdings h
+                join (select account_id, symbol, sum(cost_basis) as cost_basis from stg_feed_lots
+                      where as_of = $as_of group by all) l using (account_id, symbol)
+                where h.as_of = $as_of and h.account_type = 'taxable' and h.account_id in {who}
+                group by all""",
+    "targets": """select household_id, asset_class, target_weight from int_household_targets
+                  where as_of = $as_of and household_id in (select household_id from int_scanned_accounts
+                                                             where as_of = $as_of and account_id in {who})""",
+    "barred": """select account_id, value as asset_class from stg_feed_restrictions
+                 where as_of = $as_of and kind = 'no_asset_class' and account_id in {who}""",
+    # Bands and drift of the household, applied to each member's own class targets.
+    "bands": """select s.account_id, d.asset_class, d.band from drift d
+                join int_scanned_accounts s on s.household_id = d.scope_id and s.as_of = $as_of
+                where d.as_of = $as_of and d.scope = 'household' and s.account_id in {who}""",
+    "household_drift": """select scope_id as household_id, asset_class, drift, target_weight, band from drift
+                          where as_of = $as_of and scope = 'household'""",
 }
 
 
-def propose_trades(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """Size the day's account-scope alerts and write trade_proposals and trade_recommendations.
+def _household_post_trade_check(members: pl.DataFrame, current: pl.DataFrame, trades: pl.DataFrame,
+                                household_drift: pl.DataFrame) -> pl.DataFrame:
+    """Is each household inside its bands after the trades? The band applies to the
+    household's mix (aggregate rebalancing), not to each account: rounding in one account may
+    be offset in another. Returns household_id, inside_bands, household_unresolved."""
+    signed = trades.select(
+        "account_id", "asset_class",
+        pl.when(pl.col("side") == "buy").then(pl.col("est_value")).otherwise(-pl.col("est_value")).alias("change"),
+    )
+    # Cash pays for buys and receives sale proceeds.
+    cash = signed.group_by("account_id").agg((-pl.col("change").sum()).alias("change")).with_columns(
+        pl.lit("cash").alias("asset_class")
+    )
+    after = (
+        pl.concat([
+            current.rename({"market_value": "change"}),
+            signed,
+            cash.select("account_id", "asset_class", "change"),
+        ])
+        .join(members.select("account_id", "household_id"), on="account_id")
+        .group_by("household_id", "asset_class")
+        .agg(pl.col("change").sum().alias("value"))
+        .with_columns((pl.col("value") / pl.col("value").sum().over("household_id")).alias("weight_after"))
+    )
+    checked = (
+        household_drift.join(after, on=["household_id", "asset_class"], how="full", coalesce=True)
+        .filter(pl.col("household_id").is_in(members["household_id"].implode()))
+        .with_columns(
+            pl.col("weight_after").fill_null(0.0),
+            pl.col("target_weight").fill_null(0.0),
+            pl.col("band").fill_null(pl.col("band").min().over("household_id")),
+        )
+        .with_columns(((pl.col("weight_after") - pl.col("target_weight")).abs() - pl.col("band") > 1e-9).alias("outside"))
+    )
+    return (
+        checked.sort("household_id", "asset_class")
+        .group_by("household_id", maintain_order=True)
+        .agg(
+            (~pl.col("outside").any()).alias("inside_bands"),
+            pl.format(
+                "household {} at {}% vs target {}% ±{}%",
+                pl.col("asset_class"),
+                (pl.col("weight_after") * 100).round(1),
+                (pl.col("target_weight") * 100).round(1),
+                (pl.col("band") * 100).round(1),
+            ).filter(pl.col("outside")).str.join("; ").alias("household_unresolved"),
+        )
+    )
 
-    Returns (trades, recommendations, household alerts not sized)."""
+
+def _read(con, queries: dict[str, str], who: str, as_of: date) -> dict[str, pl.DataFrame]:
+    return {name: con.execute(sql.format(who=who), {"as_of": as_of}).pl() for name, sql in queries.items()}
+
+
+def _sizing_policy(policy) -> SizingPolicy:
     rule = policy.trade_sizing
-    frames = {name: con.execute(sql, {"as_of": as_of}).pl() for name, sql in QUERIES.items()}
-    households_not_sized = con.execute(
-        "select count(*) from drift_alerts where as_of = $as_of and scope = 'household' and status = 'alert'",
-        {"as_of": as_of},
-    ).fetchone()[0]
+    return SizingPolicy(
+        min_trade_value=float(rule.min_trade_value),
+        min_trade_pct=float(rule.min_trade_pct),
+        default_cash_buffer=float(rule.default_cash_buffer),
+        fractional_decimals=rule.fractional_decimals,
+    )
+
+
+def _account_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
+    frames = _read(con, QUERIES, ACCOUNT_SCOPE, as_of)
     sized = size_trades(
         frames["holdings"], frames["class_targets"], frames["model_weights"], frames["securities"],
-        frames["restrictions"], frames["bands"],
-        SizingPolicy(
-            min_trade_value=float(rule.min_trade_value),
-            min_trade_pct=float(rule.min_trade_pct),
-            default_cash_buffer=float(rule.default_cash_buffer),
-            fractional_decimals=rule.fractional_decimals,
-        ),
+        frames["restrictions"], frames["bands"], _sizing_policy(policy),
     )
     # Identity: the same as-of date, account, policy, model version and trades give the
     # same recommendation_id, so re-running a day creates no duplicate recommendation.
@@ -81,22 +167,127 @@ def propose_trades(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame
         )
         .map_elements(_stable_id, return_dtype=pl.String)
         .alias("recommendation_id"),
-    )
-    ids = accounts.select("account_id", "recommendation_id", "model_version")
-    trades = (
-        sized.trades.drop("recommendation_id")
-        .join(ids, on="account_id", how="left")
-        .with_columns(pl.lit(as_of).alias("as_of"))
-    )
-    accounts = accounts.with_columns(
-        pl.lit(as_of).alias("as_of"),
         pl.lit("account").alias("scope"),
         pl.col("account_id").alias("scope_id"),
+    )
+    trades = sized.trades.drop("recommendation_id").join(
+        accounts.select("account_id", "recommendation_id", "model_version"), on="account_id", how="left"
+    )
+    return trades, accounts
+
+
+def _household_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Aggregated households: the optimiser places each class across the member accounts
+    (asset location, no gains realised in taxable where avoidable), then the sizing core turns
+    each member's class targets into whole-share trades. One recommendation per household."""
+    from rebal_pipeline.core.household_location import LocationPolicy, locate_households
+
+    frames = _read(con, QUERIES, HOUSEHOLD_MEMBERS, as_of)
+    lp = _read(con, HOUSEHOLD_QUERIES, HOUSEHOLD_MEMBERS, as_of)
+    if lp["members"].height == 0:
+        return pl.DataFrame(), pl.DataFrame()
+    # Turnover at 0.1% of each dollar traded (spread and costs): low enough that moving bonds
+    # from taxable into an IRA (four trades per dollar, saving ~3 cents a year in location
+    # penalty) is worth doing; at 1% the optimiser would only fix the household's mix.
+    located = locate_households(
+        lp["members"], lp["current"], lp["gains"], lp["targets"], lp["barred"],
+        LocationPolicy(turnover_penalty=0.001),
+    )
+    sized = size_trades(
+        frames["holdings"], located.select("account_id", "asset_class", "target_weight"),
+        frames["model_weights"], frames["securities"], frames["restrictions"], lp["bands"],
+        _sizing_policy(policy),
+    )
+    members = (
+        sized.accounts.join(lp["members"].select("account_id", "household_id"), on="account_id")
+        .join(frames["versions"], on="account_id", how="left")
+        .with_columns(pl.col("model_version").fill_null("ips"))
+    )
+    optimiser = located.group_by("account_id").agg(pl.col("status").first())
+    members = members.join(optimiser, on="account_id", how="left")
+    households = (
+        members.sort("account_id")
+        .group_by("household_id", maintain_order=True)
+        .agg(
+            pl.concat_str([pl.col("account_id"), pl.col("model_version"), pl.col("recommendation_id")], separator=":")
+            .str.join(";").alias("identity"),
+            pl.col("market_value").sum(),
+            pl.col("cash_before").sum(),
+            pl.col("cash_after").sum(),
+            pl.col("trade_count").sum(),
+            pl.col("dust_dropped").sum(),
+            pl.concat_str([pl.col("account_id"), pl.col("unresolved")], separator=": ")
+            .drop_nulls().str.join(" || ").alias("unresolved"),
+            pl.concat_str([pl.col("account_id"), pl.col("compliance_review")], separator=": ")
+            .drop_nulls().str.join(" || ").alias("compliance_review"),
+            pl.col("model_version").unique().sort().str.join(",").alias("model_version"),
+            pl.col("status").filter(pl.col("status") != "optimal").first().alias("optimiser_status"),
+        )
+        .with_columns(
+            pl.concat_str(
+                [pl.lit(as_of.isoformat()), pl.col("household_id"), pl.lit(policy.version_id), pl.col("identity")],
+                separator="|",
+            )
+            .map_elements(_stable_id, return_dtype=pl.String)
+            .alias("recommendation_id"),
+            pl.when(pl.col("unresolved") == "").then(None).otherwise(pl.col("unresolved")).alias("unresolved"),
+            pl.when(pl.col("compliance_review") == "").then(None).otherwise(pl.col("compliance_review"))
+            .alias("compliance_review"),
+            pl.lit("household").alias("scope"),
+            pl.col("household_id").alias("scope_id"),
+        )
+        .drop("identity")
+        .join(_household_post_trade_check(lp["members"], lp["current"], sized.trades, lp["household_drift"]),
+              on="household_id", how="left")
+        .with_columns(
+            pl.col("inside_bands").fill_null(False),
+            # Account details matter only when the household itself is still outside a band.
+            pl.when(pl.col("inside_bands").fill_null(False)).then(None)
+            .otherwise(pl.concat_str([pl.col("household_unresolved"), pl.col("unresolved")], separator=" — accounts: ",
+                                     ignore_nulls=True))
+            .alias("unresolved"),
+        )
+        .drop("household_unresolved")
+    )
+    # "location": the trade moves a class between the household's accounts rather than
+    # changing the household's mix (buying a class the household is not short of, or selling
+    # one it is not over in).
+    trades = (
+        sized.trades.drop("recommendation_id")
+        .join(lp["members"].select("account_id", "household_id"), on="account_id")
+        .join(households.select("household_id", "recommendation_id", "model_version"), on="household_id")
+        .join(lp["household_drift"].select("household_id", "asset_class", "drift"),
+              on=["household_id", "asset_class"], how="left")
+        .with_columns(
+            pl.when(
+                (pl.col("reason") == "rebalance")
+                & (((pl.col("side") == "buy") & (pl.col("drift").fill_null(0) >= 0))
+                   | ((pl.col("side") == "sell") & (pl.col("drift").fill_null(0) <= 0)))
+            )
+            .then(pl.lit("location"))
+            .otherwise(pl.col("reason"))
+            .alias("reason")
+        )
+        .drop("drift", "household_id")
+    )
+    return trades, households.drop("household_id").with_columns(pl.lit(None, pl.String).alias("account_id"))
+
+
+def propose_trades(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Size the day's alerts (accounts, and aggregated households through the optimiser) and
+    write trade_proposals and trade_recommendations. Returns (trades, recommendations)."""
+    account_trades, account_recs = _account_proposals(con, as_of, policy)
+    household_trades, household_recs = _household_proposals(con, as_of, policy)
+    trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed").with_columns(
+        pl.lit(as_of).alias("as_of")
+    )
+    recs = pl.concat([account_recs, household_recs], how="diagonal_relaxed").with_columns(
+        pl.lit(as_of).alias("as_of"),
         pl.lit(policy.version_id).alias("policy_version"),
     )
     replace_partition(con, "trade_proposals", as_of, trades.to_arrow())
-    replace_partition(con, "trade_recommendations", as_of, accounts.to_arrow())
-    return trades, accounts, households_not_sized
+    replace_partition(con, "trade_recommendations", as_of, recs.to_arrow())
+    return trades, recs
 
 
 def _stable_id(text: str) -> str:
@@ -114,18 +305,18 @@ def trade_proposals(context: AssetExecutionContext, warehouse: Warehouse, drift_
     account (table trade_recommendations): inside its bands after rounding, or why not."""
     as_of = date.fromisoformat(context.partition_key)
     with warehouse.connect() as con:
-        trades, accounts, households_not_sized = propose_trades(con, as_of, drift_policy_source.load())
-    outside = accounts.filter(~pl.col("inside_bands"))
+        trades, recs = propose_trades(con, as_of, drift_policy_source.load())
+    outside = recs.filter(~pl.col("inside_bands"))
     return MaterializeResult(
         metadata={
-            "recommendations": accounts.height,
+            "recommendations": recs.height,
+            "household_recommendations": recs.filter(pl.col("scope") == "household").height,
             "trades": trades.height,
-            "inside_bands_after_trades": accounts.height - outside.height,
+            "inside_bands_after_trades": recs.height - outside.height,
             "could_not_reach_bands": outside.height,
-            "compliance_reviews": accounts.filter(pl.col("compliance_review").is_not_null()).height,
-            "household_alerts_not_sized": households_not_sized,
+            "compliance_reviews": recs.filter(pl.col("compliance_review").is_not_null()).height,
             "examples_not_reached": MetadataValue.md(
-                "\n".join(f"- {a}: {u}" for a, u in outside.select("account_id", "unresolved").head(5).iter_rows())
+                "\n".join(f"- {a}: {u}" for a, u in outside.select("scope_id", "unresolved").head(5).iter_rows())
                 or "none"
             ),
         }

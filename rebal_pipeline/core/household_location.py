@@ -1,0 +1,485 @@
+"""Household asset location: per-account asset-class targets for aggregated households.
+
+A household with `aggregate_rebalancing` must reach its asset-class mix as a whole, but WHERE
+each class sits across its member accounts is free, and money cannot move between accounts.
+`locate_households` decides every account's class targets for all such households with ONE
+sparse linear program (block-diagonal across households, built from numpy index arrays, no
+per-household Python loop). Its output feeds `trade_sizing.size_trades` as `class_targets`.
+
+LP per household h (all households stacked), per (account a, class c) cell, with b, s >= 0 the
+dollars bought / sold and x = current + b - s the dollars held after rebalancing:
+    sum_c x[a,c] = market_value[a]                        (no money moves between accounts)
+    sum_a x[a,c] = target_weight[h,c] * household value   (the household hits its targets)
+    s[a,c] <= current[a,c]                                (so x >= 0)
+    b[a,c] = s[a,c] = 0 for a barred (account, class)     (frozen, as the sizing core does)
+    minimise  sum location_penalty[type(a), c] * x[a,c]
+            + gain_penalty * max(gain_ratio[a,c], 0) * s[a,c]   (taxable accounts only)
+            + turnover_penalty * (b[a,c] + s[a,c])
+The classes of a household are those in its targets plus those any member account holds; each
+member account gets a row for every one of them (zero target rows included, so the sizer sells
+what the household no longer wants in that account).
+
+Units: each household block is solved in fractions of its own value (dollars / household value);
+dividing a block's rows and objective by a positive constant does not change its optimum, and it
+keeps HiGHS's absolute tolerances (1e-7) meaningful for $10k and $100M households alike.
+
+Infeasibility (design choice): every equality row gets a pair of elastic slack variables with a
+large cost M, so the stacked LP is always feasible and one solve suffices. M is chosen above any
+possible dual value of a block (10 × (cells' largest |cost| + 1) × (rows in the largest
+household + 1); a block's duals are bounded by the cost of a path through its rows), so by exact
+penalty theory a household whose targets are reachable gets zero slack, and a household with
+slack above `_SLACK_TOL` (a fraction of its value) is unreachable: it is reported with a
+plain-words reason (which class misses its target and by how much) and gets its CURRENT mix as
+target, never a wrong answer. This avoids both a per-household fallback loop and a partial
+pre-check (a per-class capacity check alone cannot catch joint, Hall-type infeasibilities).
+Households with bad inputs (no targets, targets not summing to 1, non-positive value, negative
+holdings, market_value disagreeing with the class values) are checked up front, kept out of the
+LP and reported the same way. If the solver itself fails, every LP household gets the solver's
+message and its current mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from scipy.optimize import linprog
+
+STATUS_OPTIMAL = "optimal"
+
+# A household whose elastic slack exceeds this fraction of its value cannot reach its targets.
+_SLACK_TOL = 1e-6
+# Targets must sum to 1 within this (then they are renormalised to exactly 1).
+_TARGET_SUM_TOL = 1e-6
+# market_value may differ from the sum of the account's class values by at most this many dollars.
+_VALUE_TOL = 0.01
+
+# Default asset-location penalties, in dollars of cost per dollar held (0.02 = 2 cents per $).
+# Reasoning: tax-inefficient assets (fixed_income pays ordinary-income coupons; alternatives are
+# mostly REITs with non-qualified dividends) are penalised in taxable accounts and belong in
+# tax-deferred accounts (traditional IRA / 401k / ERISA plans) where their income is sheltered.
+# Tax-efficient equities (qualified dividends, deferred long-term gains, step-up at death) belong
+# in taxable; holding them in tax-deferred accounts turns their capital gains into ordinary
+# income, hence a small penalty there. Roth and 529 accounts are tax-free forever, so they should
+# hold the highest-expected-growth assets (equities); bonds there waste the tax-free growth.
+# Cash costs nothing anywhere. Pairs not listed (e.g. unknown account types) cost 0.
+DEFAULT_LOCATION_PENALTY: dict[tuple[str, str], float] = {
+    ("taxable", "fixed_income"): 0.02,
+    ("taxable", "alternatives"): 0.02,
+    ("taxable", "equity"): 0.0,
+    ("taxable", "cash"): 0.0,
+    **{
+        (t, c): p
+        for t in ("traditional_ira", "401k", "erisa")
+        for c, p in (
+            ("equity", 0.01),
+            ("fixed_income", 0.0),
+            ("alternatives", 0.0),
+            ("cash", 0.0),
+        )
+    },
+    **{
+        (t, c): p
+        for t in ("roth_ira", "529")
+        for c, p in (
+            ("equity", 0.0),
+            ("fixed_income", 0.015),
+            ("alternatives", 0.015),
+            ("cash", 0.0),
+        )
+    },
+}
+
+
+@dataclass(frozen=True)
+class LocationPolicy:
+    # (account_type, asset_class) -> cost per $ held there.
+    location_penalty: dict[tuple[str, str], float] = field(
+        default_factory=lambda: dict(DEFAULT_LOCATION_PENALTY)
+    )
+    gain_penalty: float = (
+        1.0  # cost per $ of unrealised gain realised by selling in a taxable account
+    )
+    turnover_penalty: float = 0.01  # cost per $ bought or sold in any account
+
+
+OUTPUT_SCHEMA: dict[str, pl.DataType] = {
+    "account_id": pl.String(),
+    "household_id": pl.String(),
+    "asset_class": pl.String(),
+    "target_weight": pl.Float64(),
+    "target_value": pl.Float64(),
+    "status": pl.String(),
+}
+
+_INPUTS: dict[str, dict[str, pl.DataType]] = {
+    "accounts": {
+        "household_id": pl.String(),
+        "account_id": pl.String(),
+        "account_type": pl.String(),
+        "market_value": pl.Float64(),
+    },
+    "current": {
+        "account_id": pl.String(),
+        "asset_class": pl.String(),
+        "market_value": pl.Float64(),
+    },
+    "gains": {
+        "account_id": pl.String(),
+        "asset_class": pl.String(),
+        "unrealised_gain_ratio": pl.Float64(),
+    },
+    "targets": {
+        "household_id": pl.String(),
+        "asset_class": pl.String(),
+        "target_weight": pl.Float64(),
+    },
+    "barred": {"account_id": pl.String(), "asset_class": pl.String()},
+}
+
+
+def _frame(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    schema = _INPUTS[name]
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} is missing columns {missing}")
+    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def _money(col: str) -> pl.Expr:
+    return pl.format("${}", pl.col(col).round(2))
+
+
+def locate_households(
+    accounts: pl.DataFrame,
+    current: pl.DataFrame,
+    gains: pl.DataFrame,
+    targets: pl.DataFrame,
+    barred: pl.DataFrame,
+    policy: LocationPolicy = LocationPolicy(),
+) -> pl.DataFrame:
+    """Per-account class targets for aggregated households (one LP). See the module docstring.
+
+    Returns account_id, household_id, asset_class, target_weight (of the account's market value,
+    sums to 1 per account with positive value), target_value, status ("optimal" or a reason).
+    """
+    accounts = _frame(accounts, "accounts").unique(["account_id"], keep="first")
+    current = (
+        _frame(current, "current")
+        .group_by(["account_id", "asset_class"])
+        .agg(pl.col("market_value").sum().alias("cur"))
+    )
+    gains = _frame(gains, "gains").unique(["account_id", "asset_class"], keep="first")
+    targets = (
+        _frame(targets, "targets")
+        .group_by(["household_id", "asset_class"])
+        .agg(pl.col("target_weight").sum())
+    )
+    barred = (
+        _frame(barred, "barred").unique().with_columns(pl.lit(True).alias("barred"))
+    )
+
+    cur_hh = current.join(
+        accounts.select("account_id", "household_id"), on="account_id", how="inner"
+    )
+    # The household's classes: its targets plus whatever any member account holds.
+    hh_classes = (
+        pl.concat(
+            [
+                targets.select("household_id", "asset_class"),
+                cur_hh.filter(pl.col("cur") != 0).select("household_id", "asset_class"),
+            ]
+        )
+        .unique()
+        .join(accounts.select("household_id").unique(), on="household_id", how="semi")
+    )
+    loc = pl.DataFrame(
+        {
+            "account_type": [k[0] for k in policy.location_penalty],
+            "asset_class": [k[1] for k in policy.location_penalty],
+            "loc": [float(v) for v in policy.location_penalty.values()],
+        },
+        schema={
+            "account_type": pl.String(),
+            "asset_class": pl.String(),
+            "loc": pl.Float64(),
+        },
+    )
+    cells = (
+        accounts.join(hh_classes, on="household_id", how="inner")
+        .join(current, on=["account_id", "asset_class"], how="left")
+        .join(gains, on=["account_id", "asset_class"], how="left")
+        .join(barred, on=["account_id", "asset_class"], how="left")
+        .join(targets, on=["household_id", "asset_class"], how="left")
+        .join(loc, on=["account_type", "asset_class"], how="left")
+        .with_columns(
+            pl.col("cur").fill_null(0.0),
+            pl.col("barred").fill_null(False),
+            pl.col("target_weight").fill_null(0.0),
+            pl.col("loc").fill_null(0.0),
+            pl.when(pl.col("account_type") == "taxable")
+            .then(pl.col("unrealised_gain_ratio").fill_null(0.0).clip(lower_bound=0.0))
+            .otherwise(0.0)
+            .alias("gain"),
+        )
+        .sort(["household_id", "account_id", "asset_class"])
+    )
+
+    # ---- Up-front checks of what makes a household unsolvable regardless of the LP. ----
+    acc_sum = cells.group_by("account_id").agg(
+        pl.col("cur").sum().alias("cur_sum"), (pl.col("cur") < 0).any().alias("neg")
+    )
+    acc_chk = accounts.join(acc_sum, on="account_id", how="left").with_columns(
+        pl.col("cur_sum").fill_null(0.0), pl.col("neg").fill_null(False)
+    )
+    hh_tsum = targets.group_by("household_id").agg(
+        pl.col("target_weight").sum().alias("tsum")
+    )
+    reasons = (
+        acc_chk.with_columns(
+            pl.when(pl.col("market_value") < 0)
+            .then(
+                pl.format(
+                    "account {} has a negative market value", pl.col("account_id")
+                )
+            )
+            .when(pl.col("neg"))
+            .then(
+                pl.format(
+                    "account {} holds a negative value in some asset class",
+                    pl.col("account_id"),
+                )
+            )
+            .when((pl.col("market_value") - pl.col("cur_sum")).abs() > _VALUE_TOL)
+            .then(
+                pl.format(
+                    "account {} market_value {} differs from the sum of its class values {}",
+                    pl.col("account_id"),
+                    _money("market_value"),
+                    _money("cur_sum"),
+                )
+            )
+            .alias("reason")
+        )
+        .group_by("household_id")
+        .agg(
+            pl.col("reason").drop_nulls().sort().first(),
+            pl.col("market_value").sum().alias("hh_value"),
+        )
+        .join(hh_tsum, on="household_id", how="left")
+        .with_columns(
+            pl.when(pl.col("tsum").is_null())
+            .then(pl.lit("household has no asset-class targets"))
+            .when((pl.col("tsum") - 1.0).abs() > _TARGET_SUM_TOL)
+            .then(
+                pl.format("household targets sum to {}, not 1", pl.col("tsum").round(6))
+            )
+            .when(pl.col("hh_value") <= 0)
+            .then(pl.lit("household has no positive market value"))
+            .otherwise(pl.col("reason"))
+            .alias("reason")
+        )
+        .select("household_id", "hh_value", "tsum", "reason")
+    )
+    cells = cells.join(reasons, on="household_id", how="left")
+    ok = cells.filter(pl.col("reason").is_null())
+    ok_accounts = accounts.join(
+        ok.select("household_id").unique(), on="household_id", how="semi"
+    ).sort(["household_id", "account_id"])
+    ok_classes = hh_classes.join(
+        ok.select("household_id").unique(), on="household_id", how="semi"
+    ).sort(["household_id", "asset_class"])
+
+    n = ok.height
+    x_after = None
+    lp_status: pl.DataFrame | None = None
+    if n:
+        n_acc, n_cls = ok_accounts.height, ok_classes.height
+        ok = (
+            ok.join(
+                ok_accounts.select("account_id").with_row_index("acc_row"),
+                on="account_id",
+                how="left",
+            )
+            .join(
+                ok_classes.with_row_index("cls_row"),
+                on=["household_id", "asset_class"],
+                how="left",
+            )
+            .sort(["household_id", "account_id", "asset_class"])
+        )
+        hv = ok["hh_value"].to_numpy()
+        cur = ok["cur"].to_numpy() / hv  # fractions of the household's value
+        acc_row = ok["acc_row"].to_numpy().astype(np.int64)
+        cls_row = ok["cls_row"].to_numpy().astype(np.int64) + n_acc
+        is_barred = ok["barred"].to_numpy()
+        locp = ok["loc"].to_numpy()
+        gain = ok["gain"].to_numpy()
+        tp, gp = float(policy.turnover_penalty), float(policy.gain_penalty)
+
+        # Row right-hand sides: account rows (market value − current) and class rows
+        # (target × household value − current), both in fractions of the household's value.
+        acc_hv = ok_accounts.join(
+            reasons.select("household_id", "hh_value"), on="household_id", how="left"
+        )
+        cls_t = ok_classes.join(
+            targets, on=["household_id", "asset_class"], how="left"
+        ).join(hh_tsum, on="household_id", how="left")
+        rhs = np.concatenate(
+            [
+                acc_hv["market_value"].to_numpy() / acc_hv["hh_value"].to_numpy(),
+                (
+                    cls_t["target_weight"].fill_null(0.0) / cls_t["tsum"]
+                ).to_numpy(),  # renormalised
+            ]
+        )
+        rhs -= np.bincount(acc_row, weights=cur, minlength=n_acc + n_cls)
+        rhs -= np.bincount(cls_row, weights=cur, minlength=n_acc + n_cls)
+
+        # Variables: b (n), s (n), then a (+, −) elastic slack pair per row.
+        m = n_acc + n_cls
+        cost_b = locp + tp
+        cost_s = -locp + gp * gain + tp
+        max_cost = float(max(np.abs(cost_b).max(), np.abs(cost_s).max()))
+        rows_per_hh = (
+            ok_accounts.group_by("household_id").len()["len"].max()
+            + ok_classes.group_by("household_id").len()["len"].max()
+        )
+        big_m = 10.0 * (max_cost + 1.0) * (rows_per_hh + 1)
+        c = np.concatenate([cost_b, cost_s, np.full(2 * m, big_m)])
+
+        cells_idx = np.arange(n)
+        rows = np.concatenate(
+            [acc_row, cls_row, acc_row, cls_row, np.arange(m), np.arange(m)]
+        )
+        cols = np.concatenate(
+            [
+                cells_idx,
+                cells_idx,
+                n + cells_idx,
+                n + cells_idx,
+                2 * n + np.arange(m),
+                2 * n + m + np.arange(m),
+            ]
+        )
+        vals = np.concatenate(
+            [np.ones(2 * n), -np.ones(2 * n), np.ones(m), -np.ones(m)]
+        )
+        a_eq = sp.csr_array((vals, (rows, cols)), shape=(m, 2 * n + 2 * m))
+
+        ub = np.concatenate(
+            [
+                np.where(is_barred, 0.0, np.inf),
+                # A barred cell is frozen both ways: the sizing core neither buys nor sells a
+                # class barred by an ERISA plan (it is flagged for compliance review instead).
+                np.where(is_barred, 0.0, np.maximum(cur, 0.0)),
+                np.full(2 * m, np.inf),
+            ]
+        )
+        bounds = np.column_stack([np.zeros_like(ub), ub])
+        res = linprog(c, A_eq=a_eq, b_eq=rhs, bounds=bounds, method="highs")
+
+        hh_ids = ok_classes["household_id"]
+        if res.status == 0:
+            z = res.x
+            x_after = np.maximum(cur + z[:n] - z[n : 2 * n], 0.0) * hv
+            slack = (
+                z[2 * n : 2 * n + m] - z[2 * n + m :]
+            )  # + : row's left side short of its target
+            acc_slack = pl.DataFrame(
+                {
+                    "household_id": ok_accounts["household_id"],
+                    "account_id": ok_accounts["account_id"],
+                    "sl": slack[:n_acc],
+                }
+            )
+            cls_slack = ok_classes.with_columns(pl.Series("sl", slack[n_acc:]))
+            bad_cls = (
+                cls_slack.join(
+                    reasons.select("household_id", "hh_value"), on="household_id"
+                )
+                .filter(pl.col("sl").abs() > _SLACK_TOL)
+                .with_columns((pl.col("sl").abs() * pl.col("hh_value")).alias("usd"))
+                .with_columns(
+                    pl.format(
+                        "{} would be {} {} its target",
+                        pl.col("asset_class"),
+                        _money("usd"),
+                        pl.when(pl.col("sl") > 0)
+                        .then(pl.lit("short of"))
+                        .otherwise(pl.lit("over")),
+                    ).alias("msg")
+                )
+                .select("household_id", "msg")
+            )
+            bad_acc = acc_slack.filter(pl.col("sl").abs() > _SLACK_TOL).select(
+                "household_id",
+                pl.format("account {} cannot be filled", pl.col("account_id")).alias(
+                    "msg"
+                ),
+            )
+            lp_status = (
+                pl.concat([bad_cls, bad_acc])
+                .group_by("household_id")
+                .agg(pl.col("msg").sort().str.join("; "))
+                .select(
+                    "household_id",
+                    pl.format(
+                        "infeasible: household targets cannot be reached without trading a barred "
+                        "asset class, which stays as it is ({}); current mix kept",
+                        pl.col("msg"),
+                    ).alias("lp_reason"),
+                )
+            )
+        else:
+            lp_status = (
+                hh_ids.unique()
+                .to_frame()
+                .with_columns(
+                    pl.lit(f"solver failed: {res.message}; current mix kept").alias(
+                        "lp_reason"
+                    )
+                )
+            )
+        ok = ok.with_columns(
+            pl.Series("x", x_after if x_after is not None else ok["cur"].to_numpy())
+        ).join(lp_status, on="household_id", how="left")
+        ok = ok.with_columns(
+            pl.when(pl.col("lp_reason").is_null())
+            .then(pl.col("x"))
+            .otherwise(pl.col("cur"))
+            .alias("x"),
+            pl.col("lp_reason").fill_null(STATUS_OPTIMAL).alias("status"),
+        )
+
+    bad = cells.filter(pl.col("reason").is_not_null()).with_columns(
+        pl.col("cur").alias("x"),
+        pl.format("not located: {}; current mix kept", pl.col("reason")).alias(
+            "status"
+        ),
+    )
+    cols_out = [
+        "account_id",
+        "household_id",
+        "asset_class",
+        "market_value",
+        "x",
+        "status",
+    ]
+    parts = [bad.select(cols_out)] + ([ok.select(cols_out)] if n else [])
+    out = pl.concat(parts).with_columns(
+        pl.when(pl.col("x").abs() < 1e-6).then(0.0).otherwise(pl.col("x")).alias("x")
+    )
+    tot = pl.col("x").sum().over("account_id")
+    out = out.with_columns(
+        pl.when(tot != 0).then(pl.col("x") / tot).otherwise(0.0).alias("target_weight")
+    ).with_columns(
+        (pl.col("target_weight") * pl.col("market_value")).alias("target_value")
+    )
+    return (
+        out.select(list(OUTPUT_SCHEMA))
+        .cast(OUTPUT_SCHEMA)
+        .sort(["household_id", "account_id", "asset_class"])
+    )
