@@ -92,7 +92,8 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         policy = q("select any_value(policy_version) from drift_policy where as_of = ?")[0][0]
         proposals = q(
             """select count(*), count(*) filter (where inside_bands), coalesce(sum(trade_count), 0),
-                      count(*) filter (where compliance_review is not null)
+                      count(*) filter (where compliance_review is not null),
+                      count(*) filter (where scope = 'household')
                from trade_recommendations where as_of = ?"""
         )[0]
 
@@ -115,10 +116,11 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         lines.append(
             f"  {scope:<10}{scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
         )
-    recs, inside, trade_count, reviews = proposals
+    recs, inside, trade_count, reviews, households = proposals
     lines += [
         "",
-        f"Trade proposals: {recs:,} account recommendations, {trade_count:,} trades; "
+        f"Trade proposals: {recs:,} recommendations ({recs - households:,} accounts, {households:,} households "
+        f"through the asset-location optimiser), {trade_count:,} trades; "
         f"{inside:,} back inside every band after whole-share rounding, {recs - inside:,} explain the band "
         f"they cannot reach; {reviews:,} flagged for compliance review",
     ]
