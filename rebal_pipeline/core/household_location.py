@@ -47,6 +47,8 @@ import polars as pl
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
+from rebal_pipeline.core.frames import conform
+
 STATUS_OPTIMAL = "optimal"
 
 # A household whose elastic slack exceeds this fraction of its value cannot reach its targets.
@@ -141,11 +143,7 @@ _INPUTS: dict[str, dict[str, pl.DataType]] = {
 
 
 def _frame(df: pl.DataFrame, name: str) -> pl.DataFrame:
-    schema = _INPUTS[name]
-    missing = [c for c in schema if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} is missing columns {missing}")
-    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+    return conform(df, _INPUTS[name], name)
 
 
 def _money(col: str) -> pl.Expr:

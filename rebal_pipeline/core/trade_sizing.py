@@ -88,6 +88,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from rebal_pipeline.core.frames import conform
+
 CASH_SYMBOL = "CASH"
 CASH_CLASS = "cash"
 
@@ -231,11 +233,7 @@ def recommendation_ids(account_ids: pl.Series | pl.DataFrame, trades: pl.DataFra
 
 
 def _frame(df: pl.DataFrame, name: str) -> pl.DataFrame:
-    schema = _INPUTS[name]
-    missing = [c for c in schema if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name}: missing column(s) {', '.join(missing)}")
-    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+    return conform(df, _INPUTS[name], name)
 
 
 def _flag(df: pl.DataFrame, name: str) -> pl.DataFrame:
