@@ -717,28 +717,21 @@ def size_trades(
         post_v=pl.col("cv") - (pl.col("sell_q_final") * price).fill_null(0.0) + (pl.col("buy_q_final") * price).fill_null(0.0),
     )
 
-    trade_cols = ["account_id", "symbol", "asset_class", "side", "quantity", "est_price", "est_value", "reason"]
-    sells = u.filter(pl.col("sell_q_final") > 0).select(
-        "account_id",
-        "symbol",
-        "asset_class",
-        side=pl.lit("sell"),
-        quantity="sell_q_final",
-        est_price="price",
-        est_value=pl.col("sell_q_final") * price,
-        reason="sell_reason",
-    )
-    buys = u.filter(pl.col("buy_q_final") > 0).select(
-        "account_id",
-        "symbol",
-        "asset_class",
-        side=pl.lit("buy"),
-        quantity="buy_q_final",
-        est_price="price",
-        est_value=pl.col("buy_q_final") * price,
-        reason="buy_reason",
-    )
-    trades = pl.concat([sells.select(trade_cols), buys.select(trade_cols)]).sort(["account_id", "side", "symbol"])
+    trades = pl.concat(
+        [
+            u.filter(pl.col(f"{side}_q_final") > 0).select(
+                "account_id",
+                "symbol",
+                "asset_class",
+                side=pl.lit(side),
+                quantity=f"{side}_q_final",
+                est_price="price",
+                est_value=pl.col(f"{side}_q_final") * price,
+                reason=f"{side}_reason",
+            )
+            for side in ("sell", "buy")
+        ]
+    ).sort(["account_id", "side", "symbol"])
 
     # ---- Account totals ----------------------------------------------------------------------
     acct_u = u.group_by("account_id", maintain_order=True).agg(

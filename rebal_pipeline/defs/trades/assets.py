@@ -40,9 +40,6 @@ QUERIES = {
     "model_weights": """select a.account_id, m.symbol, m.weight::double as weight
                          from stg_feed_accounts a join stg_feed_models m on m.model_id = a.model_id and m.as_of = $as_of
                          where a.as_of = $as_of and a.account_id in {who}""",
-    "securities": """select s.symbol, s.asset_class, s.security_type, s.fractional, p.close::double as price
-                     from stg_feed_securities s join stg_feed_prices p on p.symbol = s.symbol and p.as_of = $as_of
-                     where s.as_of = $as_of""",
     "restrictions": """select account_id, kind, value from stg_feed_restrictions
                         where as_of = $as_of and account_id in {who}""",
     "bands": """select scope_id as account_id, asset_class, band from drift
@@ -55,6 +52,11 @@ QUERIES = {
                     left join int_model_versions v on v.model_id = a.model_id and v.as_of = $as_of
                     where a.as_of = $as_of and a.account_id in {who}""",
 }
+
+# The security master with the day's closes: the same for every account, read once a day.
+SECURITIES = """select s.symbol, s.asset_class, s.security_type, s.fractional, p.close::double as price
+                from stg_feed_securities s join stg_feed_prices p on p.symbol = s.symbol and p.as_of = $as_of
+                where s.as_of = $as_of"""
 
 # What the household optimiser needs, for the members of alerted aggregated households.
 HOUSEHOLD_QUERIES = {
@@ -150,10 +152,10 @@ def _sizing_policy(policy) -> SizingPolicy:
     )
 
 
-def _account_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     frames = _read(con, QUERIES, ACCOUNT_SCOPE, as_of)
     sized = size_trades(
-        frames["holdings"], frames["class_targets"], frames["model_weights"], frames["securities"],
+        frames["holdings"], frames["class_targets"], frames["model_weights"], securities,
         frames["restrictions"], frames["bands"], _sizing_policy(policy),
     )
     # Identity: the same as-of date, account, policy, model version and trades give the
@@ -176,13 +178,16 @@ def _account_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataF
     return trades, accounts
 
 
-def _household_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Aggregated households: the optimiser places each class across the member accounts
     (asset location, no gains realised in taxable where avoidable), then the sizing core turns
     each member's class targets into whole-share trades. One recommendation per household."""
     from rebal_pipeline.core.household_location import LocationPolicy, locate_households
 
-    frames = _read(con, QUERIES, HOUSEHOLD_MEMBERS, as_of)
+    # Class targets come from the optimiser and bands from the household, so the accounts'
+    # own targets and bands are not read.
+    wanted = ("holdings", "model_weights", "restrictions", "versions")
+    frames = _read(con, {name: QUERIES[name] for name in wanted}, HOUSEHOLD_MEMBERS, as_of)
     lp = _read(con, HOUSEHOLD_QUERIES, HOUSEHOLD_MEMBERS, as_of)
     if lp["members"].height == 0:
         return pl.DataFrame(), pl.DataFrame()
@@ -195,7 +200,7 @@ def _household_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.Dat
     )
     sized = size_trades(
         frames["holdings"], located.select("account_id", "asset_class", "target_weight"),
-        frames["model_weights"], frames["securities"], frames["restrictions"], lp["bands"],
+        frames["model_weights"], securities, frames["restrictions"], lp["bands"],
         _sizing_policy(policy),
     )
     members = (
@@ -276,8 +281,9 @@ def _household_proposals(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.Dat
 def propose_trades(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Size the day's alerts (accounts, and aggregated households through the optimiser) and
     write trade_proposals and trade_recommendations. Returns (trades, recommendations)."""
-    account_trades, account_recs = _account_proposals(con, as_of, policy)
-    household_trades, household_recs = _household_proposals(con, as_of, policy)
+    securities = con.execute(SECURITIES, {"as_of": as_of}).pl()
+    account_trades, account_recs = _account_proposals(con, as_of, policy, securities)
+    household_trades, household_recs = _household_proposals(con, as_of, policy, securities)
     trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed").with_columns(
         pl.lit(as_of).alias("as_of")
     )
