@@ -128,7 +128,7 @@ def _dagster(work: Path) -> dict:
     from rebal_pipeline.defs.feed.assets import assets as feed_assets
     from rebal_pipeline.defs.trades.assets import assets as trade_assets
     from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
-    from rebal_pipeline.resources import DriftPolicySource, FeedLocation, Warehouse
+    from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse
 
     started = time.perf_counter()
     result = materialize(
@@ -139,6 +139,7 @@ def _dagster(work: Path) -> dict:
             "warehouse": Warehouse(database=str(work / "dagster_warehouse.duckdb")),
             "feed": FeedLocation(feed_root=str(work / "feeds"), archive_root=str(work / "archive")),
             "drift_policy_source": DriftPolicySource(),
+            "advisor_overrides": AdvisorOverrides(wash_sale_file=str(work / "no_overrides.csv")),
         },
     )
     return {"dagster_s": time.perf_counter() - started, "dagster_ok": result.success,

@@ -88,6 +88,26 @@ def cmd_benchmark(args) -> int:
     return run_benchmark(sizes, Path(args.output), work_dir=Path(args.work_dir) if args.work_dir else None)
 
 
+def cmd_keep_washing_buy(args) -> int:
+    """Record an advisor's documented decision to keep a buy that washes a loss."""
+    from pydantic import ValidationError
+
+    from rebal_pipeline.core.overrides import WashSaleOverride, record_override
+
+    try:
+        override = WashSaleOverride(as_of=_as_of(args.as_of), account_id=args.account, symbol=args.symbol,
+                                    reason=args.reason, decided_by=args.by)
+    except ValidationError as error:
+        for problem in error.errors():
+            print(f"rebal: {'.'.join(map(str, problem['loc']))}: {problem['msg']}", file=sys.stderr)
+        return 2
+    path = settings.wash_sale_overrides_path()
+    record_override(path, override)
+    print(f"Recorded in {path}: {override.account_id} keeps its {override.symbol} buy on {override.as_of} "
+          f"({override.decided_by}). Re-run the day to update the proposals.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("summary", help="print the scan summary of a day already materialised")
     p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest closed NYSE session)")
     p.set_defaults(func=cmd_summary)
+
+    p = commands.add_parser("keep-washing-buy", help="advisor override: keep a proposed buy although it washes "
+                            "a loss (instead of the substitute); a documented reason is required")
+    p.add_argument("--account", required=True)
+    p.add_argument("--symbol", required=True, help="the security to keep buying")
+    p.add_argument("--reason", required=True, help="why (at least 10 characters; kept for compliance)")
+    p.add_argument("--by", required=True, help="the advisor's user id")
+    p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest closed NYSE session)")
+    p.set_defaults(func=cmd_keep_washing_buy)
 
     p = commands.add_parser("benchmark", help="time each stage at 10k and 100k accounts; writes BENCHMARKS.md")
     p.add_argument("--accounts", default="10000,100000", help="comma-separated book sizes (default %(default)s)")

@@ -94,8 +94,34 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
             """select count(*), count(*) filter (where inside_bands), coalesce(sum(trade_count), 0),
                       count(*) filter (where compliance_review is not null),
                       count(*) filter (where scope = 'household')
-               from trade_recommendations where as_of = ?"""
+               from trade_recommendations where as_of = ? and kind = 'rebalance'"""
         )[0]
+        tax = q(
+            """select coalesce(sum(st_gain), 0), coalesce(sum(lt_gain), 0), coalesce(sum(realized_loss), 0),
+                      coalesce(sum(est_tax), 0), coalesce(sum(trade_value), 0),
+                      count(*) filter (where wait_for_long_term),
+                      coalesce(sum(tax_saved_by_waiting) filter (where wait_for_long_term), 0)
+               from recommendation_summary where as_of = ? and kind = 'rebalance'"""
+        )[0]
+        harvests = q(
+            """select count(*) filter (where status = 'proposed'), count(*),
+                      coalesce(sum(unrealized_loss) filter (where status = 'proposed'), 0),
+                      count(distinct recommendation_id) filter (where status = 'proposed'),
+                      count(*) filter (where wash_sale_conflict)
+               from tlh_candidates where as_of = ?"""
+        )[0]
+        washes = q(
+            """select "when", count(*), coalesce(sum(disallowed_loss), 0),
+                      count(*) filter (where loss_lost_permanently), count(*) filter (where disallowed_loss is null)
+               from wash_sales where as_of = ? group by all order by all"""
+        )
+        substituted = q(
+            "select count(*) from trade_proposals where as_of = ? and reason = 'substitute' and replaces_symbol is not null"
+        )[0][0]
+        wait_examples = q(
+            """select scope_id, wait_reason from recommendation_summary
+               where as_of = ? and wait_for_long_term order by tax_saved_by_waiting desc, scope_id limit 3"""
+        )
 
     alerts = sum(r[3] for r in by_tier)
     lines = [
@@ -124,6 +150,29 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         f"{inside:,} back inside every band after whole-share rounding, {recs - inside:,} explain the band "
         f"they cannot reach; {reviews:,} flagged for compliance review",
     ]
+    st, lt, loss, est_tax, traded, waits, saved = tax
+    lots_proposed, lots_found, harvest_loss, harvest_recs, conflicts = harvests
+    lines += [
+        "",
+        f"Tax impact of the rebalancing sells: short-term gain ${st:,.0f}, long-term gain ${lt:,.0f}, "
+        f"losses ${loss:,.0f}; estimated tax ${est_tax:,.0f} ({(est_tax / traded * 100) if traded else 0:.2f}% of "
+        f"${traded:,.0f} traded)",
+        f"  wait for long-term advised on {waits:,} recommendations (about ${saved:,.0f} of tax saved by waiting)",
+    ]
+    for scope_id, reason in wait_examples:
+        lines.append(f"    {scope_id}: {reason}")
+    lines.append(
+        f"Tax-loss harvesting: {lots_found:,} lots down at least the threshold; {harvest_recs:,} harvest "
+        f"recommendations selling {lots_proposed:,} lots (${harvest_loss:,.0f} of losses) into their substitutes; "
+        f"{conflicts:,} lots blocked by a wash-sale conflict"
+    )
+    for when, count, disallowed, lost, unchecked in washes:
+        if when == "past":
+            lines.append(f"Wash sales in the last 30 days: {count - unchecked:,} found (${disallowed:,.0f} disallowed, "
+                         f"{lost:,} lost for good in an IRA), {unchecked:,} sells not checkable (no basis reported)")
+        else:
+            lines.append(f"Wash sales the proposals would still cause: {count:,} (${disallowed:,.0f} disallowed)")
+    lines.append(f"Buys replaced by their substitute to avoid a wash sale: {substituted:,}")
     lines += ["", f"Rejected feed rows: {len(rejects)} (accounts held out with a data-quality alert)"]
     for file, line, column, value, reason in rejects[:15]:
         lines.append(f"  {file}:{line} [{column}] {value!r}: {reason}")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import duckdb
 from dagster import ConfigurableResource
 
 from rebal_pipeline import settings
 from rebal_pipeline.core.policy import DriftPolicy, load_policy
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class Warehouse(ConfigurableResource):
@@ -50,6 +53,17 @@ class DriftPolicySource(ConfigurableResource):
         return load_policy(self.policy_file or None)
 
 
+class AdvisorOverrides(ConfigurableResource):
+    """Advisors' documented overrides of the tax engine (core/overrides.py)."""
+
+    wash_sale_file: str
+
+    def wash_sale_overrides(self, as_of) -> "pl.DataFrame":
+        from rebal_pipeline.core.overrides import read_overrides
+
+        return read_overrides(Path(self.wash_sale_file), as_of)
+
+
 def local_resources() -> dict:
     policy = settings.policy_file()
     return {
@@ -61,4 +75,5 @@ def local_resources() -> dict:
             feed_root=str(settings.feed_root()), archive_root=str(settings.archive_root())
         ),
         "drift_policy_source": DriftPolicySource(policy_file=str(policy) if policy else ""),
+        "advisor_overrides": AdvisorOverrides(wash_sale_file=str(settings.wash_sale_overrides_path())),
     }

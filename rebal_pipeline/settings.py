@@ -5,6 +5,7 @@ REBAL_HOME (default: <repo>/.rebal) holds the embedded set-up the drill uses:
   archive/sha256/..        raw feed files, content-addressed, write-once
   warehouse.duckdb         the DuckDB warehouse
   dagster_home/            DAGSTER_HOME for the embedded SQLite Dagster instance
+  overrides/               advisors' documented overrides of the tax engine
 Each can be moved on its own with the env vars below (production points them elsewhere).
 """
 
@@ -43,3 +44,8 @@ def sql_dir() -> Path:
 def policy_file() -> Path | None:
     value = os.environ.get("REBAL_DRIFT_POLICY")
     return Path(value) if value else None
+
+
+def wash_sale_overrides_path() -> Path:
+    """Advisors' documented "keep this buy although it washes a loss" decisions (append-only CSV)."""
+    return Path(os.environ.get("REBAL_WASH_SALE_OVERRIDES", rebal_home() / "overrides" / "wash_sale_overrides.csv"))

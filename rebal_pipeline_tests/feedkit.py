@@ -21,7 +21,7 @@ from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.feed.assets import assets as feed_assets
 from rebal_pipeline.defs.trades.assets import assets as trade_assets
 from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
-from rebal_pipeline.resources import DriftPolicySource, FeedLocation, Warehouse
+from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse
 
 AS_OF = date(2026, 11, 20)  # a Friday, an NYSE session
 
@@ -122,7 +122,12 @@ class Workspace:
             "warehouse": Warehouse(database=str(self.warehouse_path)),
             "feed": FeedLocation(feed_root=str(self.feed_root), archive_root=str(self.root / "archive")),
             "drift_policy_source": DriftPolicySource(policy_file=str(policy_file or "")),
+            "advisor_overrides": AdvisorOverrides(wash_sale_file=str(self.overrides_path)),
         }
+
+    @property
+    def overrides_path(self) -> Path:
+        return self.root / "overrides" / "wash_sale_overrides.csv"
 
     def run_day(self, as_of: date = AS_OF, instance: DagsterInstance | None = None,
                 policy_file: Path | None = None, raise_on_error: bool = True):

@@ -192,6 +192,14 @@ violations as (
     select 'transactions.csv', _line, 'trade_date', trade_date::varchar, 'trade date after the as-of date',
         account_id, null, null, symbol, null, null
     from transactions where trade_date > $as_of
+    union all
+    select 'transactions.csv', _line, 'cost_basis', cost_basis::varchar, 'negative cost basis',
+        account_id, null, null, symbol, null, null
+    from transactions where cost_basis < 0
+    union all
+    select 'transactions.csv', _line, 'acquired_date', acquired_date::varchar,
+        'shares acquired after the date they were sold', account_id, null, null, symbol, null, null
+    from transactions where acquired_date > trade_date
 )
 
 select $as_of::date as as_of, *

@@ -13,6 +13,8 @@ select
     suspended = 'true' as suspended,
     suspended_reason,
     model_id,
-    advisor_id as advisor_override_id
+    advisor_id as advisor_override_id,
+    -- empty = the policy's default lot relief method
+    nullif(lot_relief_method, '') as lot_relief_method
 from {{ source('accounts') }}
 where as_of = $as_of and _type_ok

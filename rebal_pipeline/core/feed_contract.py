@@ -60,6 +60,9 @@ SECURITY_TYPES = ("stock", "etf", "mutual_fund", "bond", "money_market", "cash")
 RESTRICTION_KINDS = ("no_buy_symbol", "no_sell_symbol", "no_asset_class", "min_cash_weight")
 TRANSACTION_TYPES = ("buy", "sell", "reinvest", "transfer_in", "transfer_out")
 TARGET_SCOPES = ("account", "household")
+# How the lots of a sale are chosen: fifo is the default when lots are not identified
+# (Treas. Reg. §1.1012-1(c)(1)); hifo and tax_min are standing specific-identification orders.
+LOT_RELIEF_METHODS = ("fifo", "hifo", "tax_min")
 CASH_SYMBOL = "CASH"
 
 FEED_FILES: dict[str, FeedFile] = {
@@ -106,6 +109,8 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("model_id", "id", nullable=True),
                 # Optional: overrides the household's advisor of record.
                 Column("advisor_id", "id", required=False, nullable=True),
+                # Optional: the account's standing lot-relief instruction; empty = the policy default.
+                Column("lot_relief_method", "enum", required=False, nullable=True, choices=LOT_RELIEF_METHODS),
             ),
             key=("account_id",),
         ),
@@ -170,6 +175,10 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("open_date", "date"),
                 Column("quantity", "decimal"),
                 Column("cost_basis", "decimal"),
+                # Optional: true when the custodian has already added a disallowed wash-sale loss
+                # to this lot's basis (brokers must for identical securities in one account,
+                # IRC §6045(g)); rebal then does not add it a second time.
+                Column("wash_sale_adjusted", "bool", required=False, nullable=True),
             ),
             key=("account_id", "lot_id"),
             doc="cost_basis is the lot's total dollars; lots of one account/symbol sum to the position.",
@@ -183,6 +192,11 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("type", "enum", choices=TRANSACTION_TYPES),
                 Column("quantity", "decimal"),
                 Column("price", "decimal"),
+                # Optional, for sells: the total cost basis of the shares sold and the date they
+                # were acquired, as custodians report realised gains. Without them a past loss sale
+                # cannot be checked for a wash sale (reported, never guessed).
+                Column("cost_basis", "decimal", required=False, nullable=True),
+                Column("acquired_date", "date", required=False, nullable=True),
             ),
             key=(),
             doc="At least the last 31 days (the wash-sale look-back).",

@@ -208,6 +208,10 @@ def ensure_landing_table(con: duckdb.DuckDBPyConnection, spec: FeedFile) -> None
         f"create table if not exists {quote(landing_table(spec.name))} "
         f"(as_of date, _line bigint, _type_ok boolean, {columns})"
     )
+    # The contract only grows (additive changes): a warehouse landed under an older contract
+    # gains the new optional columns, empty for the days before they existed.
+    for column in spec.column_names:
+        con.execute(f"alter table {quote(landing_table(spec.name))} add column if not exists {quote(column)} varchar")
 
 
 def _load_rows(con: duckdb.DuckDBPyConnection, received: ReceivedFile, as_of: date) -> int:

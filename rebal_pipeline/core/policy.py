@@ -52,6 +52,24 @@ class TradeSizingRule(_Strict):
     fractional_decimals: int = Field(default=3, ge=0, le=8)
 
 
+class WaitForLongTermRule(_Strict):
+    """When to advise waiting for short-term lots to turn long-term instead of selling now."""
+
+    window_days: int = Field(default=30, ge=0, le=366)
+    # Drift at or beyond this multiple of its band is severe: rebalance now whatever the tax.
+    severe_drift_multiple: Decimal = Field(default=Decimal(2), gt=1)
+    min_tax_saved: Decimal = Field(default=Decimal(0), ge=0)
+
+
+class TaxRule(_Strict):
+    """The tax engine's settings: lot relief default, harvesting minimum, wait-for-long-term."""
+
+    # Treas. Reg. §1.1012-1(c)(1): without an identification of lots, shares are sold FIFO.
+    default_lot_relief_method: Literal["fifo", "hifo", "tax_min"] = "fifo"
+    tlh_min_loss: Decimal = Field(default=Decimal(0), ge=0)
+    wait_for_long_term: WaitForLongTermRule = WaitForLongTermRule()
+
+
 class DriftPolicy(_Strict):
     version: str = Field(min_length=1)
     effective_from: date
@@ -60,6 +78,7 @@ class DriftPolicy(_Strict):
     tlh_loss_threshold: Decimal = Field(gt=0, lt=1)
     relative_band: Decimal | None = Field(default=None, gt=0, lt=1)
     trade_sizing: TradeSizingRule = TradeSizingRule()
+    tax: TaxRule = TaxRule()
     content_sha256: str = ""
 
     @model_validator(mode="after")

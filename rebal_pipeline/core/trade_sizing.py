@@ -6,7 +6,7 @@ book of 100,000 accounts sizes in a few seconds. The only per-account Python is 
 of one canonical string per account (`recommendation_ids`), which is not the hot path.
 
     result = size_trades(holdings, class_targets, model_weights, securities, restrictions, bands,
-                         SizingPolicy(model_version="..."))
+                         SizingPolicy(model_version="..."), sell_tax_cost=None)
     result.trades     # account_id, recommendation_id, symbol, asset_class, side, quantity,
                       # est_price, est_value, reason
     result.accounts   # account_id, recommendation_id, market_value, cash_before, cash_after,
@@ -34,6 +34,23 @@ The rules, in the order they are applied (each is also commented where it is imp
    factor when they need more than that; buys round down, so cash never goes negative and never
    ends below its target because of rounding (sells are rounded up instead of to the nearest
    share when nearest rounding would leave cash under its target).
+3t. Tax-aware class sells (taxable accounts): `sell_tax_cost` (account_id, symbol,
+   tax_per_dollar = estimated tax per dollar of proceeds if the position is sold under the
+   account's lot-relief method; negative = a realised loss, i.e. a saving) has rows only for
+   taxable accounts; an account without rows is sized exactly as in rule 3. For an account with
+   rows, every non-cash class that is not barred (no_asset_class) and whose current value is above
+   its target value (its security targets summed, after rule 2's cash scaling and rule 4's
+   substitution) is reduced by its net excess only (current − target of the class), sold from the
+   class's held securities in ascending tax_per_dollar (a held security without a row counts as
+   0.0; ties: larger market value first, then symbol), each up to its whole holding, never a
+   no_sell_symbol security (the part of the excess only no-sell holdings could cover is reported
+   as blocked by restriction, as in rule 4). Nothing is bought in such a class (rule 6b
+   included), and its other securities stay as they are even when over their own targets.
+   Underweight classes and cash keep rules 3 and 4. Rules 5, 6, 7 and 9 apply unchanged; for
+   rule 8 a tax-preferred sell is "rebalance" unless the cash target enlarged it (the same
+   greedy fill of the class excess measured against the unscaled target is the plain sell).
+   Duplicate rows for one account and symbol: the largest tax_per_dollar counts; null or NaN
+   counts as 0.0.
 4. Restrictions: no_sell_symbol → never sold; no_buy_symbol → never bought: the security keeps
    at most what it holds and the rest of its target moves to a substitute of the same class (the
    first allowed of: the account's model securities of the class, then its holdings of the
@@ -140,6 +157,7 @@ _INPUTS: dict[str, dict[str, pl.DataType]] = {
     "securities": {"symbol": pl.String(), "asset_class": pl.String(), "fractional": pl.Boolean(), "price": pl.Float64()},
     "restrictions": {"account_id": pl.String(), "kind": pl.String(), "value": pl.String()},
     "bands": {"account_id": pl.String(), "asset_class": pl.String(), "band": pl.Float64()},
+    "sell_tax_cost": {"account_id": pl.String(), "symbol": pl.String(), "tax_per_dollar": pl.Float64()},
 }
 
 
@@ -319,8 +337,12 @@ def size_trades(
     restrictions: pl.DataFrame,
     bands: pl.DataFrame,
     policy: SizingPolicy = SizingPolicy(),
+    *,
+    sell_tax_cost: pl.DataFrame | None = None,
 ) -> SizingResult:
-    """Size whole-share trades for every account in `class_targets`. See the module docstring."""
+    """Size whole-share trades for every account in `class_targets`. See the module docstring.
+    `sell_tax_cost` (account_id, symbol, tax_per_dollar; rows only for taxable accounts) turns
+    on rule 3t for the accounts it has rows for."""
     ct = (
         _frame(class_targets, "class_targets")
         .group_by(_CLASS_KEY)
@@ -361,6 +383,19 @@ def size_trades(
     no_buy = _flag(r.filter(pl.col("kind") == "no_buy_symbol").select("account_id", symbol="value"), "no_buy")
     no_sell = _flag(r.filter(pl.col("kind") == "no_sell_symbol").select("account_id", symbol="value"), "no_sell")
     barred = _flag(r.filter(pl.col("kind") == "no_asset_class").select("account_id", asset_class="value"), "barred")
+    # Rule 3t input: one tax rate per (account, symbol); an account with any row is taxable.
+    stc = (
+        _frame(
+            sell_tax_cost if sell_tax_cost is not None else pl.DataFrame(schema=_INPUTS["sell_tax_cost"]),
+            "sell_tax_cost",
+        )
+        .join(accounts, on="account_id", how="semi")
+        .with_columns(pl.col("tax_per_dollar").fill_nan(None).fill_null(0.0))
+        .group_by(_KEY)
+        .agg(tax=pl.col("tax_per_dollar").max())
+        .sort(_KEY)
+    )
+    taxable = _flag(stc.select("account_id"), "taxable")
     # A min_cash_weight that is not a number fails loudly (strict cast): a compliance restriction
     # is never silently ignored.
     min_cash = (
@@ -600,10 +635,71 @@ def size_trades(
         tradable=(price > 0).fill_null(False) & (mv > 0) & ~pl.col("barred"),
     )
 
+    # ---- Rule 3t: a taxable account sells an overweight class's net excess, cheapest tax first --
+    # Why: selling every overweight security back to its own model weight realises gains on
+    # positions that merely drifted inside a class, and buying the class's underweights with the
+    # proceeds is a round trip that costs tax for no change in the asset mix. The bands are on
+    # classes, so a taxable account only needs the class back to its target: sell the class's
+    # net excess from the positions whose sale costs the least tax (losses first) and buy
+    # nothing in the class.
+    unscaled_tw = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
+    u = (
+        u.join(taxable, on="account_id", how="left")
+        .join(stc, on=_KEY, how="left")
+        .with_columns(pl.col("taxable").fill_null(False), pl.col("tax").fill_null(0.0))
+        .sort(_KEY)
+        .with_columns(
+            class_cv=pl.col("cv").sum().over(_CLASS_KEY),
+            class_tv=(pl.col("tw") * mv).sum().over(_CLASS_KEY),
+            class_tv0=(unscaled_tw * mv).sum().over(_CLASS_KEY),
+        )
+        .with_columns(
+            tax_class=(
+                pl.col("taxable")
+                & (pl.col("asset_class") != CASH_CLASS)
+                & ~pl.col("barred")
+                & (mv > 0)
+                & (pl.col("class_cv") - pl.col("class_tv") > 0.005)
+            ),
+            held_v=pl.col("cv").clip(lower_bound=0.0),
+            sellable=pl.col("tradable") & ~pl.col("no_sell") & (pl.col("quantity") > 0),
+        )
+    )
+    # Greedy fill, vectorised: within each such class, securities in sale order (those that may
+    # be sold first; then cheapest tax, larger holding, symbol); each sells what of the excess is
+    # left after the ones before it (a running sum), at most its holding. A no-sell or unpriced
+    # holding comes last, so its "wanted" sell is only the part nothing else could cover (and a
+    # no-sell one is then reported as blocked by restriction, rules 4 and 7).
+    fill = (
+        u.filter(pl.col("tax_class") & (pl.col("held_v") > 0))
+        .sort(
+            ["account_id", "asset_class", "sellable", "tax", "held_v", "symbol"],
+            descending=[False, False, True, False, True, False],
+        )
+        .with_columns(before=pl.col("held_v").cum_sum().over(_CLASS_KEY) - pl.col("held_v"))
+        .select(
+            "account_id",
+            "symbol",
+            tax_sell_v=pl.min_horizontal(pl.col("held_v"), pl.col("class_cv") - pl.col("class_tv") - pl.col("before"))
+            .clip(lower_bound=0.0),
+            # Rule 8: the same fill of the excess over the target before the cash scaling is the
+            # plain (tax-preferred, "rebalance") sell; anything above it was for the cash target.
+            tax_plain_v=pl.min_horizontal(pl.col("held_v"), pl.col("class_cv") - pl.col("class_tv0") - pl.col("before"))
+            .clip(lower_bound=0.0),
+        )
+    )
+    u = (
+        u.join(fill, on=_KEY, how="left")
+        .with_columns(pl.col("tax_sell_v", "tax_plain_v").fill_null(0.0))
+        .sort(_KEY)
+    )
+
     # ---- Rule 3 + 4 + 5: sells first ---------------------------------------------------------
     u = u.with_columns(
         # Sell overweights toward target, never more than held.
-        want_sell_v=pl.when(pl.col("diff") < 0)
+        want_sell_v=pl.when(pl.col("tax_class"))
+        .then(pl.col("tax_sell_v"))  # rule 3t
+        .when(pl.col("diff") < 0)
         .then(pl.min_horizontal(-pl.col("diff"), pl.col("cv")))
         .otherwise(0.0)
         .clip(lower_bound=0.0),
@@ -642,7 +738,8 @@ def size_trades(
 
     # ---- Rule 3 + 4 + 5: then buys, scaled to the cash available -----------------------------
     u = u.with_columns(
-        want_buy_v=pl.when(pl.col("tradable") & ~pl.col("no_buy") & (pl.col("diff") > 0))
+        # Rule 3t: nothing is bought in a class a taxable account is selling down.
+        want_buy_v=pl.when(pl.col("tradable") & ~pl.col("no_buy") & ~pl.col("tax_class") & (pl.col("diff") > 0))
         .then(pl.col("diff"))
         .otherwise(0.0),
     ).with_columns(
@@ -681,6 +778,7 @@ def size_trades(
             & (pl.col("tw") > 0)
             & (pl.col("asset_class") != CASH_CLASS)  # a money-market buy leaves the cash class as it is
             & (pl.col("sell_q_final") == 0)  # never buy and sell the same security
+            & ~pl.col("tax_class")  # rule 3t: never buy into a class being sold down
         ),
     )
     for _ in range(_TOPUP_ROUNDS):
@@ -696,9 +794,13 @@ def size_trades(
     )
 
     # ---- Rule 8: one reason per trade -------------------------------------------------------
-    # The ordinary overweight, measured against the target before the cash-target scaling.
-    unscaled_tw = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
-    ordinary_sell_v = (pl.col("cv") - unscaled_tw * mv).clip(lower_bound=0.0)
+    # The ordinary overweight, measured against the target before the cash-target scaling (for a
+    # rule-3t class: that security's share of the class excess over the unscaled target).
+    ordinary_sell_v = (
+        pl.when(pl.col("tax_class"))
+        .then(pl.col("tax_plain_v"))
+        .otherwise((pl.col("cv") - unscaled_tw * mv).clip(lower_bound=0.0))
+    )
     u = u.with_columns(
         sell_reason=pl.when(
             pl.col("ceil_changed")

@@ -4,7 +4,8 @@
 made-up advisory firm: advisors and staff, client households with tax rates, their accounts,
 model portfolios, IPS overrides, restrictions, securities and closes, positions, cost-basis lots
 and the last 60 days of transactions. docs/sandbox.md describes the knobs, what the book looks
-like and the defects that `defects=True` plants.
+like, the past wash sales it always plants (`SandboxReport.wash_sales`) and the defects that
+`defects=True` plants (`SandboxReport.defects`).
 
 Everything is drawn with numpy/polars over whole arrays (there is no loop over accounts), so a
 book of a million accounts takes about 25 seconds. The book is a pure function of the config:
@@ -13,16 +14,22 @@ the same config gives byte-identical files.
 How the book is built, in the order of the code below:
 1. households: AUM (lognormal, calibrated to the Base/Standard/Premium tiers), tax brackets,
    accounts per household, aggregate rebalancing and household IPS targets;
-2. accounts: type, custodian, flags, model and account-level IPS targets;
+2. accounts: type, custodian, flags, model, account-level IPS targets and standing lot-relief
+   method;
 3. holdings: each account's target asset-class weights spread over the securities of its model,
    perturbed (and, for some accounts, tilted past their band), valued at PRE-shock closes and
    rounded to whole shares (thousandths for funds); the remainder is cash;
 4. lots: each position split in integer units into 1-3 lots opened over five years, priced
    from a simulated daily price history (with a market peak some eight months back, so that
    lots bought near it are tax-loss-harvesting candidates);
-5. transactions: the buy (or dividend reinvestment) behind every lot opened in the last 60
-   days, some sells and cash deposits, so the wash-sale look-back has something to look at;
-6. the `shock` moves only the as-of closes in prices.csv; the positions stay as they were.
+5. past wash sales: in a handful of households per 200, a taxable account sold a lot bought at
+   the peak, 1-30 days ago, at a loss; where the scenario has a replacement purchase, the newest
+   lot of a position the household holds is moved to the purchase date (so lots still sum to
+   positions), and no other purchase of that wash group falls in the window;
+6. transactions: the buy (or dividend reinvestment) behind every lot opened in the last 60
+   days, the planted loss sales, trims of other fund positions (each sell with the basis and
+   acquisition date of the shares sold; never a wash sale by accident) and cash deposits;
+7. the `shock` moves only the as-of closes in prices.csv; the positions stay as they were.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from rebal_pipeline.core.feed_contract import (
     ASSET_CLASSES,
     CASH_SYMBOL,
     FEED_FILES,
+    LOT_RELIEF_METHODS,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +110,49 @@ class InjectedDefect(BaseModel):
     kind: str
 
 
+WASH_SALE_KINDS = (
+    "ira_replacement",  # (a) taxable loss sale, same wash group bought in the household's IRA: loss lost for good
+    "same_account",  # (b) same symbol bought back in the same account 10-25 days later; basis not yet adjusted
+    "custodian_adjusted",  # (c) like (b), but the custodian already added the loss to the lot (wash_sale_adjusted=true)
+    "partial_replacement",  # (d) like (b), but fewer shares bought back (e.g. 75 of 100)
+    "clean_harvest",  # (e) a loss sale with no substantially identical purchase within 30 days: not a wash
+    "outside_window",  # (e) a loss sale whose only such purchase is 31+ days before it: not a wash
+)
+NOT_WASH_SALES = ("clean_harvest", "outside_window")
+
+
+class WashSaleScenario(BaseModel):
+    """One past loss sale planted on purpose (docs/sandbox.md, "Past wash sales").
+
+    All amounts are exact: whole ETF shares at whole-cent closes. `loss` is the sale's
+    cost_basis minus price x quantity as written in transactions.csv. The "replacement" is the
+    substantially identical purchase (same wash_group) nearest the sale, if any: for
+    `outside_window` it is the purchase 31+ days before the sale, which is *not* a replacement.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str  # one of WASH_SALE_KINDS
+    household_id: str
+    account_id: str  # the taxable account that sold
+    symbol: str
+    sale_date: dt.date
+    quantity: Decimal  # shares sold
+    loss: Decimal  # dollars, > 0
+    replacement_account_id: str | None
+    replacement_symbol: str | None
+    replacement_date: dt.date | None  # the buy's trade_date == the replacement lot's open_date
+    replacement_quantity: Decimal | None
+    # What IRC §1091 disallows: loss x min(1, replacement/sold) for a wash sale, else 0. For
+    # ira_replacement it is lost for good (Rev. Rul. 2008-5); otherwise it belongs in the
+    # replacement lot's basis (already there for custodian_adjusted).
+    disallowed_loss: Decimal
+
+    @property
+    def wash_sale(self) -> bool:
+        return self.kind not in NOT_WASH_SALES
+
+
 class SandboxReport(BaseModel):
     """What was written. Row counts are data rows in the files, planted rows included."""
 
@@ -112,6 +163,8 @@ class SandboxReport(BaseModel):
     lots: int
     transactions: int
     defects: list[InjectedDefect] = Field(default_factory=list)
+    # The planted past loss sales, wash sales and not (always present, defects or not).
+    wash_sales: list[WashSaleScenario] = Field(default_factory=list)
 
 
 # Accounts per household: 1-5 with mean about 2.5.
@@ -220,6 +273,8 @@ _EQUITY, _FIXED_INCOME, _ALTERNATIVES, _CASH_CLASS = (_CLASS[c] for c in ("equit
 _CASH = _SEC[CASH_SYMBOL]
 _N_SEC = len(SECURITIES)
 _SEC_CLASS = np.array([_CLASS[s.asset_class] for s in SECURITIES], dtype=np.int8)
+_WASH_GROUPS = sorted({s.wash_group for s in SECURITIES})
+_SEC_GROUP = np.array([_WASH_GROUPS.index(s.wash_group) for s in SECURITIES], dtype=np.int64)
 # Quantities are integers in units: whole shares, thousandths of a share for funds that trade
 # fractionally, cents for the CASH balance (and the money-market fund). Splitting lots in integer units keeps them summing
 # exactly to the position.
@@ -423,12 +478,11 @@ def _draw_prices(config: SandboxConfig, as_of: np.datetime64) -> _Prices:
         [np.zeros((len(ASSET_CLASSES), 1)), np.cumsum(rng.normal(0.0, scale, (len(ASSET_CLASSES), HISTORY_DAYS - 1)), axis=1)],
         axis=1,
     )
-    groups = sorted({s.wash_group for s in SECURITIES})
     group_walk = np.concatenate(
-        [np.zeros((len(groups), 1)), np.cumsum(rng.normal(0.0, scale, (len(groups), HISTORY_DAYS - 1)), axis=1)],
+        [np.zeros((len(_WASH_GROUPS), 1)), np.cumsum(rng.normal(0.0, scale, (len(_WASH_GROUPS), HISTORY_DAYS - 1)), axis=1)],
         axis=1,
     )
-    group_of = np.array([groups.index(s.wash_group) for s in SECURITIES])
+    group_of = _SEC_GROUP
     drift = np.array([_CLASS_DRIFT[s.asset_class] for s in SECURITIES])
     class_vol = np.array([_CLASS_VOL[s.asset_class] for s in SECURITIES])
     idio_vol = np.array([s.idiosyncratic_vol for s in SECURITIES])
@@ -548,6 +602,7 @@ class _Accounts:
     holding_variant: np.ndarray
     wash_sale_seller: np.ndarray  # taxable account holding VTI at a loss ...
     wash_sale_buyer: np.ndarray  # ... while the household's IRA bought VTSAX within 30 days
+    lot_relief: np.ndarray  # index into LOT_RELIEF_METHODS; -1 = empty (the policy default, fifo)
 
 
 def _draw_accounts(config: SandboxConfig, households: _Households) -> _Accounts:
@@ -654,7 +709,19 @@ def _draw_accounts(config: SandboxConfig, households: _Households) -> _Accounts:
         holding_variant=holding_variant,
         wash_sale_seller=wash_sale_seller,
         wash_sale_buyer=wash_sale_buyer,
+        lot_relief=_draw_lot_relief(config, n),
     )
+
+
+# Standing lot-relief instructions: most accounts leave it to the policy default (fifo).
+LOT_RELIEF_P = {"": 0.60, "fifo": 0.05, "hifo": 0.10, "tax_min": 0.25}
+_TAX_MIN = LOT_RELIEF_METHODS.index("tax_min")
+
+
+def _draw_lot_relief(config: SandboxConfig, n: int) -> np.ndarray:
+    # Its own stream, so the rest of the accounts are drawn as before.
+    methods = np.array([-1 if m == "" else LOT_RELIEF_METHODS.index(m) for m in LOT_RELIEF_P], dtype=np.int8)
+    return methods[_choice(_rng(config.seed, "lot_relief"), LOT_RELIEF_P, n)]
 
 
 def _first_in_household(household: np.ndarray, mask: np.ndarray, n_households: int) -> np.ndarray:
@@ -794,6 +861,14 @@ class _Lots:
     days_back: np.ndarray  # open_date = as_of - days_back
     cost_cents: np.ndarray
     reinvested: np.ndarray
+    # Per position with lots (positions in order, cash left out): its first lot and lot count.
+    # Position row p of account a is entry p - a (each account's one cash row comes last).
+    position_first_lot: np.ndarray
+    position_lot_count: np.ndarray
+    # Lots whose cost_cents include a disallowed wash-sale loss the custodian already added
+    # (wash_sale_adjusted=true), and that loss in cents.
+    adjusted_lots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    adjusted_cents: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def _nearly_long_term_days_back(as_of: dt.date) -> np.ndarray:
@@ -913,7 +988,248 @@ def _draw_lots(config: SandboxConfig, accounts: _Accounts, positions: _Positions
         days_back=days_back[order],
         cost_cents=cost_cents[order],
         reinvested=reinvested[order],
+        # The sort keeps each position's lots together where they were.
+        position_first_lot=first_lot,
+        position_lot_count=lot_count.astype(np.int8),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Past wash sales
+# --------------------------------------------------------------------------------------------
+
+# Scenarios of each kind per 200 households (at least one of each kind where the book allows).
+WASH_SALES_PER_200 = {
+    "ira_replacement": 2,
+    "same_account": 2,
+    "custodian_adjusted": 1,
+    "partial_replacement": 1,
+    "clean_harvest": 1,
+    "outside_window": 1,
+}
+# What the scenarios sell and buy: equity and alternatives ETFs, whole shares at whole-cent
+# closes (so every amount is exact), whose history peaks >= 13% above today's close.
+_WASH_SALE_SECURITY = np.array([s.security_type == "etf" and s.asset_class in ("equity", "alternatives") for s in SECURITIES])
+WASH_SALE_WINDOW_DAYS = 30  # IRC §1091: 30 days before or after the sale
+
+
+@dataclass
+class _WashSales:
+    scenarios: list[WashSaleScenario]
+    households: np.ndarray  # bool per household: holds a scenario (no defect, no other sell there)
+    # The scenario sells, for transactions.csv.
+    account: np.ndarray
+    security: np.ndarray
+    days_back: np.ndarray
+    units: np.ndarray
+    price_cents: np.ndarray
+    cost_cents: np.ndarray
+    acquired_days_back: np.ndarray
+
+
+def _plan_wash_sales(
+    config: SandboxConfig,
+    accounts: _Accounts,
+    households: _Households,
+    positions: _Positions,
+    lots: _Lots,
+    prices: _Prices,
+) -> _WashSales:
+    """Choose the households of the past loss sales and rewrite the lots they bought back.
+
+    Each scenario sells, 1-30 days ago, a lot its taxable account bought at the market peak
+    (a short-term loss; those shares are gone, so no lot shows them). A replacement purchase is
+    the newest lot of a position it already holds, moved to its new opening date and priced at
+    that day's close, so lots still sum to positions and the cash balance is untouched. A
+    household is taken only when no other purchase of the wash group falls in the look-back
+    window, so the engine must find exactly the planted wash sales. One scenario per household.
+    """
+    rng = _rng(config.seed, "wash_sales")
+    as_of = np.datetime64(config.as_of)
+    history = prices.history_cents
+    peak = prices.peak_days_back
+    n_groups = len(_WASH_GROUPS)
+    wanted = {kind: max(1, round(households.n * per / 200)) for kind, per in WASH_SALES_PER_200.items()}
+
+    # Households that may hold one: not a prospective set-up (those bought VTSAX in the IRA
+    # recently), not the thin stock's holder (its `non_positive_price` defect holds it out).
+    eligible = np.ones(households.n, dtype=bool)
+    eligible[accounts.household[accounts.wash_sale_seller | accounts.wash_sale_buyer]] = False
+    eligible[accounts.household[positions.thin_stock_holder]] = False
+    # Looked for in a random pool of households, in pool order (enough to fill every kind).
+    pool = rng.permutation(np.flatnonzero(eligible))[: 4 * sum(wanted.values())]
+    rank = np.full(households.n, -1, dtype=np.int64)
+    rank[pool] = np.arange(len(pool))
+
+    # Candidate positions: scenario ETFs held in pool households, in pool order (a household's
+    # candidates together; its accounts are consecutive).
+    account_count = households.accounts[pool]
+    pool_accounts = np.repeat(_segment_starts(households.accounts)[pool], account_count) + _rank_in_segment(account_count)
+    # Each account's positions end with its cash row.
+    cash_row = np.flatnonzero(positions.security == _CASH)
+    first_position = np.where(pool_accounts > 0, cash_row[pool_accounts - 1] + 1, 0)
+    position_count = cash_row[pool_accounts] + 1 - first_position
+    p = np.repeat(first_position, position_count) + _rank_in_segment(position_count)
+    p = p[_WASH_SALE_SECURITY[positions.security[p]]]
+    account = positions.account[p].astype(np.int64)
+    security = positions.security[p].astype(np.int64)
+    household = accounts.household[account]
+    key = household * n_groups + _SEC_GROUP[security]
+    newest = lots.position_first_lot[p - account] + lots.position_lot_count[p - account] - 1
+    newest_units = lots.units[newest]
+    newest_recent = (lots.days_back[newest] <= LOOKBACK_DAYS).astype(np.int64)
+    # Purchases (lots opened in the transaction window) of each household's wash groups.
+    recent = np.flatnonzero(lots.days_back <= LOOKBACK_DAYS)
+    recent_household = accounts.household[lots.account[recent]]
+    recent_key = (recent_household * n_groups + _SEC_GROUP[lots.security[recent]])[rank[recent_household] >= 0]
+    keys, counts = np.unique(np.append(recent_key, -1), return_counts=True)  # -1: never empty
+    found = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+    group_purchases = np.where(keys[found] == key, counts[found], 0)
+    # ... other than the newest lot of this position (which a scenario may rewrite).
+    other_purchases = group_purchases - newest_recent
+
+    account_type = accounts.account_type[account]
+    active = ~accounts.suspended[account]
+    taxable = active & (account_type == _TYPE["taxable"])
+    ira = active & np.isin(account_type, [_TYPE["traditional_ira"], _TYPE["roth_ira"]])
+
+    used = np.zeros(households.n, dtype=bool)
+
+    def pick(kind: str, candidate_household: np.ndarray, valid: np.ndarray, limit: int | None = None) -> np.ndarray:
+        """Indices of the chosen candidates (which come in pool order, each household's together):
+        in the first unused households, each one's valid candidate of highest random priority."""
+        index = np.flatnonzero(valid & ~used[candidate_household])
+        if len(index) == 0:
+            return index
+        chosen_household = candidate_household[index]
+        start = np.flatnonzero(np.concatenate([[True], chosen_household[1:] != chosen_household[:-1]]))
+        priority = rng.random(len(index))
+        best = np.maximum.reduceat(priority, start)
+        chosen = index[priority == np.repeat(best, np.diff(np.append(start, len(index))))]
+        chosen = chosen[: wanted[kind] if limit is None else limit]
+        used[candidate_household[chosen]] = True
+        return chosen
+
+    def sale_day(low: np.ndarray | int, high: int, size: int) -> np.ndarray:
+        return _roll_to_trading_day(as_of, rng.integers(low, high, size))
+
+    rows: list[tuple] = []
+    sells: list[tuple[np.ndarray, ...]] = []
+    adjusted_lots: list[np.ndarray] = []
+    adjusted_cents: list[np.ndarray] = []
+
+    def record(kind, seller, sale, sold, replacement, bought_on, bought, disallowed_shares):
+        """Apply the chosen scenarios: their sells, rewritten replacement lots and report rows."""
+        sec = security[seller]
+        loss_per_share = history[sec, peak] - history[sec, sale]
+        sells.append((account[seller], sec, sale, sold, history[sec, sale], sold * history[sec, peak], np.full(len(seller), peak)))
+        if replacement is not None:
+            lot = newest[replacement]
+            lots.days_back[lot] = bought_on
+            lots.cost_cents[lot] = bought * history[security[replacement], bought_on]
+            if kind == "custodian_adjusted":
+                adjustment = disallowed_shares * loss_per_share
+                lots.cost_cents[lot] += adjustment
+                adjusted_lots.append(lot)
+                adjusted_cents.append(adjustment)
+        none = [None] * len(seller)
+        rows.extend(
+            zip(
+                [kind] * len(seller),
+                household[seller].tolist(),
+                account[seller].tolist(),
+                sec.tolist(),
+                sale.tolist(),
+                sold.tolist(),
+                (sold * loss_per_share).tolist(),
+                none if replacement is None else account[replacement].tolist(),
+                none if replacement is None else security[replacement].tolist(),
+                none if replacement is None else bought_on.tolist(),
+                none if replacement is None else bought.tolist(),
+                (disallowed_shares * loss_per_share).tolist(),
+            )
+        )
+
+    # (a) A taxable loss sale; 1-25 days later the household's IRA buys the same wash group
+    # (VTI/VTI, IVV/VOO, ...), at least as many shares and dollars as were sold.
+    seller_index, ira_index = np.flatnonzero(taxable), np.flatnonzero(ira)
+    pairs = (
+        pl.DataFrame({"s": seller_index, "key": key[seller_index]})
+        .join(pl.DataFrame({"r": ira_index, "key": key[ira_index]}), on="key")
+        .sort("s", "r")
+    )
+    s, r = pairs["s"].to_numpy(), pairs["r"].to_numpy()
+    gap = rng.integers(3, 26, len(s))
+    sale = sale_day(gap, 29, len(s))
+    bought_on = _roll_to_trading_day(as_of, sale - gap)
+    bought = newest_units[r]
+    # At most the shares and dollars bought back (and no more than the account still holds).
+    sold = np.minimum.reduce([bought, bought * history[security[r], bought_on] // history[security[s], sale], positions.units[p[s]]])
+    valid = (other_purchases[r] == 0) & (sold >= 1) & (history[security[s], peak] > history[security[s], sale])
+    # One of them, where the book has it, buys another symbol of the group (IVV sold, VOO bought).
+    cross = pick("ira_replacement", household[s], valid & (security[s] != security[r]), limit=1)
+    chosen = np.concatenate([cross, pick("ira_replacement", household[s], valid, limit=wanted["ira_replacement"] - len(cross))])
+    record("ira_replacement", s[chosen], sale[chosen], sold[chosen], r[chosen], bought_on[chosen], bought[chosen], sold[chosen])
+
+    # (b, c, d) Bought back in the same account 10-25 days after the sale.
+    c = np.flatnonzero(taxable)
+    for kind in ("same_account", "custodian_adjusted", "partial_replacement"):
+        gap = rng.integers(12, 26, len(c))
+        sale = sale_day(gap, 29, len(c))
+        bought_on = _roll_to_trading_day(as_of, sale - gap)
+        bought = newest_units[c]
+        # Partial: 3 bought back for every 4 sold (75 of 100).
+        sold = (4 * bought + 2) // 3 if kind == "partial_replacement" else bought
+        valid = (other_purchases[c] == 0) & (history[security[c], peak] > history[security[c], sale])
+        if kind == "partial_replacement":
+            valid &= bought >= 3
+        chosen = pick(kind, household[c], valid)
+        record(kind, c[chosen], sale[chosen], sold[chosen], c[chosen], bought_on[chosen], bought[chosen], bought[chosen])
+
+    # (e) Not wash sales: no purchase of the group in the window at all, or the only one 31-38
+    # days before the sale (both inside the 60 days of transactions.csv).
+    share = rng.uniform(0.25, 1.0, len(c))
+    sold = np.maximum(1, np.round(positions.units[p[c]] * share)).astype(np.int64)
+    sale = sale_day(1, 29, len(c))
+    valid = (group_purchases[c] == 0) & (history[security[c], peak] > history[security[c], sale])
+    chosen = pick("clean_harvest", household[c], valid)
+    zero = np.zeros(len(chosen), dtype=np.int64)
+    record("clean_harvest", c[chosen], sale[chosen], sold[chosen], None, None, None, zero)
+
+    sale = sale_day(3, 19, len(c))
+    bought_on = _roll_to_trading_day(as_of, sale + rng.integers(WASH_SALE_WINDOW_DAYS + 1, 37, len(c)))
+    valid = (other_purchases[c] == 0) & (history[security[c], peak] > history[security[c], sale])
+    chosen = pick("outside_window", household[c], valid)
+    zero = np.zeros(len(chosen), dtype=np.int64)
+    record("outside_window", c[chosen], sale[chosen], sold[chosen], c[chosen], bought_on[chosen], newest_units[c[chosen]], zero)
+
+    columns = [np.concatenate(column).astype(np.int64) for column in zip(*sells)]
+    # The harvesting accounts have a standing order to relieve the lowest-tax lots first.
+    accounts.lot_relief[columns[0]] = _TAX_MIN
+    if adjusted_lots:
+        lots.adjusted_lots = np.concatenate(adjusted_lots)
+        lots.adjusted_cents = np.concatenate(adjusted_cents)
+    def day(days_back: int) -> dt.date:
+        return config.as_of - dt.timedelta(days=days_back)
+
+    scenarios = [
+        WashSaleScenario(
+            kind=kind,
+            household_id=f"HH-{h + 1:06d}",
+            account_id=account_id(a),
+            symbol=SYMBOLS[sec],
+            sale_date=day(sale),
+            quantity=Decimal(sold),
+            loss=Decimal(loss).scaleb(-2),
+            replacement_account_id=None if r_account is None else account_id(r_account),
+            replacement_symbol=None if r_sec is None else SYMBOLS[r_sec],
+            replacement_date=None if bought_on is None else day(bought_on),
+            replacement_quantity=None if bought is None else Decimal(bought),
+            disallowed_loss=Decimal(disallowed).scaleb(-2),
+        )
+        for kind, h, a, sec, sale, sold, loss, r_account, r_sec, bought_on, bought, disallowed in rows
+    ]
+    return _WashSales(scenarios, used, *columns)
 
 
 _TRANSACTION_TYPE = {"buy": 0, "sell": 1, "reinvest": 2, "transfer_in": 3, "transfer_out": 4}
@@ -927,45 +1243,117 @@ class _Transactions:
     kind: np.ndarray  # index into _TRANSACTION_TYPE
     units: np.ndarray
     price_micros: np.ndarray  # dollars x 1e6
+    cost_cents: np.ndarray  # sells: basis of the shares sold; -1 = empty
+    acquired_days_back: np.ndarray  # sells: when the shares sold were bought; -1 = empty
 
 
-def _draw_transactions(config: SandboxConfig, positions: _Positions, lots: _Lots, prices: _Prices) -> _Transactions:
+def _draw_transactions(
+    config: SandboxConfig,
+    accounts: _Accounts,
+    positions: _Positions,
+    lots: _Lots,
+    prices: _Prices,
+    wash_sales: _WashSales,
+) -> _Transactions:
     rng = _rng(config.seed, "transactions")
     as_of = np.datetime64(config.as_of)
 
     # The purchase behind every lot opened in the look-back window, at the lot's price
-    # (cost basis / quantity).
+    # (cost basis / quantity; before any wash-sale loss the custodian added to the basis).
     recent = np.flatnonzero(lots.days_back <= LOOKBACK_DAYS)
     units_per_share = _UNITS_PER_SHARE[lots.security[recent]]
-    numerator = lots.cost_cents[recent] * units_per_share * 10_000
+    paid_cents = lots.cost_cents[recent]
+    paid_cents[np.searchsorted(recent, lots.adjusted_lots)] -= lots.adjusted_cents
+    numerator = paid_cents * units_per_share * 10_000
     bought_price = (2 * numerator + lots.units[recent]) // (2 * lots.units[recent])  # rounded half up
     bought_kind = np.where(lots.reinvested[recent], _TRANSACTION_TYPE["reinvest"], _TRANSACTION_TYPE["buy"])
 
     # Some fund positions were trimmed in the window: those shares are gone, so no lot shows
-    # them. (Single stocks are legacy holdings, which their owners keep.)
+    # them. (Single stocks are legacy holdings, which their owners keep; households with a
+    # planted wash-sale scenario sell nothing else.)
     trimmed = (positions.security != _CASH) & ~_IS_STOCK[positions.security]
     holdings = np.flatnonzero(trimmed & (rng.random(len(positions.account)) < 0.03))
+    holdings = holdings[~wash_sales.households[accounts.household[positions.account[holdings]]]]
     sold_security = positions.security[holdings].astype(np.int64)
     sold_units = np.maximum(1, np.round(positions.units[holdings] * rng.uniform(0.05, 0.30, len(holdings)))).astype(np.int64)
     sold_days_back = _roll_to_trading_day(as_of, rng.integers(0, LOOKBACK_DAYS - 1, len(holdings)))
-    sold_price = prices.history_cents[sold_security, sold_days_back] * 10_000
+    sold_price_cents = prices.history_cents[sold_security, sold_days_back]
+    sold_account = positions.account[holdings]
+    # First in, first out: the shares sold were bought before every lot still held (and
+    # before the window, so there is no buy row for them), at that day's close.
+    sells = _rng(config.seed, "sells")
+    oldest_lot = lots.days_back[lots.position_first_lot[holdings - sold_account]]
+    acquired = np.maximum(np.maximum(oldest_lot, sold_days_back), LOOKBACK_DAYS) + sells.integers(1, 366, len(holdings))
+    acquired = _roll_to_trading_day(as_of, np.minimum(acquired, HISTORY_DAYS - 3))
+    ups = _UNITS_PER_SHARE[sold_security]
+    sold_cost = np.maximum(1, (2 * sold_units * prices.history_cents[sold_security, acquired] + ups) // (2 * ups))
+    # No accidental wash sales: a trim at a loss with a purchase of its wash group in the
+    # household within 30 days (a lot opened then) did not happen.
+    keep = ~_accidental_wash_sales(accounts, lots, sold_account, sold_security, sold_days_back, sold_units * sold_price_cents < sold_cost * ups)
+    holdings, sold_security, sold_units, sold_days_back = holdings[keep], sold_security[keep], sold_units[keep], sold_days_back[keep]
+    sold_price_cents, sold_cost, acquired = sold_price_cents[keep], sold_cost[keep], acquired[keep]
 
     # Client deposits that are still sitting in cash.
     cash = np.flatnonzero((positions.security == _CASH) & (positions.units >= 100_000) & (rng.random(len(positions.account)) < 0.03))
     deposit = np.minimum(positions.units[cash], np.round(rng.uniform(1_000, 25_000, len(cash))) * 100).astype(np.int64)
     deposit_days_back = _roll_to_trading_day(as_of, rng.integers(0, LOOKBACK_DAYS - 1, len(cash)))
 
-    account = np.concatenate([lots.account[recent], positions.account[holdings], positions.account[cash]])
-    security = np.concatenate([lots.security[recent], sold_security, positions.security[cash]]).astype(np.int16)
-    days_back = np.concatenate([lots.days_back[recent], sold_days_back, deposit_days_back])
+    w = wash_sales
+    n_bought, n_sold, n_planted, n_cash = len(recent), len(holdings), len(w.account), len(cash)
+    account = np.concatenate([lots.account[recent], positions.account[holdings], w.account, positions.account[cash]])
+    security = np.concatenate([lots.security[recent], sold_security, w.security, positions.security[cash]]).astype(np.int16)
+    days_back = np.concatenate([lots.days_back[recent], sold_days_back, w.days_back, deposit_days_back])
     kind = np.concatenate(
-        [bought_kind, np.full(len(holdings), _TRANSACTION_TYPE["sell"]), np.full(len(cash), _TRANSACTION_TYPE["transfer_in"])]
+        [bought_kind, np.full(n_sold + n_planted, _TRANSACTION_TYPE["sell"]), np.full(n_cash, _TRANSACTION_TYPE["transfer_in"])]
     )
-    units = np.concatenate([lots.units[recent], sold_units, deposit])
-    price_micros = np.concatenate([bought_price, sold_price, np.full(len(cash), 1_000_000)])
+    units = np.concatenate([lots.units[recent], sold_units, w.units, deposit])
+    price_micros = np.concatenate([bought_price, sold_price_cents * 10_000, w.price_cents * 10_000, np.full(n_cash, 1_000_000)])
+    cost_cents = np.concatenate([np.full(n_bought, -1), sold_cost, w.cost_cents, np.full(n_cash, -1)])
+    acquired_days_back = np.concatenate([np.full(n_bought, -1), acquired, w.acquired_days_back, np.full(n_cash, -1)])
 
     order = np.lexsort((security, -days_back, account))
-    return _Transactions(account[order], security[order], days_back[order], kind[order].astype(np.int8), units[order], price_micros[order])
+    return _Transactions(
+        account[order],
+        security[order],
+        days_back[order],
+        kind[order].astype(np.int8),
+        units[order],
+        price_micros[order],
+        cost_cents[order],
+        acquired_days_back[order].astype(np.int32),
+    )
+
+
+def _accidental_wash_sales(
+    accounts: _Accounts,
+    lots: _Lots,
+    account: np.ndarray,
+    security: np.ndarray,
+    days_back: np.ndarray,
+    at_a_loss: np.ndarray,
+) -> np.ndarray:
+    """Which of these sells are at a loss with a lot of their wash group opened in the household
+    within 30 days before or after them (the lot's purchase is a buy or reinvest row)."""
+    loss = np.flatnonzero(at_a_loss)
+    n_groups = len(_WASH_GROUPS)
+    sell_household = accounts.household[account[loss]]
+    sell_key = sell_household.astype(np.int64) * n_groups + _SEC_GROUP[security[loss]]
+    bought = np.flatnonzero(lots.days_back <= days_back.max(initial=0) + WASH_SALE_WINDOW_DAYS)
+    # Only lots of households with a loss sale matter.
+    selling = np.zeros(int(accounts.household.max(initial=0)) + 1, dtype=bool)
+    selling[sell_household] = True
+    bought_household = accounts.household[lots.account[bought]]
+    near = selling[bought_household]
+    bought, bought_household = bought[near], bought_household[near]
+    bought_key = bought_household.astype(np.int64) * n_groups + _SEC_GROUP[lots.security[bought]]
+    matches = (
+        pl.DataFrame({"sell": loss, "key": sell_key, "sold": days_back[loss]})
+        .join(pl.DataFrame({"key": bought_key, "bought": lots.days_back[bought]}), on="key")
+        .filter((pl.col("sold") - pl.col("bought")).abs() <= WASH_SALE_WINDOW_DAYS)
+    )
+    accidental = np.zeros(len(account), dtype=bool)
+    accidental[matches["sell"].to_numpy()] = True
+    return accidental
 
 
 _RESTRICTION_KINDS = ("no_buy_symbol", "no_sell_symbol", "no_asset_class", "min_cash_weight")
@@ -1151,6 +1539,7 @@ def _accounts_frame(accounts: _Accounts, households: _Households) -> pl.DataFram
             "reason": accounts.suspended_reason,
             "model": accounts.model,
             "advisor": accounts.advisor_override,
+            "lot_relief": accounts.lot_relief,
         }
     ).select(
         account_id=_account_id(pl.col("i")),
@@ -1165,6 +1554,7 @@ def _accounts_frame(accounts: _Accounts, households: _Households) -> pl.DataFram
         suspended_reason=pl.when(pl.col("reason") >= 0).then(_pick_text(SUSPENDED_REASONS, pl.col("reason").clip(0))),
         model_id=pl.when(pl.col("model") < _NO_MODEL).then(_pick_text(MODEL_IDS, pl.col("model").clip(0, _NO_MODEL - 1))),
         advisor_id=pl.when(pl.col("advisor") >= 0).then(_advisor_id(pl.col("advisor").clip(0))),
+        lot_relief_method=pl.when(pl.col("lot_relief") >= 0).then(_pick_text(LOT_RELIEF_METHODS, pl.col("lot_relief").clip(0))),
     )
 
 
@@ -1231,8 +1621,17 @@ def _render_positions(part: pl.DataFrame) -> pl.DataFrame:
 
 
 def _lots_table(lots: _Lots) -> pl.DataFrame:
+    adjusted = np.zeros(len(lots.account), dtype=bool)
+    adjusted[lots.adjusted_lots] = True
     return pl.DataFrame(
-        {"account": lots.account, "security": lots.security, "units": lots.units, "days_back": lots.days_back, "cost_cents": lots.cost_cents}
+        {
+            "account": lots.account,
+            "security": lots.security,
+            "units": lots.units,
+            "days_back": lots.days_back,
+            "cost_cents": lots.cost_cents,
+            "adjusted": adjusted,
+        }
     ).with_row_index("lot")
 
 
@@ -1246,6 +1645,8 @@ def _render_lots(as_of: dt.date) -> Callable[[pl.DataFrame], pl.DataFrame]:
             open_date=_open_date(as_of, pl.col("days_back")),
             quantity=_quantity(pl.col("units"), decimals),
             cost_basis=_fixed_point(pl.col("cost_cents"), 2),
+            # Empty unless the custodian already added a wash-sale loss to the basis.
+            wash_sale_adjusted=pl.when(pl.col("adjusted")).then(pl.lit("true")),
         )
 
     return render
@@ -1260,6 +1661,8 @@ def _transactions_table(transactions: _Transactions) -> pl.DataFrame:
             "kind": transactions.kind,
             "units": transactions.units,
             "price_micros": transactions.price_micros,
+            "cost_cents": transactions.cost_cents,
+            "acquired": transactions.acquired_days_back,
         }
     )
 
@@ -1279,6 +1682,9 @@ def _render_transactions(as_of: dt.date) -> Callable[[pl.DataFrame], pl.DataFram
             type=_pick_text(types, pl.col("kind")),
             quantity=_quantity(pl.col("units"), decimals),
             price=price,
+            # Sells only: the basis of the shares sold and when they were bought.
+            cost_basis=pl.when(pl.col("cost_cents") >= 0).then(_fixed_point(pl.col("cost_cents"), 2)),
+            acquired_date=pl.when(pl.col("acquired") >= 0).then(_open_date(as_of, pl.col("acquired"))),
         )
 
     return render
@@ -1320,6 +1726,7 @@ def _plan_defects(
     households: _Households,
     positions: _Positions,
     lots: _Lots,
+    wash_sales: _WashSales,
 ) -> tuple[list[InjectedDefect], dict[str, _FileEdits]]:
     rng = _rng(config.seed, "defects")
     edits: dict[str, _FileEdits] = {name: _FileEdits() for name in FEED_FILES}
@@ -1335,6 +1742,8 @@ def _plan_defects(
     lot_count = np.bincount(lots.account, minlength=accounts.n)
     cash_units = positions.units[first_position + position_count - 1]  # CASH is the last security
     eligible = ~accounts.suspended & ~households.aggregated[accounts.household] & (lot_count > 0)
+    # Keep the planted wash sales whole: no defect holds out an account of their households.
+    eligible &= ~wash_sales.households[accounts.household]
     eligible[positions.thin_stock_holder] = False
     candidates = rng.permutation(np.flatnonzero(eligible))
     taken: set[int] = set()
@@ -1465,13 +1874,14 @@ def generate_feed(config: SandboxConfig, out_root: Path) -> SandboxReport:
     accounts = _draw_accounts(config, households)
     positions = _draw_positions(config, accounts, households, prices)
     lots = _draw_lots(config, accounts, positions, prices)
-    transactions = _draw_transactions(config, positions, lots, prices)
+    wash_sales = _plan_wash_sales(config, accounts, households, positions, lots, prices)
+    transactions = _draw_transactions(config, accounts, positions, lots, prices, wash_sales)
     restrictions = _draw_restrictions(config, accounts, positions)
 
     defects: list[InjectedDefect] = []
     edits: dict[str, _FileEdits] = {name: _FileEdits() for name in FEED_FILES}
     if config.defects:
-        defects, edits = _plan_defects(config, accounts, households, positions, lots)
+        defects, edits = _plan_defects(config, accounts, households, positions, lots, wash_sales)
 
     feed_dir = Path(out_root) / config.as_of.isoformat()
     feed_dir.mkdir(parents=True, exist_ok=True)
@@ -1499,4 +1909,5 @@ def generate_feed(config: SandboxConfig, out_root: Path) -> SandboxReport:
         lots=lots_written,
         transactions=transactions_written,
         defects=defects,
+        wash_sales=wash_sales.scenarios,
     )

@@ -1,5 +1,5 @@
 """The sandbox generator writes a clean, realistic canonical feed, and plants exactly the
-documented defects when asked.
+documented defects when asked, and exactly the documented past wash sales always.
 
 The checks read the files the way the ingest does (text, exactly as written) and do the
 arithmetic exactly (integers or Decimal), because the ingest demands exact sums.
@@ -11,20 +11,28 @@ import datetime as dt
 from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 
+import duckdb
 import polars as pl
 import pydantic
 import pytest
 
+from rebal_pipeline import settings
 from rebal_pipeline.core.feed_contract import (
     BOOL_VALUES,
     CASH_SYMBOL,
     DATE_PATTERN,
     DECIMAL_PATTERN,
     FEED_FILES,
+    LOT_RELIEF_METHODS,
 )
+from rebal_pipeline.core.landing import land_feed
+from rebal_pipeline.core.sql_models import load_project, materialize_model
 from rebal_pipeline.sandbox.generator import (
+    WASH_SALE_KINDS,
+    WASH_SALES_PER_200,
     SandboxConfig,
     SandboxReport,
+    WashSaleScenario,
     cusip_check_digit,
     generate_feed,
     households_for_accounts,
@@ -68,6 +76,10 @@ def exact(column: str) -> pl.Expr:
     whole = parts.struct.field("field_0").cast(pl.Int64)
     fraction = parts.struct.field("field_1").fill_null("").str.pad_end(8, "0").cast(pl.Int64)
     return whole * 100_000_000 + fraction
+
+
+def exact_frame(frame: pl.DataFrame, column: str) -> pl.Series:
+    return frame.select(exact(column)).to_series()
 
 
 ONE = 100_000_000  # 1 in units of 1e-8
@@ -311,10 +323,18 @@ def test_every_lot_opened_in_the_last_60_days_has_its_purchase_in_the_transactio
     assert recent.height > 0
 
     # The same lots and purchases, one for one (two lots may share a day and a quantity), each
-    # at the lot's price: cost basis / quantity (written with 2 places, or 6 for fund shares).
+    # at the lot's price: cost basis / quantity (written with 2 places, or 6 for fund shares),
+    # less the wash-sale loss the custodian added to the basis of a lot marked adjusted.
+    added = {
+        (w.replacement_account_id, w.replacement_symbol, w.replacement_date.isoformat()): w.disallowed_loss
+        for w in clean.wash_sales
+        if w.kind == "custodian_adjusted"
+    }
+    adjusted = recent.filter(pl.col("wash_sale_adjusted") == "true").select("account_id", "symbol", "open_date").rows()
+    assert sorted(adjusted) == sorted(added)
     micro = Decimal("0.000001")
     expected = Counter(
-        (account_id, symbol, opened, quantity, (Decimal(cost_basis) / Decimal(quantity)).quantize(micro, ROUND_HALF_UP))
+        (account_id, symbol, opened, quantity, ((Decimal(cost_basis) - added.get((account_id, symbol, opened), 0)) / Decimal(quantity)).quantize(micro, ROUND_HALF_UP))
         for account_id, symbol, opened, quantity, cost_basis in recent.select("account_id", "symbol", "open_date", "quantity", "cost_basis").iter_rows()
     )
     found = Counter(
@@ -509,6 +529,226 @@ def test_households_for_accounts_gives_about_that_many_accounts(tmp_path):
     assert 1_350 <= report.accounts <= 1_650
 
 
+# --- new optional columns -------------------------------------------------------------------
+
+
+def test_some_accounts_carry_a_standing_lot_relief_method(clean):
+    accounts = read(clean, "accounts")
+    share = {m: (accounts["lot_relief_method"] == m).sum() / accounts.height for m in LOT_RELIEF_METHODS}
+    empty = accounts["lot_relief_method"].null_count() / accounts.height
+    assert 0.17 <= share["tax_min"] <= 0.35 and 0.05 <= share["hifo"] <= 0.16 and 0 < share["fifo"] <= 0.10
+    assert empty >= 0.5  # most leave it to the policy default (fifo)
+    # The accounts that harvested a loss told the custodian to relieve the lowest-tax lots first.
+    sellers = accounts.filter(pl.col("account_id").is_in([w.account_id for w in clean.wash_sales]))
+    assert sellers.height > 0 and (sellers["lot_relief_method"] == "tax_min").all()
+
+
+def test_only_custodian_adjusted_replacement_lots_are_marked_wash_sale_adjusted(clean):
+    lots = read(clean, "lots")
+    marked = lots.filter(pl.col("wash_sale_adjusted").is_not_null())
+    assert set(marked["wash_sale_adjusted"]) == {"true"}
+    expected = {(w.replacement_account_id, w.replacement_symbol, w.replacement_date.isoformat()) for w in clean.wash_sales if w.kind == "custodian_adjusted"}
+    assert set(marked.select("account_id", "symbol", "open_date").rows()) == expected and marked.height == len(expected) > 0
+
+
+def test_every_sell_reports_the_basis_and_acquisition_date_of_the_shares_sold(clean):
+    transactions = read(clean, "transactions")
+    sells = transactions.filter(pl.col("type") == "sell")
+    others = transactions.filter(pl.col("type") != "sell")
+    assert sells.height > 20
+    assert sells["cost_basis"].null_count() == 0 and sells["acquired_date"].null_count() == 0
+    assert others["cost_basis"].null_count() == others["acquired_date"].null_count() == others.height
+    sells = sells.with_columns(
+        acquired=pl.col("acquired_date").str.to_date(),
+        traded=pl.col("trade_date").str.to_date(),
+        ratio=pl.col("cost_basis").cast(pl.Float64) / (pl.col("price").cast(pl.Float64) * pl.col("quantity").cast(pl.Float64)),
+    )
+    # Bought before the 60-day window (so no buy row is missing for shares since sold), on a
+    # weekday, at a basis a price history of five years makes plausible.
+    assert (sells["acquired"] < sells["traded"]).all() and (sells["acquired"] < AS_OF - dt.timedelta(days=60)).all()
+    assert (sells["acquired"] >= AS_OF - dt.timedelta(days=5 * 366 + 10)).all() and (sells["acquired"].dt.weekday() <= 5).all()
+    assert (exact_frame(sells, "cost_basis") > 0).all() and sells["ratio"].is_between(0.3, 3.0).all()
+    # The ordinary trims relieved the position's oldest shares first (first in, first out):
+    # bought before every lot still held.
+    planted = [(w.account_id, w.symbol, w.sale_date.isoformat()) for w in clean.wash_sales]
+    trims = sells.filter(~pl.concat_list("account_id", "symbol", "trade_date").list.join(",").is_in([",".join(k) for k in planted]))
+    assert trims.height == sells.height - len(planted)
+    oldest = read(clean, "lots").group_by("account_id", "symbol").agg(oldest=pl.col("open_date").str.to_date().min())
+    trims = trims.join(oldest, on=["account_id", "symbol"], how="left")
+    assert (trims["oldest"].is_null() | (trims["acquired"] <= trims["oldest"])).all()
+
+
+# --- past wash sales -----------------------------------------------------------------------
+
+WINDOW = dt.timedelta(days=30)  # IRC §1091: 30 days before or after the sale
+IRA_TYPES = ("traditional_ira", "roth_ira")
+
+
+def loss_sales(report: SandboxReport) -> dict[tuple[str, str, dt.date], dict]:
+    """Every sell at a loss (price x quantity < cost_basis, exactly), by account, symbol and day."""
+    accounts = dict(read(report, "accounts").select("account_id", "household_id").iter_rows())
+    group = dict(read(report, "securities").select("symbol", "wash_group").iter_rows())
+    found = {}
+    for row in read(report, "transactions").filter(pl.col("type") == "sell").iter_rows(named=True):
+        loss = Decimal(row["cost_basis"]) - Decimal(row["price"]) * Decimal(row["quantity"])
+        if loss > 0:
+            key = (row["account_id"], row["symbol"], dt.date.fromisoformat(row["trade_date"]))
+            assert key not in found
+            found[key] = {**row, "loss": loss, "household_id": accounts[row["account_id"]], "wash_group": group[row["symbol"]]}
+    return found
+
+
+def purchases(report: SandboxReport) -> list[dict]:
+    """Buys and reinvestments (acquisitions for §1091), with household, wash group and account type."""
+    accounts = {r["account_id"]: r for r in read(report, "accounts").iter_rows(named=True)}
+    group = dict(read(report, "securities").select("symbol", "wash_group").iter_rows())
+    return [
+        {**row, "traded": dt.date.fromisoformat(row["trade_date"]), "household_id": accounts[row["account_id"]]["household_id"],
+         "account_type": accounts[row["account_id"]]["account_type"], "wash_group": group[row["symbol"]]}
+        for row in read(report, "transactions").filter(pl.col("type").is_in(["buy", "reinvest"])).iter_rows(named=True)
+    ]
+
+
+def identical_purchases(sale: dict, bought: list[dict], within: dt.timedelta | None = WINDOW) -> list[dict]:
+    sold_on = dt.date.fromisoformat(sale["trade_date"])
+    return [
+        b for b in bought
+        if b["household_id"] == sale["household_id"] and b["wash_group"] == sale["wash_group"]
+        and (within is None or abs(b["traded"] - sold_on) <= within)
+    ]
+
+
+def planted_key(w: WashSaleScenario) -> tuple[str, str, dt.date]:
+    return (w.account_id, w.symbol, w.sale_date)
+
+
+def test_past_loss_sales_of_every_kind_are_planted_one_per_household(clean):
+    kinds = Counter(w.kind for w in clean.wash_sales)
+    # A handful per 200 households, scaling with the book: 300 households -> 1.5x.
+    assert kinds == {kind: round(300 * per / 200) for kind, per in WASH_SALES_PER_200.items()}
+    assert set(kinds) == set(WASH_SALE_KINDS)
+    assert len({w.household_id for w in clean.wash_sales}) == len(clean.wash_sales)
+    accounts = {r["account_id"]: r for r in read(clean, "accounts").iter_rows(named=True)}
+    for w in clean.wash_sales:
+        seller = accounts[w.account_id]
+        assert seller["household_id"] == w.household_id and seller["account_type"] == "taxable" and seller["suspended"] == "false"
+        assert AS_OF - WINDOW <= w.sale_date < AS_OF and w.sale_date.weekday() < 5
+        assert w.loss > 0 and w.quantity > 0
+        if w.replacement_account_id is not None:
+            assert accounts[w.replacement_account_id]["household_id"] == w.household_id
+            assert accounts[w.replacement_account_id]["suspended"] == "false"
+
+
+def test_each_planted_sale_is_a_loss_sale_in_the_transactions_as_recorded(clean):
+    losses = loss_sales(clean)
+    for w in clean.wash_sales:
+        sale = losses[planted_key(w)]
+        assert Decimal(sale["quantity"]) == w.quantity and sale["loss"] == w.loss, w
+        # Short-term: the shares were bought near the market peak some eight months back.
+        acquired = dt.date.fromisoformat(sale["acquired_date"])
+        assert w.sale_date - dt.timedelta(days=300) < acquired < w.sale_date - dt.timedelta(days=150)
+
+
+@pytest.mark.parametrize("book", ["clean", "defective"])
+def test_the_wash_sales_in_the_feed_are_exactly_the_planted_ones(book, request):
+    """A reference reading of §1091 over the written files finds the planted wash sales, each
+    with exactly its recorded replacement, and no other loss sale with any replacement."""
+    report = request.getfixturevalue(book)
+    losses, bought = loss_sales(report), purchases(report)
+    found = {key: identical_purchases(sale, bought) for key, sale in losses.items()}
+    washes = {key for key, matched in found.items() if matched}
+    assert washes == {planted_key(w) for w in report.wash_sales if w.wash_sale}
+    for w in report.wash_sales:
+        if w.wash_sale:
+            [replacement] = found[planted_key(w)]
+            assert (replacement["account_id"], replacement["symbol"], replacement["traded"]) == (w.replacement_account_id, w.replacement_symbol, w.replacement_date)
+            assert replacement["type"] == "buy" and Decimal(replacement["quantity"]) == w.replacement_quantity
+            disallowed = w.loss * min(w.replacement_quantity, w.quantity) / w.quantity
+            assert w.disallowed_loss == disallowed > 0  # exact: whole shares, whole-cent loss per share
+        else:
+            assert found[planted_key(w)] == [] and w.disallowed_loss == 0
+
+
+def replacement_lot(report: SandboxReport, w: WashSaleScenario) -> dict:
+    lots = read(report, "lots").filter(
+        pl.col("account_id") == w.replacement_account_id, pl.col("symbol") == w.replacement_symbol, pl.col("open_date") == w.replacement_date.isoformat()
+    )
+    assert lots.height == 1, w
+    return lots.row(0, named=True)
+
+
+def buy_row(report: SandboxReport, w: WashSaleScenario) -> dict:
+    [row] = [p for p in purchases(report) if (p["account_id"], p["symbol"], p["traded"]) == (w.replacement_account_id, w.replacement_symbol, w.replacement_date)]
+    return row
+
+
+def test_an_ira_replacement_loses_the_loss_for_good(clean):
+    losses = loss_sales(clean)
+    scenarios = [w for w in clean.wash_sales if w.kind == "ira_replacement"]
+    group = dict(read(clean, "securities").select("symbol", "wash_group").iter_rows())
+    account_type = dict(read(clean, "accounts").select("account_id", "account_type").iter_rows())
+    assert scenarios
+    for w in scenarios:
+        assert account_type[w.replacement_account_id] in IRA_TYPES
+        assert group[w.replacement_symbol] == group[w.symbol]
+        assert dt.timedelta(days=1) <= w.replacement_date - w.sale_date <= WINDOW  # bought after the sale
+        lot = replacement_lot(clean, w)
+        assert Decimal(lot["quantity"]) == w.replacement_quantity >= w.quantity and lot["wash_sale_adjusted"] is None
+        # It covers the sale in shares and in dollars, so all of the loss is disallowed,
+        # however an engine matches shares of another symbol of the group.
+        proceeds = Decimal(losses[planted_key(w)]["price"]) * w.quantity
+        assert Decimal(buy_row(clean, w)["price"]) * w.replacement_quantity >= proceeds
+        assert w.disallowed_loss == w.loss
+    # Substantially identical is the wash group, not the symbol: one sells IVV and buys VOO.
+    assert any(w.replacement_symbol != w.symbol for w in scenarios)
+
+
+@pytest.mark.parametrize("kind", ["same_account", "custodian_adjusted", "partial_replacement"])
+def test_a_same_account_replacement_and_its_lot(clean, kind):
+    scenarios = [w for w in clean.wash_sales if w.kind == kind]
+    assert scenarios
+    for w in scenarios:
+        assert (w.replacement_account_id, w.replacement_symbol) == (w.account_id, w.symbol)
+        assert dt.timedelta(days=10) <= w.replacement_date - w.sale_date <= dt.timedelta(days=25)
+        buy, lot = buy_row(clean, w), replacement_lot(clean, w)
+        assert buy["quantity"] == lot["quantity"] and Decimal(lot["quantity"]) == w.replacement_quantity
+        paid = Decimal(buy["price"]) * w.replacement_quantity
+        if kind == "custodian_adjusted":
+            # The custodian already added the disallowed loss: rebal must not add it again.
+            assert lot["wash_sale_adjusted"] == "true" and Decimal(lot["cost_basis"]) == paid + w.disallowed_loss
+        else:
+            assert lot["wash_sale_adjusted"] is None and Decimal(lot["cost_basis"]) == paid
+        if kind == "partial_replacement":
+            assert w.replacement_quantity < w.quantity and w.disallowed_loss == w.loss * w.replacement_quantity / w.quantity < w.loss
+        else:
+            assert w.replacement_quantity == w.quantity and w.disallowed_loss == w.loss
+
+
+def test_a_clean_harvest_and_a_purchase_31_days_before_are_not_wash_sales(clean):
+    losses, bought = loss_sales(clean), purchases(clean)
+    clean_harvests = [w for w in clean.wash_sales if w.kind == "clean_harvest"]
+    outside = [w for w in clean.wash_sales if w.kind == "outside_window"]
+    assert clean_harvests and outside
+    for w in clean_harvests:
+        assert w.replacement_account_id is None and identical_purchases(losses[planted_key(w)], bought) == []
+    for w in outside:
+        # The household's only purchase of the wash group in the 60 days is 31+ days before the sale.
+        [purchase] = identical_purchases(losses[planted_key(w)], bought, within=None)
+        assert (purchase["account_id"], purchase["symbol"], purchase["traded"]) == (w.replacement_account_id, w.replacement_symbol, w.replacement_date)
+        assert w.sale_date - w.replacement_date >= dt.timedelta(days=31)
+        assert replacement_lot(clean, w)["quantity"] == purchase["quantity"]
+
+
+def test_no_other_sell_is_a_wash_sale_in_any_account(clean):
+    """Ordinary trims at a loss never have a substantially identical purchase within 30 days,
+    whatever the account type, so an engine that does not filter by type finds nothing more."""
+    planted = {planted_key(w) for w in clean.wash_sales}
+    bought = purchases(clean)
+    others = {key: sale for key, sale in loss_sales(clean).items() if key not in planted}
+    assert others  # there are ordinary loss sales ...
+    assert all(identical_purchases(sale, bought) == [] for sale in others.values())  # ... and none is a wash
+
+
 # --- injected defects ----------------------------------------------------------------------
 
 
@@ -568,6 +808,49 @@ def test_defects_leave_every_other_row_as_it_was(clean, defective):
     assert defective.positions == clean.positions + 2 and defective.lots == clean.lots
 
 
+def test_defects_leave_the_planted_wash_sales_whole(clean, defective):
+    assert defective.wash_sales == clean.wash_sales
+    households = dict(read(defective, "accounts").select("account_id", "household_id").iter_rows())
+    planted = {w.household_id for w in defective.wash_sales}
+    assert not planted & {households[d.account_id] for d in defective.defects}
+
+
 def test_defects_need_enough_ordinary_accounts(tmp_path):
     with pytest.raises(ValueError, match="defects=True needs"):
         generate_feed(SandboxConfig(as_of=AS_OF, households=1, defects=True), tmp_path)
+
+
+# --- the ingest's verdict ---------------------------------------------------------------------
+
+
+def land(report: SandboxReport, root) -> tuple[pl.DataFrame, set[str]]:
+    """Land the feed and run the SQL models behind `rejects` and `data_quality_alerts` (the
+    rule checks of int_feed_rule_violations included): the rejected rows and held accounts."""
+    models = load_project(settings.sql_dir())
+    needed, pending = set(), ["rejects", "data_quality_alerts"]
+    while pending:
+        name = pending.pop()
+        if name in models and name not in needed:
+            needed.add(name)
+            pending.extend(models[name].refs)
+    with duckdb.connect(str(root / "warehouse.duckdb")) as con:
+        land_feed(con, report.feed_dir, AS_OF, root / "archive")
+        for name, model in models.items():  # dependencies first
+            if name in needed:
+                materialize_model(con, model, AS_OF)
+        rejects = con.execute("select * from rejects where as_of = ?", [AS_OF]).pl()
+        held = {row[0] for row in con.execute("select account_id from data_quality_alerts where as_of = ?", [AS_OF]).fetchall()}
+    return rejects, held
+
+
+def test_the_clean_book_lands_with_zero_rejects(clean, tmp_path):
+    rejects, held = land(clean, tmp_path)
+    assert rejects.height == 0, rejects.head(10)
+    assert held == set()
+
+
+def test_the_defective_book_rejects_only_the_planted_rows(defective, tmp_path):
+    rejects, held = land(defective, tmp_path)
+    assert held == {d.account_id for d in defective.defects}
+    assert set(rejects["file"]) == {d.file for d in defective.defects}
+    assert set(rejects["account_id"].drop_nulls()) <= {d.account_id for d in defective.defects}

@@ -10,18 +10,20 @@ import hashlib
 from datetime import date
 
 import polars as pl
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, MetadataValue, multi_asset
 
 from rebal_pipeline.core.sql_models import replace_partition
+from rebal_pipeline.core.tax_engine import TaxOutcome, apply_tax_engine, past_wash_sales, sell_tax_cost, stable_id
+from rebal_pipeline.core.tax_lots import TaxPolicy, with_terms
 from rebal_pipeline.core.trade_sizing import SizingPolicy, size_trades
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import DriftPolicySource, Warehouse
+from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, Warehouse
 
 INPUTS = (
     "drift_alerts", "drift", "holdings", "int_account_targets", "int_model_versions",
     "stg_feed_accounts", "stg_feed_models", "stg_feed_securities", "stg_feed_prices",
     "stg_feed_restrictions", "stg_feed_lots", "drift_policy", "int_scanned_accounts",
-    "int_household_targets",
+    "int_household_targets", "stg_feed_transactions", "stg_feed_households",
 )
 
 # Who is sized: accounts with a live account-scope alert, or the tradeable (not suspended)
@@ -54,7 +56,8 @@ QUERIES = {
 }
 
 # The security master with the day's closes: the same for every account, read once a day.
-SECURITIES = """select s.symbol, s.asset_class, s.security_type, s.fractional, p.close::double as price
+SECURITIES = """select s.symbol, s.asset_class, s.security_type, s.fractional, p.close::double as price,
+                       s.wash_group, s.tlh_substitute
                 from stg_feed_securities s join stg_feed_prices p on p.symbol = s.symbol and p.as_of = $as_of
                 where s.as_of = $as_of"""
 
@@ -152,11 +155,12 @@ def _sizing_policy(policy) -> SizingPolicy:
     )
 
 
-def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame,
+                       tax_cost: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     frames = _read(con, QUERIES, ACCOUNT_SCOPE, as_of)
     sized = size_trades(
         frames["holdings"], frames["class_targets"], frames["model_weights"], securities,
-        frames["restrictions"], frames["bands"], _sizing_policy(policy),
+        frames["restrictions"], frames["bands"], _sizing_policy(policy), sell_tax_cost=tax_cost,
     )
     # Identity: the same as-of date, account, policy, model version and trades give the
     # same recommendation_id, so re-running a day creates no duplicate recommendation.
@@ -167,7 +171,7 @@ def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tu
              pl.col("model_version").fill_null("ips"), pl.col("recommendation_id")],
             separator="|",
         )
-        .map_elements(_stable_id, return_dtype=pl.String)
+        .map_elements(stable_id, return_dtype=pl.String)
         .alias("recommendation_id"),
         pl.lit("account").alias("scope"),
         pl.col("account_id").alias("scope_id"),
@@ -178,7 +182,8 @@ def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tu
     return trades, accounts
 
 
-def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
+                         tax_cost: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Aggregated households: the optimiser places each class across the member accounts
     (asset location, no gains realised in taxable where avoidable), then the sizing core turns
     each member's class targets into whole-share trades. One recommendation per household."""
@@ -201,7 +206,7 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> 
     sized = size_trades(
         frames["holdings"], located.select("account_id", "asset_class", "target_weight"),
         frames["model_weights"], securities, frames["restrictions"], lp["bands"],
-        _sizing_policy(policy),
+        _sizing_policy(policy), sell_tax_cost=tax_cost,
     )
     members = (
         sized.accounts.join(lp["members"].select("account_id", "household_id"), on="account_id")
@@ -233,7 +238,7 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> 
                 [pl.lit(as_of.isoformat()), pl.col("household_id"), pl.lit(policy.version_id), pl.col("identity")],
                 separator="|",
             )
-            .map_elements(_stable_id, return_dtype=pl.String)
+            .map_elements(stable_id, return_dtype=pl.String)
             .alias("recommendation_id"),
             pl.when(pl.col("unresolved") == "").then(None).otherwise(pl.col("unresolved")).alias("unresolved"),
             pl.when(pl.col("compliance_review") == "").then(None).otherwise(pl.col("compliance_review"))
@@ -278,55 +283,185 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame) -> 
     return trades, households.drop("household_id").with_columns(pl.lit(None, pl.String).alias("account_id"))
 
 
-def propose_trades(con, as_of: date, policy) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Size the day's alerts (accounts, and aggregated households through the optimiser) and
-    write trade_proposals and trade_recommendations. Returns (trades, recommendations)."""
-    securities = con.execute(SECURITIES, {"as_of": as_of}).pl()
-    account_trades, account_recs = _account_proposals(con, as_of, policy, securities)
-    household_trades, household_recs = _household_proposals(con, as_of, policy, securities)
-    trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed").with_columns(
-        pl.lit(as_of).alias("as_of")
+# Everything the tax engine needs about an account: household, rates, lot-relief method, and
+# whether it may get a harvest today (scanned, i.e. not held out for data quality, and not
+# suspended). Every account of the feed is listed: a household's IRA matters to the wash-sale
+# check even when the IRA itself has nothing to trade.
+TAX_ACCOUNTS = """select a.account_id, a.household_id, a.account_type, a.account_type = 'taxable' as taxable,
+                         coalesce(a.lot_relief_method, $default_method) as lot_relief_method,
+                         h.federal_ordinary_rate::double as federal_ordinary_rate,
+                         h.federal_ltcg_rate::double as federal_ltcg_rate, h.state_rate::double as state_rate,
+                         coalesce(s.account_id is not null and not s.suspended, false) as harvest_eligible
+                  from stg_feed_accounts a
+                  join stg_feed_households h on h.household_id = a.household_id and h.as_of = $as_of
+                  left join int_scanned_accounts s on s.account_id = a.account_id and s.as_of = $as_of
+                  where a.as_of = $as_of"""
+
+# The lots the day needs, not the whole book's: those of accounts being sized, taxable lots
+# near the harvest threshold, and lots a past purchase opened (a wash sale may raise their
+# basis). A wash-sale adjustment only ever raises a basis, so no other lot can become a harvest.
+LOTS = """select l.account_id, l.symbol, l.lot_id, l.open_date, l.quantity::double as quantity,
+                 l.cost_basis::double as cost_basis, l.wash_sale_adjusted
+          from stg_feed_lots l
+          join stg_feed_accounts a on a.account_id = l.account_id and a.as_of = $as_of
+          join stg_feed_prices p on p.symbol = l.symbol and p.as_of = $as_of
+          where l.as_of = $as_of and (
+              l.account_id in {who}
+              or (a.account_type = 'taxable' and l.cost_basis > 0
+                  and l.cost_basis::double - l.quantity::double * p.close::double
+                      >= $harvest_threshold * l.cost_basis::double - 0.01)
+              or exists (select 1 from stg_feed_transactions t
+                         where t.as_of = $as_of and t.transaction_type in ('buy', 'reinvest')
+                           and t.account_id = l.account_id and t.symbol = l.symbol and t.trade_date = l.open_date))"""
+
+TRANSACTIONS = """select _line, account_id, symbol, trade_date, transaction_type, quantity::double as quantity,
+                         price::double as price, cost_basis::double as cost_basis, acquired_date
+                  from stg_feed_transactions where as_of = $as_of"""
+
+# How far each alerted scope is outside its band (the "severe drift" test of wait-for-long-term).
+SEVERITY = """select scope, scope_id, max(abs(drift) / band) as drift_to_band
+              from drift where as_of = $as_of and band > 0 group by all"""
+
+OUTPUT_TABLES = ("trade_proposals", "trade_recommendations", "tax_lots", "tax_impact", "recommendation_summary",
+                 "tlh_candidates", "wash_sales")
+
+
+def _tax_policy(policy) -> TaxPolicy:
+    tax = policy.tax
+    return TaxPolicy(
+        default_lot_relief_method=tax.default_lot_relief_method,
+        tlh_loss_threshold=float(policy.tlh_loss_threshold),
+        tlh_min_loss=float(tax.tlh_min_loss),
+        wait_window_days=tax.wait_for_long_term.window_days,
+        severe_drift_multiple=float(tax.wait_for_long_term.severe_drift_multiple),
+        wait_min_tax_saved=float(tax.wait_for_long_term.min_tax_saved),
+        fractional_decimals=policy.trade_sizing.fractional_decimals,
     )
-    recs = pl.concat([account_recs, household_recs], how="diagonal_relaxed").with_columns(
-        pl.lit(as_of).alias("as_of"),
-        pl.lit(policy.version_id).alias("policy_version"),
+
+
+def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = None) -> TaxOutcome:
+    """Size the day's alerts (accounts, and aggregated households through the optimiser), run the
+    tax engine over the proposals (lot relief, wash sales, harvests, wait-for-long-term) and
+    write OUTPUT_TABLES. `overrides` (account_id, symbol, reason): buys the advisor keeps even
+    though they wash a loss."""
+    tax_policy = _tax_policy(policy)
+    params = {"as_of": as_of}
+    securities = con.execute(SECURITIES, params).pl()
+    accounts = con.execute(TAX_ACCOUNTS, {**params, "default_method": tax_policy.default_lot_relief_method}).pl()
+    sized = f"({ACCOUNT_SCOPE[1:-1]} union {HOUSEHOLD_MEMBERS[1:-1]})"
+    lots = con.execute(LOTS.format(who=sized), {**params, "harvest_threshold": tax_policy.tlh_loss_threshold}).pl()
+    transactions = con.execute(TRANSACTIONS, params).pl()
+    past = past_wash_sales(lots, transactions, accounts, securities)
+    tax_cost = sell_tax_cost(
+        past.lots, securities.select("symbol", "price"),
+        accounts.select("account_id", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate"), as_of,
     )
-    replace_partition(con, "trade_proposals", as_of, trades.to_arrow())
-    replace_partition(con, "trade_recommendations", as_of, recs.to_arrow())
-    return trades, recs
+    account_trades, account_recs = _account_proposals(con, as_of, policy, securities, tax_cost)
+    household_trades, household_recs = _household_proposals(con, as_of, policy, securities, tax_cost)
+    trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed")
+    recs = pl.concat([account_recs, household_recs], how="diagonal_relaxed")
+    severity = recs.select("recommendation_id", "scope", "scope_id").join(
+        con.execute(SEVERITY, params).pl(), on=["scope", "scope_id"], how="left"
+    ).select("recommendation_id", "drift_to_band")
+    if overrides is None:
+        overrides = pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String})
+    outcome = apply_tax_engine(
+        trades, recs, past, accounts, securities, con.execute(QUERIES["restrictions"].format(
+            who="(select account_id from stg_feed_accounts where as_of = $as_of)"), params).pl(),
+        severity, overrides, as_of, tax_policy, float(policy.trade_sizing.min_trade_value), policy.version_id,
+    )
+    stamp = [pl.lit(as_of).alias("as_of")]
+    tables = {
+        "trade_proposals": outcome.trades.with_columns(*stamp),
+        "trade_recommendations": outcome.recommendations.with_columns(
+            *stamp, pl.lit(policy.version_id).alias("policy_version")),
+        "tax_lots": with_terms(past.lots, as_of).with_columns(*stamp),
+        "tax_impact": outcome.tax_impact,
+        "recommendation_summary": outcome.summary,
+        "tlh_candidates": outcome.tlh_candidates,
+        "wash_sales": outcome.wash_sales if outcome.wash_sales.height else pl.DataFrame(
+            {"as_of": [as_of], "sale_id": [None]}, schema={"as_of": pl.Date, "sale_id": pl.String}).clear(),
+    }
+    for name, frame in tables.items():
+        replace_partition(con, name, as_of, frame.to_arrow())
+    return outcome
 
 
-def _stable_id(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@asset(
+@multi_asset(
+    name="propose_trades",
     partitions_def=daily_partitions,
     group_name="trades",
-    deps=[AssetKey(name) for name in INPUTS],
-    kinds={"duckdb", "polars"},
+    specs=[
+        AssetSpec("trade_proposals", deps=[AssetKey(name) for name in INPUTS], description="Whole-share trades per recommendation (rebalance, "
+                  "substitutes for washing buys, tax-loss harvests), each with its reason."),
+        AssetSpec("trade_recommendations", deps=[AssetKey(name) for name in INPUTS], description="One recommendation per alerted account or household "
+                  "(kind rebalance) and per harvest (kind harvest): inside its bands after rounding, or why not."),
+        AssetSpec("tax_lots", deps=[AssetKey(name) for name in INPUTS], description="Cost-basis lots after past wash sales (basis and holding period of "
+                  "replacement shares adjusted), with term and days to long-term."),
+        AssetSpec("tax_impact", deps=[AssetKey(name) for name in INPUTS], description="Per lot relieved by a proposed sell: quantity, proceeds, basis, "
+                  "gain, term, estimated tax, wash-sale disallowed loss."),
+        AssetSpec("recommendation_summary", deps=[AssetKey(name) for name in INPUTS], description="Per recommendation: ST/LT gain, realised loss, "
+                  "estimated tax (IRC §1222 netting), net tax %, wait-for-long-term advice."),
+        AssetSpec("tlh_candidates", deps=[AssetKey(name) for name in INPUTS], description="Taxable lots down at least the policy threshold: loss, "
+                  "substitute, wash-sale conflict, and whether a harvest is proposed."),
+        AssetSpec("wash_sales", deps=[AssetKey(name) for name in INPUTS], description="Wash sales found (past sales from transactions.csv and sales "
+                  "proposed today) and what happened to each disallowed loss."),
+    ],
+    can_subset=False,
 )
-def trade_proposals(context: AssetExecutionContext, warehouse: Warehouse, drift_policy_source: DriftPolicySource):
-    """Whole-share trades per alerted account (table trade_proposals) and one recommendation per
-    account (table trade_recommendations): inside its bands after rounding, or why not."""
+def propose_trades_asset(context: AssetExecutionContext, warehouse: Warehouse,
+                         drift_policy_source: DriftPolicySource, advisor_overrides: AdvisorOverrides):
+    """Tax-aware trade proposals for the day's alerts and tax-loss harvests."""
     as_of = date.fromisoformat(context.partition_key)
     with warehouse.connect() as con:
-        trades, recs = propose_trades(con, as_of, drift_policy_source.load())
-    outside = recs.filter(~pl.col("inside_bands"))
-    return MaterializeResult(
+        outcome = propose_trades(con, as_of, drift_policy_source.load(), advisor_overrides.wash_sale_overrides(as_of))
+    recs, summary, trades = outcome.recommendations, outcome.summary, outcome.trades
+    rebalance = recs.filter(pl.col("kind") == "rebalance")
+    outside = rebalance.filter(~pl.col("inside_bands"))
+    candidates = outcome.tlh_candidates
+    yield MaterializeResult(
+        asset_key="trade_proposals",
         metadata={
-            "recommendations": recs.height,
-            "household_recommendations": recs.filter(pl.col("scope") == "household").height,
+            "recommendations": rebalance.height,
+            "household_recommendations": rebalance.filter(pl.col("scope") == "household").height,
+            "harvest_recommendations": recs.height - rebalance.height,
             "trades": trades.height,
-            "inside_bands_after_trades": recs.height - outside.height,
+            "substituted_buys": trades.filter(pl.col("reason") == "substitute").height,
+            "inside_bands_after_trades": rebalance.height - outside.height,
             "could_not_reach_bands": outside.height,
-            "compliance_reviews": recs.filter(pl.col("compliance_review").is_not_null()).height,
+            "compliance_reviews": rebalance.filter(pl.col("compliance_review").is_not_null()).height,
             "examples_not_reached": MetadataValue.md(
                 "\n".join(f"- {a}: {u}" for a, u in outside.select("scope_id", "unresolved").head(5).iter_rows())
                 or "none"
             ),
-        }
+        },
     )
+    yield MaterializeResult(asset_key="trade_recommendations", metadata={"recommendations": recs.height})
+    yield MaterializeResult(asset_key="tax_lots", metadata={"lots_read": outcome.tax_impact.height})
+    yield MaterializeResult(
+        asset_key="tax_impact",
+        metadata={
+            "lots_relieved": outcome.tax_impact.height,
+            "wash_sale_disallowed": float(outcome.tax_impact["wash_sale_disallowed"].sum()),
+        },
+    )
+    yield MaterializeResult(
+        asset_key="recommendation_summary",
+        metadata={
+            "recommendations": summary.height,
+            "estimated_tax": float(summary["est_tax"].sum()),
+            "wait_for_long_term": int(summary["wait_for_long_term"].sum()),
+        },
+    )
+    yield MaterializeResult(
+        asset_key="tlh_candidates",
+        metadata={
+            "candidate_lots": candidates.height,
+            "harvests_proposed": candidates.filter(pl.col("status") == "proposed").height,
+            "wash_sale_conflicts": int(candidates["wash_sale_conflict"].sum()) if candidates.height else 0,
+        },
+    )
+    yield MaterializeResult(asset_key="wash_sales", metadata={"events": outcome.wash_sales.height})
 
 
-assets = [trade_proposals]
+assets = [propose_trades_asset]

@@ -1,0 +1,558 @@
+"""The tax engine: one day's proposals → lots relieved, tax, wash sales, harvests, advice.
+
+Pure polars over the whole book (no Dagster, no DuckDB). The asset in defs/trades/assets.py
+reads the frames, calls `past_wash_sales` before sizing (so every basis is right) and
+`apply_tax_engine` after sizing, and writes what comes back.
+
+Order of work, and why:
+1. Past wash sales (transactions.csv) adjust the replacement lots' basis and holding period
+   first: every later number (tax per dollar for the sizer, gains, harvest candidates) starts
+   from the adjusted lots.
+2. The sizer prefers selling the cheapest-tax security of an overweight class (`sell_tax_cost`).
+3. Each sell relieves lots by the account's method; loss lots are checked for wash sales against
+   purchases of the household in the 30 days before (transactions) and the buys proposed today
+   in any of its accounts. A proposed buy that would wash a loss (today's or a recent one) is
+   replaced by its `tlh_substitute`, unless the advisor has overridden that with a reason.
+4. Harvest candidates (taxable lots down ≥ threshold, not sold by the rebalance) become their own
+   recommendation (sell the lots, buy the substitute), kept apart from rebalancing, unless a
+   purchase of the household in the window would wash the loss.
+5. A final wash-sale match over everything proposed gives the disallowed amounts that tax_impact
+   and recommendation_summary report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import polars as pl
+
+from rebal_pipeline.core.tax_lots import (
+    TaxPolicy, adjust_lots_for_wash_sales, estimate_lot_tax, harvest_candidates, net_capital_gains, relieve_lots,
+    wait_for_long_term, with_terms,
+)
+from rebal_pipeline.core.wash_sales import LOSS_SALES_SCHEMA, WASH_WINDOW_DAYS, match_wash_sales
+
+_PURCHASE_TYPES = ("buy", "reinvest")
+
+
+@dataclass(frozen=True)
+class PastWashSales:
+    lots: pl.DataFrame  # tax lots after past wash sales (core.tax_lots.LOTS_SCHEMA + taxable)
+    loss_sales: pl.DataFrame  # past loss sales with a known basis (wash_sales.LOSS_SALES_SCHEMA)
+    purchases: pl.DataFrame  # past purchases (wash_sales.PURCHASES_SCHEMA)
+    events: pl.DataFrame  # one row per washed past sale, and per sale that could not be checked
+
+
+@dataclass(frozen=True)
+class TaxOutcome:
+    trades: pl.DataFrame
+    recommendations: pl.DataFrame
+    tax_impact: pl.DataFrame
+    summary: pl.DataFrame
+    tlh_candidates: pl.DataFrame
+    wash_sales: pl.DataFrame
+
+
+def stable_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _group_of(securities: pl.DataFrame) -> pl.DataFrame:
+    return securities.select("symbol", "wash_group")
+
+
+def past_wash_sales(lots: pl.DataFrame, transactions: pl.DataFrame, accounts: pl.DataFrame,
+                    securities: pl.DataFrame) -> PastWashSales:
+    """Past loss sales (sells with a reported basis above their proceeds) matched to the
+    household's purchases (buys and dividend reinvestments) of the same wash group; the
+    replacement lots' basis and holding period adjusted (IRC §1091(d), §1223(3)).
+
+    lots: account_id, symbol, lot_id, open_date, quantity, cost_basis, wash_sale_adjusted.
+    transactions: _line, account_id, symbol, trade_date, transaction_type, quantity, price,
+    cost_basis, acquired_date. accounts: account_id, household_id, account_type, taxable."""
+    who = accounts.select("account_id", "household_id", "account_type")
+    tx = transactions.join(who, on="account_id").join(_group_of(securities), on="symbol")
+    sells = tx.filter(pl.col("transaction_type") == "sell").with_columns(
+        (pl.col("quantity") * pl.col("price")).alias("proceeds"),
+        pl.format("T:{}:{}", pl.col("account_id"), pl.col("_line")).alias("sale_id"),
+    )
+    loss_sales = sells.filter(pl.col("cost_basis").is_not_null() & (pl.col("proceeds") < pl.col("cost_basis"))).select(
+        "sale_id", "household_id", "wash_group", "account_id", "symbol",
+        pl.col("trade_date").alias("sale_date"), "quantity",
+        (pl.col("cost_basis") - pl.col("proceeds")).round(2).alias("loss"),
+        "acquired_date",
+        (pl.col("trade_date") - pl.col("acquired_date")).dt.total_days().alias("holding_days"),
+    )
+    purchases = tx.filter(pl.col("transaction_type").is_in(_PURCHASE_TYPES)).select(
+        pl.format("T:{}:{}", pl.col("account_id"), pl.col("_line")).alias("purchase_id"),
+        "household_id", "wash_group", "account_id", "account_type", "symbol", "trade_date", "quantity",
+    )
+    matches = match_wash_sales(loss_sales, purchases)
+    custodian_adjusted = lots.filter(pl.col("wash_sale_adjusted")).select("account_id", "lot_id")
+    adjusted = adjust_lots_for_wash_sales(lots, matches, custodian_adjusted).join(
+        accounts.select("account_id", "taxable"), on="account_id", how="left"
+    ).with_columns(pl.col("taxable").fill_null(False))
+    # A sell without a reported basis cannot be checked: say so when a purchase of its group in
+    # the household falls in its window (never guess a basis).
+    unknown = sells.filter(pl.col("cost_basis").is_null()).join(
+        purchases.select("household_id", "wash_group", pl.col("trade_date").alias("bought")),
+        on=["household_id", "wash_group"],
+    ).filter((pl.col("bought") - pl.col("trade_date")).dt.total_days().abs() <= WASH_WINDOW_DAYS).unique("sale_id")
+    events = pl.concat([
+        _washed_events(matches, loss_sales, custodian_adjusted, lots).with_columns(pl.lit("past").alias("when")),
+        unknown.select(
+            "sale_id", "account_id", "symbol", pl.col("trade_date").alias("sale_date"),
+            pl.col("quantity").cast(pl.Float64), pl.lit(None, pl.Float64).alias("loss"),
+            pl.lit(None, pl.String).alias("purchase_account_id"), pl.lit(None, pl.String).alias("purchase_symbol"),
+            pl.lit(None, pl.Date).alias("purchase_date"), pl.lit(None, pl.Float64).alias("replaced_quantity"),
+            pl.lit(None, pl.Float64).alias("disallowed_loss"), pl.lit(None, pl.Boolean).alias("loss_lost_permanently"),
+            pl.lit("not checked: the sale has no cost basis in transactions.csv and the household bought the same "
+                   "wash group within 30 days").alias("treatment"),
+            pl.lit("past").alias("when"),
+        ),
+    ], how="diagonal_relaxed")
+    return PastWashSales(adjusted, loss_sales, purchases, events)
+
+
+def _washed_events(matches: pl.DataFrame, sales: pl.DataFrame, custodian_adjusted: pl.DataFrame | None,
+                   lots: pl.DataFrame | None) -> pl.DataFrame:
+    """One row per (loss sale, replacement purchase), with what happened to the loss in words."""
+    if matches.height == 0:
+        return pl.DataFrame()
+    out = matches.join(sales.select("sale_id", "account_id", "symbol", "sale_date", "quantity", "loss"), on="sale_id")
+    adjusted_by_custodian = pl.lit(False)
+    if custodian_adjusted is not None and lots is not None and custodian_adjusted.height:
+        flagged = lots.filter(pl.col("wash_sale_adjusted")).select(
+            pl.col("account_id").alias("purchase_account_id"), pl.col("symbol").alias("purchase_symbol"),
+            pl.col("open_date").alias("purchase_date"), pl.lit(True).alias("custodian_adjusted"),
+        ).unique()
+        out = out.join(flagged, on=["purchase_account_id", "purchase_symbol", "purchase_date"], how="left")
+        adjusted_by_custodian = pl.col("custodian_adjusted").fill_null(False)
+    return out.with_columns(
+        pl.when(pl.col("loss_lost_permanently"))
+        .then(pl.lit("loss lost permanently: replacement bought in a tax-advantaged account (Rev. Rul. 2008-5)"))
+        .when(adjusted_by_custodian)
+        .then(pl.lit("added to the replacement lot's basis by the custodian (IRC §1091(d))"))
+        .otherwise(pl.lit("added to the replacement lot's basis; holding period tacked (IRC §1091(d), §1223(3))"))
+        .alias("treatment")
+    ).drop("custodian_adjusted", strict=False)
+
+
+def sell_tax_cost(lots: pl.DataFrame, prices: pl.DataFrame, rates: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Estimated tax per dollar of selling each taxable position (account_id, symbol,
+    tax_per_dollar) — the sizer's preference order within an overweight class. Negative: the
+    position sits at a loss (selling it saves tax)."""
+    taxable = with_terms(lots.filter(pl.col("taxable")), as_of).join(prices, on="symbol").join(
+        rates, on="account_id"
+    )
+    rate = pl.when(pl.col("term") == "long").then(pl.col("federal_ltcg_rate")).otherwise(
+        pl.col("federal_ordinary_rate")) + pl.col("state_rate")
+    return taxable.group_by("account_id", "symbol").agg(
+        ((pl.col("quantity") * pl.col("price") - pl.col("cost_basis")) * rate).sum().alias("tax"),
+        (pl.col("quantity") * pl.col("price")).sum().alias("value"),
+    ).filter(pl.col("value") > 0).select("account_id", "symbol", (pl.col("tax") / pl.col("value")).alias("tax_per_dollar"))
+
+
+def _proposed_loss_sales(relieved: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
+                         as_of: date) -> pl.DataFrame:
+    return relieved.filter(pl.col("taxable") & (pl.col("gain") < 0)).join(
+        accounts.select("account_id", "household_id"), on="account_id"
+    ).join(_group_of(securities), on="symbol").select(
+        pl.format("S:{}:{}:{}:{}", "recommendation_id", "account_id", "lot_id", "lot_part").alias("sale_id"),
+        "household_id", "wash_group", "account_id", "symbol",
+        pl.lit(as_of).alias("sale_date"), "quantity", (-pl.col("gain")).alias("loss"),
+        "acquired_date",
+        (pl.lit(as_of) - pl.col("holding_from")).dt.total_days().alias("holding_days"),
+        "recommendation_id", "lot_id", "lot_part",
+    )
+
+
+def _proposed_purchases(trades: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
+                        as_of: date) -> pl.DataFrame:
+    return trades.filter(pl.col("side") == "buy").join(
+        accounts.select("account_id", "household_id", "account_type"), on="account_id"
+    ).join(_group_of(securities), on="symbol").select(
+        pl.format("B:{}:{}:{}", "recommendation_id", "account_id", "symbol").alias("purchase_id"),
+        "household_id", "wash_group", "account_id", "account_type", "symbol",
+        pl.lit(as_of).alias("trade_date"), "quantity",
+    )
+
+
+def _relieve(trades: pl.DataFrame, lots: pl.DataFrame, accounts: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    sells = trades.filter(pl.col("side") == "sell").join(
+        accounts.select("account_id", "lot_relief_method"), on="account_id", how="left"
+    )
+    relieved = relieve_lots(sells, lots, as_of)
+    return relieved.join(accounts.select("account_id", "taxable"), on="account_id", how="left").with_columns(
+        pl.col("taxable").fill_null(False)
+    )
+
+
+def _units(fractional: pl.Expr, decimals: int) -> pl.Expr:
+    return pl.when(fractional).then(10.0 ** decimals).otherwise(1.0)
+
+
+def _loss_groups(past: PastWashSales, proposed_sales: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """(household_id, wash_group) sold at a loss in the last 30 days or by today's proposals: a
+    purchase of such a group in any of the household's accounts today could wash that loss."""
+    since = as_of - timedelta(days=WASH_WINDOW_DAYS)
+    return pl.concat([
+        past.loss_sales.filter(pl.col("sale_date") >= since).select("household_id", "wash_group"),
+        proposed_sales.select("household_id", "wash_group"),
+    ]).unique()
+
+
+def _substitute_washing_buys(trades: pl.DataFrame, loss_groups: pl.DataFrame, accounts: pl.DataFrame,
+                             securities: pl.DataFrame, restrictions: pl.DataFrame, overrides: pl.DataFrame,
+                             policy: TaxPolicy) -> pl.DataFrame:
+    """Replace each proposed buy of a wash group the household sold at a loss within 30 days (or
+    sells at a loss today) by the security's tlh_substitute (a different wash group of the same
+    asset class, itself not sold at a loss by the household), same dollars, rounded down.
+
+    Deliberately conservative: the regulation matches replacement shares first-acquired first
+    (Treas. Reg. §1.1091-1(c)), so a buy after enough earlier purchases might not wash; but which
+    shares match depends on the order trades execute, so rebal avoids every buy that could.
+    Kept as it is when the advisor overrode the substitution (with a reason), or when there is
+    no usable substitute (none on file, not priced, same group, sold at a loss too, or no_buy for
+    the account); the wash is then computed and reported."""
+    with_group = trades.join(accounts.select("account_id", "household_id"), on="account_id", how="left").join(
+        securities.select("symbol", "wash_group"), on="symbol", how="left")
+    washing = with_group.filter(pl.col("side") == "buy").join(
+        loss_groups, on=["household_id", "wash_group"], how="semi")
+    if washing.height == 0:
+        return trades.with_columns(pl.lit(None, pl.String).alias("replaces_symbol"),
+                                   pl.lit(None, pl.String).alias("wash_sale_override"))
+    shelf = securities.select(
+        pl.col("symbol").alias("substitute"), pl.col("asset_class").alias("sub_class"),
+        pl.col("wash_group").alias("sub_group"), pl.col("price").alias("sub_price"),
+        pl.col("fractional").alias("sub_fractional"),
+    )
+    no_buy = restrictions.filter(pl.col("kind") == "no_buy_symbol").select(
+        "account_id", pl.col("value").alias("substitute"), pl.lit(True).alias("sub_no_buy"))
+    candidates = (
+        washing.drop("wash_group")
+        .join(securities.select("symbol", pl.col("tlh_substitute").alias("substitute"), "wash_group"), on="symbol")
+        .join(overrides.select("account_id", "symbol", pl.col("reason").alias("wash_sale_override")),
+              on=["account_id", "symbol"], how="left")
+        .join(shelf, on="substitute", how="left")
+        .join(no_buy, on=["account_id", "substitute"], how="left")
+        .join(loss_groups.select("household_id", pl.col("wash_group").alias("sub_group"), pl.lit(True).alias("sub_lost")),
+              on=["household_id", "sub_group"], how="left")
+        .filter(
+            pl.col("wash_sale_override").is_null() & pl.col("sub_lost").is_null()
+            & pl.col("sub_price").is_not_null() & (pl.col("sub_price") > 0)
+            & (pl.col("sub_group") != pl.col("wash_group")) & (pl.col("sub_class") == pl.col("asset_class"))
+            & pl.col("sub_no_buy").is_null()
+        )
+        .with_columns(_units(pl.col("sub_fractional"), policy.fractional_decimals).alias("_u"))
+        .with_columns(((pl.col("est_value") / pl.col("sub_price") * pl.col("_u")).floor() / pl.col("_u")).alias("_q"))
+        .filter(pl.col("_q") > 0)
+        .select("recommendation_id", "account_id", "symbol", "substitute", "sub_price", "_q")
+    )
+    key = ["recommendation_id", "account_id", "symbol"]
+    out = trades.join(candidates, on=key, how="left").with_columns(
+        pl.when(pl.col("substitute").is_not_null()).then(pl.col("symbol")).otherwise(None).alias("replaces_symbol"),
+        pl.coalesce("substitute", "symbol").alias("symbol"),
+        pl.coalesce("_q", "quantity").alias("quantity"),
+        pl.coalesce("sub_price", "est_price").alias("est_price"),
+        pl.when(pl.col("substitute").is_not_null()).then(pl.lit("substitute")).otherwise(pl.col("reason")).alias("reason"),
+    ).with_columns((pl.col("quantity") * pl.col("est_price")).round(2).alias("est_value")).drop(
+        "substitute", "sub_price", "_q")
+    # The substitute may already be bought by the same recommendation: one buy per security.
+    kept = [c for c in out.columns if c not in ("quantity", "est_value", "replaces_symbol", "reason")]
+    out = out.group_by(kept, maintain_order=True).agg(
+        pl.col("quantity").sum(), pl.col("est_value").sum(),
+        pl.col("replaces_symbol").drop_nulls().first(),
+        pl.when((pl.col("reason") == "substitute").any()).then(pl.lit("substitute"))
+        .otherwise(pl.col("reason").first()).first().alias("reason"),
+    )
+    overridden = overrides.select("account_id", "symbol", pl.col("reason").alias("wash_sale_override"))
+    return out.join(overridden, on=["account_id", "symbol"], how="left")
+
+
+def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
+              restrictions: pl.DataFrame, past_purchases: pl.DataFrame, proposed_buys: pl.DataFrame,
+              loss_groups: pl.DataFrame, as_of: date, policy: TaxPolicy, min_trade_value: float,
+              policy_version: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Tax-loss harvests: (tlh_candidates, trades, recommendations). A harvest is proposed only
+    when nothing would wash its loss and its substitute would not wash another loss of the
+    household (one sold in the last 30 days, by today's rebalancing, or by another harvest)."""
+    prices = securities.select("symbol", "price")
+    eligible = lots.join(accounts.filter(pl.col("harvest_eligible")).select("account_id", "household_id"),
+                         on="account_id")
+    found = with_terms(harvest_candidates(eligible, prices, policy), as_of)
+    # What the rebalance already sells of the lot is harvested by it.
+    sold = relieved.group_by("account_id", "lot_id", "lot_part").agg(pl.col("quantity").sum().alias("sold"))
+    found = found.join(sold, on=["account_id", "lot_id", "lot_part"], how="left").with_columns(
+        pl.col("sold").fill_null(0.0)
+    ).join(securities.select("symbol", "wash_group", "asset_class", "tlh_substitute"), on="symbol")
+    # IRC §1091: a purchase of the wash group in the household within the 30 days before today
+    # (not the purchase that created this lot, Rev. Rul. 56-602), or a buy proposed today,
+    # would wash the harvested loss.
+    since = as_of - timedelta(days=WASH_WINDOW_DAYS)
+    recent = past_purchases.filter(pl.col("trade_date") >= since).select(
+        "household_id", "wash_group", pl.col("account_id").alias("buyer"), pl.col("symbol").alias("bought"),
+        "trade_date")
+    today = proposed_buys.select("household_id", "wash_group", pl.col("account_id").alias("buyer"),
+                                 pl.col("symbol").alias("bought"), "trade_date")
+    conflicts = (
+        found.select("account_id", "symbol", "lot_id", "lot_part", "household_id", "wash_group", "acquired_date")
+        .join(pl.concat([recent, today]), on=["household_id", "wash_group"])
+        .filter(~((pl.col("buyer") == pl.col("account_id")) & (pl.col("bought") == pl.col("symbol"))
+                  & (pl.col("trade_date") == pl.col("acquired_date"))))
+        .group_by("account_id", "lot_id", "lot_part")
+        .agg(
+            pl.format("{} bought in {} on {}", "bought", "buyer", "trade_date").sort().str.join("; ")
+            .alias("conflict_reason"),
+            (pl.col("trade_date").max() + pl.duration(days=WASH_WINDOW_DAYS + 1)).alias("conflict_clears_on"),
+        )
+    )
+    no_sell = restrictions.filter(pl.col("kind") == "no_sell_symbol").select(
+        "account_id", pl.col("value").alias("symbol"), pl.lit(True).alias("no_sell"))
+    no_buy = restrictions.filter(pl.col("kind") == "no_buy_symbol").select(
+        "account_id", pl.col("value").alias("tlh_substitute"), pl.lit(True).alias("sub_no_buy"))
+    shelf = securities.select(pl.col("symbol").alias("tlh_substitute"), pl.col("wash_group").alias("sub_group"),
+                              pl.col("asset_class").alias("sub_class"), pl.col("price").alias("sub_price"),
+                              pl.col("fractional").alias("sub_fractional"))
+    valid_substitute = (
+        pl.col("sub_price").is_not_null() & (pl.col("sub_group") != pl.col("wash_group"))
+        & (pl.col("sub_class") == pl.col("asset_class"))
+    )
+    # Every group harvested today is sold at a loss too: a substitute of that group would wash it.
+    harvested = found.filter(pl.col("sold") < pl.col("quantity") - 1e-9).select("household_id", "wash_group")
+    lost_groups = pl.concat([loss_groups, harvested]).unique().select(
+        "household_id", pl.col("wash_group").alias("sub_group"), pl.lit(True).alias("sub_would_wash"))
+    candidates = (
+        found.join(conflicts, on=["account_id", "lot_id", "lot_part"], how="left")
+        .join(no_sell, on=["account_id", "symbol"], how="left")
+        .join(shelf, on="tlh_substitute", how="left")
+        .join(no_buy, on=["account_id", "tlh_substitute"], how="left")
+        .join(lost_groups, on=["household_id", "sub_group"], how="left")
+        .with_columns(
+            pl.col("conflict_reason").is_not_null().alias("wash_sale_conflict"),
+            pl.when(valid_substitute).then(pl.col("tlh_substitute")).otherwise(None).alias("substitute_symbol"),
+        )
+        .with_columns(
+            pl.when(pl.col("sold") >= pl.col("quantity") - 1e-9).then(pl.lit("sold_by_rebalance"))
+            .when(pl.col("wash_sale_conflict")).then(pl.lit("wash_sale_conflict"))
+            .when(pl.col("no_sell").fill_null(False)).then(pl.lit("no_sell_restriction"))
+            .when(pl.col("substitute_symbol").is_null()).then(pl.lit("no_substitute"))
+            .when(pl.col("sub_no_buy").fill_null(False)).then(pl.lit("substitute_restricted"))
+            .when(pl.col("sub_would_wash").fill_null(False)).then(pl.lit("substitute_would_wash"))
+            .otherwise(pl.lit("proposed"))
+            .alias("status"),
+            (pl.col("quantity") - pl.col("sold")).clip(0).alias("harvest_quantity"),
+        )
+    )
+    # One harvest per position: sell the candidate lots (specific identification), buy the
+    # substitute with the proceeds, rounded down (cash absorbs the remainder).
+    positions = (
+        candidates.filter(pl.col("status") == "proposed")
+        .join(prices, on="symbol")
+        .group_by("account_id", "symbol", "asset_class", "substitute_symbol", "sub_price", "sub_fractional")
+        .agg(pl.col("harvest_quantity").sum().alias("quantity"), pl.col("price").first().alias("price"))
+        .with_columns((pl.col("quantity") * pl.col("price")).round(2).alias("proceeds"))
+        .with_columns(_units(pl.col("sub_fractional"), policy.fractional_decimals).alias("_u"))
+        .with_columns(((pl.col("proceeds") / pl.col("sub_price") * pl.col("_u")).floor() / pl.col("_u")).alias("buy_qty"))
+    )
+    too_small = positions.filter((pl.col("proceeds") < min_trade_value) | (pl.col("buy_qty") <= 0))
+    positions = positions.join(too_small.select("account_id", "symbol"), on=["account_id", "symbol"], how="anti")
+    candidates = candidates.join(
+        too_small.select("account_id", "symbol", pl.lit(True).alias("_small")), on=["account_id", "symbol"], how="left"
+    ).with_columns(
+        pl.when(pl.col("_small").fill_null(False) & (pl.col("status") == "proposed"))
+        .then(pl.lit("below_minimum_trade")).otherwise(pl.col("status")).alias("status")
+    )
+    sells = positions.select("account_id", "symbol", "asset_class", pl.lit("sell").alias("side"), "quantity",
+                             pl.col("price").alias("est_price"), pl.col("proceeds").alias("est_value"),
+                             pl.lit("tlh").alias("reason"))
+    buys = positions.select("account_id", pl.col("substitute_symbol").alias("symbol"), "asset_class",
+                            pl.lit("buy").alias("side"), pl.col("buy_qty").alias("quantity"),
+                            pl.col("sub_price").alias("est_price"),
+                            (pl.col("buy_qty") * pl.col("sub_price")).round(2).alias("est_value"),
+                            pl.lit("substitute").alias("reason"))
+    trades = pl.concat([sells, buys]).sort("account_id", "side", "symbol")
+    ids = trades.group_by("account_id", maintain_order=True).agg(
+        pl.format("{}:{}:{}", "side", "symbol", pl.col("quantity").round(8)).str.join(";").alias("_text"),
+        pl.col("est_value").sum().alias("trade_value"),
+        pl.len().alias("trade_count"),
+    ).with_columns(
+        pl.format("{}|{}|harvest|{}|{}", pl.lit(as_of.isoformat()), "account_id", pl.lit(policy_version), "_text")
+        .map_elements(stable_id, return_dtype=pl.String).alias("recommendation_id")
+    )
+    trades = trades.join(ids.select("account_id", "recommendation_id"), on="account_id")
+    recs = ids.select(
+        "recommendation_id", pl.lit("account").alias("scope"), pl.col("account_id").alias("scope_id"), "account_id",
+        "trade_count", pl.lit("harvest").alias("kind"), pl.lit(True).alias("inside_bands"),
+    )
+    candidates = candidates.join(
+        ids.select("account_id", "recommendation_id"), on="account_id", how="left"
+    ).with_columns(
+        pl.when(pl.col("status") == "proposed").then(pl.col("recommendation_id")).otherwise(None)
+        .alias("recommendation_id")
+    ).select(
+        pl.lit(as_of).alias("as_of"), "account_id", "symbol", "lot_id", "lot_part", "quantity",
+        "market_value", "cost_basis", "unrealized_loss", pl.col("loss_pct").round(6), "term",
+        "wash_sale_conflict", "conflict_reason", "conflict_clears_on", "substitute_symbol", "status",
+        "harvest_quantity", "recommendation_id",
+    ).sort("account_id", "symbol", "lot_id", "lot_part")
+    return candidates, trades, recs
+
+
+def _all_sales(past: PastWashSales, proposed: pl.DataFrame) -> pl.DataFrame:
+    columns = list(LOSS_SALES_SCHEMA)
+    return pl.concat([past.loss_sales.select(columns), proposed.select(columns)], how="diagonal_relaxed")
+
+
+def apply_tax_engine(
+    trades: pl.DataFrame, recommendations: pl.DataFrame, past: PastWashSales, accounts: pl.DataFrame,
+    securities: pl.DataFrame, restrictions: pl.DataFrame, severity: pl.DataFrame, overrides: pl.DataFrame,
+    as_of: date, policy: TaxPolicy, min_trade_value: float, policy_version: str,
+) -> TaxOutcome:
+    """Steps 3–5 of the module docstring over the day's proposals (see there).
+
+    accounts: account_id, household_id, account_type, taxable, lot_relief_method,
+    federal_ordinary_rate, federal_ltcg_rate, state_rate, harvest_eligible. securities: symbol,
+    asset_class, fractional, price, wash_group, tlh_substitute. overrides: account_id, symbol,
+    reason (the advisor keeps a buy that washes a loss). severity: recommendation_id,
+    drift_to_band."""
+    lots = past.lots
+    # Step 3: loss sells of today × purchases (past 30 days and today's buys).
+    relieved = _relieve(trades, lots, accounts, as_of)
+    loss_groups = _loss_groups(past, _proposed_loss_sales(relieved, accounts, securities, as_of), as_of)
+    trades = _substitute_washing_buys(trades, loss_groups, accounts, securities, restrictions, overrides, policy)
+    # A substitution changes the trades, so it changes the recommendation's identity.
+    changed = trades.filter(pl.col("replaces_symbol").is_not_null()).group_by("recommendation_id").agg(
+        pl.format("{}:{}>{}", "account_id", "replaces_symbol", "symbol").sort().str.join(";").alias("_subs")
+    ).with_columns(
+        pl.format("{}|substitutes|{}", "recommendation_id", "_subs").map_elements(stable_id, return_dtype=pl.String)
+        .alias("_new_id")
+    ).select("recommendation_id", "_new_id")
+    trades = trades.join(changed, on="recommendation_id", how="left").with_columns(
+        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id")).drop("_new_id")
+    recommendations = recommendations.join(changed, on="recommendation_id", how="left").with_columns(
+        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id"),
+        pl.lit("rebalance").alias("kind"),
+    ).drop("_new_id")
+    severity = severity.join(changed, on="recommendation_id", how="left").with_columns(
+        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id")).drop("_new_id")
+    relieved = _relieve(trades, lots, accounts, as_of)
+
+    # Step 4: harvests, kept apart from rebalancing.
+    proposed_buys = _proposed_purchases(trades, accounts, securities, as_of)
+    candidates, harvest_trades, harvest_recs = _harvests(
+        lots, relieved, accounts, securities, restrictions, past.purchases, proposed_buys, loss_groups, as_of,
+        policy, min_trade_value, policy_version,
+    )
+    harvest_relieved = candidates.filter(pl.col("status") == "proposed").join(
+        lots.select("account_id", "lot_id", "lot_part", "acquired_date", "holding_from", "quantity", "cost_basis"),
+        on=["account_id", "lot_id", "lot_part"], suffix="_lot",
+    ).join(securities.select("symbol", "price"), on="symbol").select(
+        "recommendation_id", "account_id", "symbol", "lot_id", "lot_part",
+        pl.lit("specific_id").alias("lot_relief_method"), "acquired_date", "holding_from",
+        pl.col("harvest_quantity").alias("quantity"),
+        (pl.col("harvest_quantity") * pl.col("price")).round(2).alias("proceeds"),
+        (pl.col("cost_basis_lot") * pl.col("harvest_quantity") / pl.col("quantity_lot")).round(2).alias("cost_basis"),
+    )
+    harvest_relieved = with_terms(harvest_relieved, as_of).with_columns(
+        (pl.col("proceeds") - pl.col("cost_basis")).round(2).alias("gain"), pl.lit(True).alias("taxable"))
+    all_trades = pl.concat([trades, harvest_trades], how="diagonal_relaxed")
+    all_relieved = pl.concat([relieved, harvest_relieved.select(relieved.columns)])
+
+    # Step 5: the final wash-sale match over everything proposed.
+    proposed_sales = _proposed_loss_sales(all_relieved, accounts, securities, as_of)
+    final = match_wash_sales(
+        _all_sales(past, proposed_sales),
+        pl.concat([past.purchases, _proposed_purchases(all_trades, accounts, securities, as_of)], how="diagonal_relaxed"),
+    )
+    per_sale = final.group_by("sale_id").agg(pl.col("disallowed_loss").sum().alias("wash_sale_disallowed"),
+                                             pl.col("loss_lost_permanently").any().alias("loss_lost_permanently"))
+    disallowed = proposed_sales.join(per_sale, on="sale_id").select(
+        "recommendation_id", "account_id", "lot_id", "lot_part", "wash_sale_disallowed", "loss_lost_permanently")
+    rates = accounts.select("account_id", "taxable", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate")
+    per_lot = estimate_lot_tax(all_relieved.drop("taxable"), rates,
+                               disallowed.drop("loss_lost_permanently")).join(
+        disallowed.select("recommendation_id", "account_id", "lot_id", "lot_part", "loss_lost_permanently"),
+        on=["recommendation_id", "account_id", "lot_id", "lot_part"], how="left",
+    ).with_columns(pl.col("loss_lost_permanently").fill_null(False))
+    # A buy that washes a loss (kept by override or for want of a substitute) says so.
+    buys_washing = final.filter(pl.col("purchase_id").str.starts_with("B:")).group_by("purchase_id").agg(
+        pl.col("disallowed_loss").sum().alias("wash_sale_disallowed"))
+    all_trades = all_trades.with_columns(
+        pl.format("B:{}:{}:{}", "recommendation_id", "account_id", "symbol").alias("purchase_id")
+    ).join(buys_washing, on="purchase_id", how="left").with_columns(
+        pl.when(pl.col("side") == "buy").then(pl.col("wash_sale_disallowed").fill_null(0.0)).otherwise(0.0)
+        .alias("wash_sale_disallowed")
+    ).drop("purchase_id")
+    # The per-sell figure is the sum over its lots.
+    sell_disallowed = per_lot.group_by("recommendation_id", "account_id", "symbol").agg(
+        pl.col("wash_sale_disallowed").sum().alias("_sell_disallowed"))
+    all_trades = all_trades.join(
+        sell_disallowed, on=["recommendation_id", "account_id", "symbol"], how="left"
+    ).with_columns(
+        pl.when(pl.col("side") == "sell").then(pl.col("_sell_disallowed").fill_null(0.0))
+        .otherwise(pl.col("wash_sale_disallowed")).round(2).alias("wash_sale_disallowed")
+    ).drop("_sell_disallowed").sort("recommendation_id", "account_id", "side", "symbol")
+
+    recs = pl.concat([recommendations, harvest_recs], how="diagonal_relaxed")
+    summary = _summary(all_trades, per_lot, recs, severity, accounts, securities, as_of, policy)
+    tax_impact = per_lot.select(
+        pl.lit(as_of).alias("as_of"), "recommendation_id", "account_id", "symbol", "lot_id", "lot_part",
+        "lot_relief_method", "acquired_date", "holding_from", "quantity", "proceeds", "cost_basis", "gain", "term",
+        "est_tax", "wash_sale_disallowed", "loss_lost_permanently", "days_to_long_term", "long_term_from",
+        "taxable",
+    ).sort("recommendation_id", "account_id", "symbol", "lot_id", "lot_part")
+    wash_events = pl.concat([
+        past.events,
+        _washed_events(final.filter(pl.col("sale_id").str.starts_with("S:")), proposed_sales, None, None)
+        .with_columns(pl.lit("proposed").alias("when")),
+    ], how="diagonal_relaxed")
+    if wash_events.height:
+        wash_events = wash_events.with_columns(pl.lit(as_of).alias("as_of")).sort("when", "sale_id", "purchase_date")
+    return TaxOutcome(all_trades, recs, tax_impact, summary, candidates, wash_events)
+
+
+def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, severity: pl.DataFrame,
+             accounts: pl.DataFrame, securities: pl.DataFrame, as_of: date, policy: TaxPolicy) -> pl.DataFrame:
+    values = trades.group_by("recommendation_id").agg(
+        pl.col("est_value").sum().round(2).alias("trade_value"),
+        pl.col("est_value").filter(pl.col("side") == "sell").sum().round(2).alias("sell_value"),
+    )
+    gains = net_capital_gains(per_lot, ["recommendation_id"]) if per_lot.height else pl.DataFrame(
+        schema={"recommendation_id": pl.String})
+    waits = wait_for_long_term(per_lot, severity, policy) if per_lot.height else pl.DataFrame(
+        schema={"recommendation_id": pl.String})
+    # After a loss sale, a purchase of the same wash group in any household account within 30
+    # days would wash it: the advisor is told which groups and until when.
+    watch = per_lot.filter(pl.col("taxable") & (pl.col("gain") < 0)).join(
+        securities.select("symbol", "wash_group"), on="symbol").group_by("recommendation_id").agg(
+        pl.format("do not buy {} (wash group {}) in any of the household's accounts, IRAs included, through {}",
+                  pl.col("symbol"), pl.col("wash_group"), pl.lit(as_of + timedelta(days=WASH_WINDOW_DAYS)))
+        .unique().sort().str.join("; ").alias("wash_sale_watch")
+    )
+    out = recs.select("recommendation_id", "scope", "scope_id", "kind").join(values, on="recommendation_id", how="left")
+    for frame in (gains, waits, watch):
+        out = out.join(frame, on="recommendation_id", how="left")
+    for column, dtype in (("st_gain", pl.Float64), ("lt_gain", pl.Float64), ("realized_loss", pl.Float64),
+                          ("wash_sale_disallowed", pl.Float64), ("est_tax", pl.Float64),
+                          ("wait_for_long_term", pl.Boolean), ("wait_reason", pl.String),
+                          ("wait_until", pl.Date), ("tax_saved_by_waiting", pl.Float64),
+                          ("wash_sale_watch", pl.String)):
+        if column not in out.columns:
+            out = out.with_columns(pl.lit(None, dtype).alias(column))
+    return out.with_columns(
+        pl.lit(as_of).alias("as_of"),
+        *(pl.col(c).fill_null(0.0) for c in ("trade_value", "sell_value", "st_gain", "lt_gain", "realized_loss",
+                                             "wash_sale_disallowed", "est_tax")),
+        pl.col("wait_for_long_term").fill_null(False),
+    ).with_columns(
+        pl.when(pl.col("trade_value") > 0).then((pl.col("est_tax") / pl.col("trade_value")).round(6))
+        .otherwise(0.0).alias("net_tax_pct"),
+    ).select(
+        "as_of", "recommendation_id", "scope", "scope_id", "kind", "trade_value", "sell_value", "st_gain", "lt_gain",
+        "realized_loss", "wash_sale_disallowed", "est_tax", "net_tax_pct", "wait_for_long_term", "wait_until",
+        "tax_saved_by_waiting", "wait_reason", "wash_sale_watch",
+    ).sort("recommendation_id")
+
