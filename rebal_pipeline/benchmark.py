@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 BENCH_AS_OF = date(2026, 11, 20)
-STAGES = ("ingest", "holdings", "drift", "alerts", "trades")
+STAGES = ("ingest", "holdings", "drift", "alerts", "trades", "tax")
 
 
 def _peak_rss_mb() -> float:
@@ -93,7 +93,8 @@ def _pipeline(work: Path) -> dict:
         _timed_pipeline(con, work, timings)
         alerts = con.execute("select count(*) from drift_alerts where status = 'alert'").fetchone()[0]
         rejects = con.execute("select count(*) from rejects").fetchone()[0]
-    return {**{f"{s}_s": v for s, v in timings.items()}, "pipeline_rss_mb": _peak_rss_mb(),
+    counts = {k: int(timings.pop(k)) for k in ("lots_relieved", "harvests")}
+    return {**{f"{s}_s": v for s, v in timings.items()}, **counts, "pipeline_rss_mb": _peak_rss_mb(),
             "alerts": alerts, "rejects": rejects}
 
 
@@ -118,8 +119,12 @@ def _timed_pipeline(con, work: Path, timings: dict) -> None:
     from rebal_pipeline.defs.trades.assets import propose_trades
 
     t0 = time.perf_counter()
-    propose_trades(con, BENCH_AS_OF, load_policy())
+    parts: dict[str, float] = {}
+    outcome = propose_trades(con, BENCH_AS_OF, load_policy(), timings=parts)
     timings["trades"] = time.perf_counter() - t0
+    timings["tax"] = parts.get("tax", 0.0)
+    timings["lots_relieved"] = outcome.tax_impact.height
+    timings["harvests"] = int(outcome.recommendations.filter(outcome.recommendations["kind"] == "harvest").height)
 
 
 def _dagster(work: Path) -> dict:
@@ -187,15 +192,16 @@ def run_benchmark(sizes: list[int], output: Path, work_dir: Path | None = None) 
 
 def format_table(rows: list[dict]) -> str:
     header = ("| accounts | positions | lots | generate s | ingest s | holdings s | drift s | alerts s "
-              "| **feed→alerts s** | trade_proposals s | peak RSS MB | via Dagster s (all assets) "
-              "| Dagster peak RSS MB | alerts | rejects |")
-    lines = [header, "|" + "|".join(["---:"] * 15) + "|"]
+              "| **feed→alerts s** | trade_proposals s | of which tax s | lots relieved | harvests "
+              "| peak RSS MB | via Dagster s (all assets) | Dagster peak RSS MB | alerts | rejects |")
+    lines = [header, "|" + "|".join(["---:"] * 18) + "|"]
     for r in rows:
-        total = sum(r[f"{s}_s"] for s in STAGES if s != "trades")
+        total = sum(r[f"{s}_s"] for s in STAGES if s not in ("trades", "tax"))
         lines.append(
             f"| {r['accounts']:,} | {r['positions']:,} | {r['lots']:,} | {r['generate_s']:.1f} "
             f"| {r['ingest_s']:.2f} | {r['holdings_s']:.2f} | {r['drift_s']:.2f} | {r['alerts_s']:.2f} "
-            f"| **{total:.1f}** | {r['trades_s']:.2f} | {r['pipeline_rss_mb']:,.0f} | {r['dagster_s']:.1f} "
+            f"| **{total:.1f}** | {r['trades_s']:.2f} | {r['tax_s']:.2f} | {r['lots_relieved']:,} | {r['harvests']:,} "
+            f"| {r['pipeline_rss_mb']:,.0f} | {r['dagster_s']:.1f} "
             f"| {r['dagster_rss_mb']:,.0f} | {r['alerts']:,} | {r['rejects']:,} |"
         )
     return "\n".join(lines)

@@ -52,3 +52,31 @@ def test_sandbox_defects_hold_out_exactly_the_named_accounts(workspace, dagster_
     assert held == {d.account_id for d in report.defects}
     rejected_files = set(workspace.table("rejects", AS_OF)["file"].to_list())
     assert rejected_files == {d.file for d in report.defects}
+
+
+def test_the_tax_engine_finds_exactly_the_sandboxs_past_wash_sales(workspace, dagster_instance):
+    """Sandbox → Dagster → wash_sales: every planted wash sale is found with its replacement and
+    its disallowed loss, the IRA ones lost for good, and the two non-washes are not reported."""
+    import polars as pl
+
+    report = generate_feed(SandboxConfig(as_of=AS_OF, households=200, seed=42, defects=True), workspace.feed_root)
+    assert workspace.run_day(as_of=AS_OF, instance=dagster_instance).success
+    found = workspace.table("wash_sales", AS_OF).filter(pl.col("when") == "past")
+    found_rows = {
+        (r["account_id"], r["symbol"], r["sale_date"], r["purchase_account_id"], r["purchase_symbol"],
+         r["purchase_date"]): (round(r["disallowed_loss"], 2), r["loss_lost_permanently"])
+        for r in found.iter_rows(named=True)
+    }
+    planted = {
+        (w.account_id, w.symbol, w.sale_date, w.replacement_account_id, w.replacement_symbol, w.replacement_date):
+            (round(float(w.disallowed_loss), 2), w.kind == "ira_replacement")
+        for w in report.wash_sales if w.wash_sale
+    }
+    assert planted and found_rows == planted
+    # Custodian-adjusted replacement lots keep their basis; the others gain the disallowed loss.
+    lots = workspace.table("tax_lots", AS_OF)
+    for w in report.wash_sales:
+        if w.kind in ("same_account", "partial_replacement"):
+            part = lots.filter((pl.col("account_id") == w.replacement_account_id) & (pl.col("symbol") == w.replacement_symbol)
+                               & (pl.col("lot_part") == "replacement"))
+            assert part.height == 1 and part["acquired_date"].item() == w.replacement_date

@@ -339,11 +339,13 @@ def _tax_policy(policy) -> TaxPolicy:
     )
 
 
-def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = None) -> TaxOutcome:
+def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = None,
+                   timings: dict | None = None) -> TaxOutcome:
     """Size the day's alerts (accounts, and aggregated households through the optimiser), run the
     tax engine over the proposals (lot relief, wash sales, harvests, wait-for-long-term) and
     write OUTPUT_TABLES. `overrides` (account_id, symbol, reason): buys the advisor keeps even
-    though they wash a loss."""
+    though they wash a loss. `timings`, if given, receives the seconds of each part (benchmark)."""
+    clock = _Clock(timings)
     tax_policy = _tax_policy(policy)
     params = {"as_of": as_of}
     securities = con.execute(SECURITIES, params).pl()
@@ -356,6 +358,7 @@ def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = No
         past.lots, securities.select("symbol", "price"),
         accounts.select("account_id", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate"), as_of,
     )
+    clock.lap("tax")
     account_trades, account_recs = _account_proposals(con, as_of, policy, securities, tax_cost)
     household_trades, household_recs = _household_proposals(con, as_of, policy, securities, tax_cost)
     trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed")
@@ -365,11 +368,13 @@ def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = No
     ).select("recommendation_id", "drift_to_band")
     if overrides is None:
         overrides = pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String})
+    clock.lap("sizing")
     outcome = apply_tax_engine(
         trades, recs, past, accounts, securities, con.execute(QUERIES["restrictions"].format(
             who="(select account_id from stg_feed_accounts where as_of = $as_of)"), params).pl(),
         severity, overrides, as_of, tax_policy, float(policy.trade_sizing.min_trade_value), policy.version_id,
     )
+    clock.lap("tax")
     stamp = [pl.lit(as_of).alias("as_of")]
     tables = {
         "trade_proposals": outcome.trades.with_columns(*stamp),
@@ -384,7 +389,24 @@ def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = No
     }
     for name, frame in tables.items():
         replace_partition(con, name, as_of, frame.to_arrow())
+    clock.lap("write")
     return outcome
+
+
+class _Clock:
+    """Adds the seconds since the last lap to timings[part] (no-op without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        import time
+
+        self._now, self.timings = time.perf_counter, timings
+        self._last = self._now()
+
+    def lap(self, part: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[part] = self.timings.get(part, 0.0) + now - self._last
+            self._last = now
 
 
 @multi_asset(
