@@ -5,6 +5,7 @@ REBAL_HOME (default: <repo>/.rebal) holds the embedded set-up the drill uses:
   archive/sha256/..        raw feed files, content-addressed, write-once
   warehouse.duckdb         the DuckDB warehouse
   dagster_home/            DAGSTER_HOME for the embedded SQLite Dagster instance
+  workflow.sqlite          the workflow store (recommendations, decisions, audit chain)
   overrides/               advisors' documented overrides of the tax engine
 Each can be moved on its own with the env vars below (production points them elsewhere).
 """
@@ -49,3 +50,9 @@ def policy_file() -> Path | None:
 def wash_sale_overrides_path() -> Path:
     """Advisors' documented "keep this buy although it washes a loss" decisions (append-only CSV)."""
     return Path(os.environ.get("REBAL_WASH_SALE_OVERRIDES", rebal_home() / "overrides" / "wash_sale_overrides.csv"))
+
+
+def workflow_db_url() -> str:
+    """The workflow store: REBAL_WORKFLOW_DB_URL (e.g. postgresql+psycopg2://user@host/db), else an
+    embedded SQLite file. A URL may carry a password: it is never logged."""
+    return os.environ.get("REBAL_WORKFLOW_DB_URL") or f"sqlite:///{rebal_home() / 'workflow.sqlite'}"
