@@ -133,11 +133,12 @@ def _dagster(work: Path) -> dict:
     from rebal_pipeline.defs.feed.assets import assets as feed_assets
     from rebal_pipeline.defs.trades.assets import assets as trade_assets
     from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
-    from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse
+    from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
+    from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
 
     started = time.perf_counter()
     result = materialize(
-        [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets],
+        [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets],
         partition_key=BENCH_AS_OF.isoformat(),
         instance=DagsterInstance.ephemeral(),
         resources={
@@ -145,6 +146,7 @@ def _dagster(work: Path) -> dict:
             "feed": FeedLocation(feed_root=str(work / "feeds"), archive_root=str(work / "archive")),
             "drift_policy_source": DriftPolicySource(),
             "advisor_overrides": AdvisorOverrides(wash_sale_file=str(work / "no_overrides.csv")),
+            "workflow_store": WorkflowStoreResource(url=f"sqlite:///{work / 'workflow.sqlite'}"),
         },
     )
     return {"dagster_s": time.perf_counter() - started, "dagster_ok": result.success,

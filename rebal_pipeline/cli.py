@@ -49,7 +49,7 @@ def cmd_sandbox(args) -> int:
 
 
 def cmd_drill(args) -> int:
-    from rebal_pipeline.drill import materialize_day, prepare_local_instance, summarize_day
+    from rebal_pipeline.drill import materialize_day, prepare_local_instance, summarize_day, workflow_summary
     from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
 
     home = prepare_local_instance()
@@ -65,6 +65,8 @@ def cmd_drill(args) -> int:
         return 1
     print()
     print(summarize_day(settings.warehouse_path(), as_of).text)
+    print()
+    print(workflow_summary(as_of))
     print()
     print("Open the Dagster UI to see the run, the lineage from custodian_feed to drift_alerts and the checks:")
     print(f"  DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000")
@@ -108,6 +110,53 @@ def cmd_keep_washing_buy(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    """Verify or export the audit chain of the workflow store."""
+    from rebal_pipeline.workflow import audit
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            if args.audit_command == "verify":
+                result = audit.verify(conn)
+                print(result)
+                return 0 if result.ok else 1
+            try:
+                manifest = audit.export(conn, Path(args.out), date.today())
+            except ValueError as error:
+                print(f"rebal: not exported: {error}", file=sys.stderr)
+                return 1
+            print(f"Exported {manifest['events']} events to {manifest['folder']} (head {manifest['head_hash'][:16]}…)")
+            return 0
+    finally:
+        store.dispose()
+
+
+def cmd_issue_token(args) -> int:
+    """Issue an API token for a user (printed once; only its SHA-256 is stored)."""
+    import secrets
+    from datetime import datetime, timezone
+
+    from rebal_pipeline.workflow import lifecycle
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    store.migrate()
+    token = secrets.token_urlsafe(32)
+    try:
+        with store.begin() as conn:
+            lifecycle.issue_api_token(conn, args.user_id, token, datetime.now(timezone.utc))
+    except lifecycle.DecisionError as error:
+        print(f"rebal: {error.message} (users come from the feed's users.csv; run the day first)", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    print(token)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by", required=True, help="the advisor's user id")
     p.add_argument("--as-of", help="as-of date YYYY-MM-DD (default: the latest closed NYSE session)")
     p.set_defaults(func=cmd_keep_washing_buy)
+
+    p = commands.add_parser("audit", help="verify or export the audit chain")
+    audit_commands = p.add_subparsers(dest="audit_command", required=True)
+    audit_commands.add_parser("verify", help="recompute the hash chain; name the first broken event (exit 1)")
+    e = audit_commands.add_parser("export", help="write a dated archive (events + manifest of hashes)")
+    e.add_argument("--out", required=True, help="folder to write audit-<date>/ into")
+    p.set_defaults(func=cmd_audit)
+
+    p = commands.add_parser("issue-token", help="issue an approval-API token for a user (printed once)")
+    p.add_argument("user_id")
+    p.set_defaults(func=cmd_issue_token)
 
     p = commands.add_parser("benchmark", help="time each stage at 10k and 100k accounts; writes BENCHMARKS.md")
     p.add_argument("--accounts", default="10000,100000", help="comma-separated book sizes (default %(default)s)")

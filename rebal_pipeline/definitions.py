@@ -6,13 +6,14 @@ from rebal_pipeline.defs.drift.schedules import daily_drift_at_market_close, dai
 from rebal_pipeline.defs.feed import assets as feed
 from rebal_pipeline.defs.trades import assets as trades
 from rebal_pipeline.defs.warehouse import assets as warehouse
+from rebal_pipeline.defs.workflow import assets as workflow
 from rebal_pipeline.resources import local_resources
 
 
 def build_definitions() -> Definitions:
     """Definitions with resources read from the environment now (see settings.py)."""
     return Definitions(
-        assets=[*feed.assets, *warehouse.assets, *trades.assets],
+        assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets],
         jobs=[daily_drift_scan],
         schedules=[daily_drift_at_market_close],
         resources=local_resources(),

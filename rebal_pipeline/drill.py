@@ -179,3 +179,28 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
     if len(rejects) > 15:
         lines.append(f"  … {len(rejects) - 15} more in table rejects")
     return DaySummary("\n".join(lines), alerts, len(rejects))
+
+
+def workflow_summary(as_of: date) -> str:
+    """What the day left for the advisors in the workflow store, and the audit chain's state."""
+    from sqlalchemy import func, select
+
+    from rebal_pipeline.workflow import audit
+    from rebal_pipeline.workflow.schema import recommendations
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    try:
+        with store.begin() as conn:
+            by_status = conn.execute(
+                select(recommendations.c.status, recommendations.c.kind, func.count())
+                .where(recommendations.c.as_of == as_of).group_by(recommendations.c.status, recommendations.c.kind)
+                .order_by(recommendations.c.kind, recommendations.c.status)).all()
+            advisors = conn.execute(select(func.count(func.distinct(recommendations.c.advisor_id)))
+                                    .where(recommendations.c.as_of == as_of)).scalar()
+            chain = audit.verify(conn)
+    finally:
+        store.dispose()
+    parts = ", ".join(f"{n} {kind} {status}" for status, kind, n in by_status) or "none"
+    return (f"Workflow store ({settings.workflow_db_url().split('://')[0]}): {parts}; routed to {advisors} advisors\n"
+            f"Audit: {chain}")

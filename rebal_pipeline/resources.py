@@ -16,6 +16,8 @@ from rebal_pipeline.core.policy import DriftPolicy, load_policy
 if TYPE_CHECKING:
     import polars as pl
 
+    from rebal_pipeline.workflow.store import WorkflowStore
+
 
 class Warehouse(ConfigurableResource):
     """The DuckDB warehouse file. Only Dagster runs write it (one writer process at a time)."""
@@ -64,6 +66,24 @@ class AdvisorOverrides(ConfigurableResource):
         return read_overrides(Path(self.wash_sale_file), as_of)
 
 
+class WorkflowStoreResource(ConfigurableResource):
+    """The workflow store (rebal_pipeline/workflow): recommendations, decisions, audit chain.
+    The URL may carry a password; it is never logged."""
+
+    url: str
+
+    @contextmanager
+    def open(self) -> Iterator["WorkflowStore"]:
+        from rebal_pipeline.workflow.store import WorkflowStore
+
+        store = WorkflowStore(self.url)
+        try:
+            store.migrate()
+            yield store
+        finally:
+            store.dispose()
+
+
 def local_resources() -> dict:
     policy = settings.policy_file()
     return {
@@ -76,4 +96,5 @@ def local_resources() -> dict:
         ),
         "drift_policy_source": DriftPolicySource(policy_file=str(policy) if policy else ""),
         "advisor_overrides": AdvisorOverrides(wash_sale_file=str(settings.wash_sale_overrides_path())),
+        "workflow_store": WorkflowStoreResource(url=settings.workflow_db_url()),
     }

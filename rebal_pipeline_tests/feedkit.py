@@ -21,7 +21,8 @@ from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.feed.assets import assets as feed_assets
 from rebal_pipeline.defs.trades.assets import assets as trade_assets
 from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
-from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse
+from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
+from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
 
 AS_OF = date(2026, 11, 20)  # a Friday, an NYSE session
 
@@ -123,7 +124,12 @@ class Workspace:
             "feed": FeedLocation(feed_root=str(self.feed_root), archive_root=str(self.root / "archive")),
             "drift_policy_source": DriftPolicySource(policy_file=str(policy_file or "")),
             "advisor_overrides": AdvisorOverrides(wash_sale_file=str(self.overrides_path)),
+            "workflow_store": WorkflowStoreResource(url=self.workflow_url),
         }
+
+    @property
+    def workflow_url(self) -> str:
+        return f"sqlite:///{self.root / 'workflow.sqlite'}"
 
     @property
     def overrides_path(self) -> Path:
@@ -132,7 +138,7 @@ class Workspace:
     def run_day(self, as_of: date = AS_OF, instance: DagsterInstance | None = None,
                 policy_file: Path | None = None, raise_on_error: bool = True):
         return materialize(
-            [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets],
+            [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets],
             partition_key=as_of.isoformat(),
             resources=self.resources(policy_file),
             instance=instance,

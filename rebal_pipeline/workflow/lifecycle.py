@@ -132,8 +132,9 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     """Write one day's recommendations. Idempotent: a recommendation already stored is left
     alone, so re-running the day writes nothing new. A new recommendation for a lineage with an
     open one supersedes it and keeps its escalation clock (and its reminder/escalation state).
-    Open rebalance recommendations of lineages scanned today and back inside their bands
-    (`inside_lineages`) are closed as resolved_by_market.
+    Open recommendations of lineages scanned today that need nothing any more
+    (`inside_lineages`: back inside their bands, or no harvest left) are closed as
+    resolved_by_market.
 
     recs: dicts with recommendation_id, scope, scope_id, kind, household_id, advisor_id, tier,
     urgency, delivery, discretionary, trade_value, realized_gain, policy_version,
@@ -194,8 +195,7 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     # Back inside the bands today: close what was waiting.
     if inside_lineages:
         stale = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.lineage).where(and_(
-            recommendations.c.status.in_(OPEN), recommendations.c.kind == "rebalance",
-            recommendations.c.as_of < as_of))).all()
+            recommendations.c.status.in_(OPEN), recommendations.c.as_of < as_of))).all()
         for row in stale:
             if row.lineage not in inside_lineages:
                 continue

@@ -1,0 +1,175 @@
+"""The daily run hands its recommendations to the advisor: one package per recommendation,
+written to the workflow store as `pending` (routed to the advisor of record, urgency from the
+tier), superseding yesterday's open one for the same account/household without restarting its
+escalation clock, and closing those back inside their bands (`resolved_by_market`).
+
+Thin shell: the packages are assembled from the warehouse with a handful of whole-day queries
+(no query per recommendation); the lifecycle rules live in rebal_pipeline/workflow/lifecycle.py.
+"""
+
+
+import json
+from collections import defaultdict
+from datetime import date, datetime, timezone
+
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
+
+from rebal_pipeline.partitions import daily_partitions
+from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.workflow import lifecycle
+from rebal_pipeline.workflow.package import (
+    PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, positions_fingerprint,
+)
+
+# Who each recommendation is for: its accounts, advisor, tier, urgency and delivery. Harvests
+# are account-scope, routed like the account, and not urgent (medium, within 48h).
+RECOMMENDATIONS = """
+with recs as (select * from trade_recommendations where as_of = $as_of),
+scanned as (select * from int_scanned_accounts where as_of = $as_of),
+alerts as (select * from drift_alerts where as_of = $as_of and status = 'alert')
+select r.recommendation_id, r.scope, r.scope_id, r.kind, r.model_version, r.inside_bands, r.unresolved,
+       r.policy_version,
+       coalesce(a.advisor_id, s.advisor_id, hs.advisor_id) as advisor_id,
+       coalesce(s.household_id, r.scope_id) as household_id,
+       coalesce(a.tier, s.tier, hs.tier) as tier,
+       case when r.kind = 'harvest' then 'medium' else a.urgency end as urgency,
+       case when r.kind = 'harvest' then 'within_48h' else a.delivery end as delivery,
+       coalesce(a.discretionary, s.discretionary, false) as discretionary,
+       sm.trade_value, sm.st_gain + sm.lt_gain as realized_gain,
+       to_json(sm) as tax
+from recs r
+left join alerts a on a.scope = r.scope and a.scope_id = r.scope_id and r.kind = 'rebalance'
+left join scanned s on r.scope = 'account' and s.account_id = r.scope_id
+left join (select household_id, any_value(advisor_id order by account_id) as advisor_id, any_value(tier) as tier
+           from scanned group by all) hs on r.scope = 'household' and hs.household_id = r.scope_id
+left join recommendation_summary sm on sm.recommendation_id = r.recommendation_id and sm.as_of = $as_of
+order by r.recommendation_id
+"""
+
+# The accounts of each recommendation: the account itself, or the household's tradeable members.
+MEMBERS = """
+select r.recommendation_id, coalesce(s.account_id, r.scope_id) as account_id
+from trade_recommendations r
+left join int_scanned_accounts s on r.scope = 'household' and s.household_id = r.scope_id and s.as_of = $as_of
+     and s.aggregate_rebalancing and not s.suspended
+where r.as_of = $as_of
+"""
+
+TRADES = """select recommendation_id, account_id, symbol, asset_class, side, quantity, est_price, est_value, reason,
+                   replaces_symbol, coalesce(wash_sale_disallowed, 0) as wash_sale_disallowed
+            from trade_proposals where as_of = $as_of order by recommendation_id, account_id, side, symbol"""
+
+HOLDINGS = """select account_id, symbol, asset_class, quantity::double as quantity, price::double as price, market_value
+              from holdings where as_of = $as_of and account_id in (select account_id from ({members}))
+              order by account_id, symbol"""
+
+RESTRICTIONS = """select account_id, kind, value from stg_feed_restrictions
+                  where as_of = $as_of and account_id in (select account_id from ({members}))"""
+
+BANDS = """select scope, scope_id, asset_class, target_weight, band, current_weight, drift
+           from drift where as_of = $as_of order by scope, scope_id, asset_class"""
+
+# Scopes scanned today that need nothing: their open recommendations are closed.
+INSIDE = """
+select 'account:' || account_id || ':rebalance' from int_scanned_accounts
+where as_of = $as_of and not aggregate_rebalancing
+  and account_id not in (select scope_id from drift_alerts where as_of = $as_of and scope = 'account')
+union all
+select distinct 'household:' || household_id || ':rebalance' from int_scanned_accounts
+where as_of = $as_of and aggregate_rebalancing
+  and household_id not in (select scope_id from drift_alerts where as_of = $as_of and scope = 'household')
+union all
+select 'account:' || account_id || ':harvest' from int_scanned_accounts
+where as_of = $as_of and account_id not in (select scope_id from trade_recommendations
+                                             where as_of = $as_of and kind = 'harvest')
+"""
+
+USERS = "select user_id, name, email, role from stg_feed_users where as_of = $as_of order by user_id"
+
+INPUTS = ("trade_recommendations", "trade_proposals", "recommendation_summary", "drift_alerts", "drift", "holdings",
+          "int_scanned_accounts", "stg_feed_restrictions", "stg_feed_users")
+
+
+def build_packages(con, as_of: date) -> list[dict]:
+    """Every recommendation of the day with its package, ready for lifecycle.publish_day."""
+    params = {"as_of": as_of}
+    members_sql = MEMBERS
+    rows = con.execute(RECOMMENDATIONS, params).fetchall()
+    columns = [d[0] for d in con.description]
+    members: dict[str, list[str]] = defaultdict(list)
+    for rec_id, account in con.execute(members_sql, params).fetchall():
+        members[rec_id].append(account)
+    trades: dict[str, list[PackageTrade]] = defaultdict(list)
+    for row in con.execute(TRADES, params).fetchall():
+        rec_id, *values = row
+        trades[rec_id].append(PackageTrade(**dict(zip(
+            ("account_id", "symbol", "asset_class", "side", "quantity", "est_price", "est_value", "reason",
+             "replaces_symbol", "wash_sale_disallowed"), values))))
+    holdings: dict[str, list[PackageHolding]] = defaultdict(list)
+    for account, symbol, asset_class, quantity, price, value in con.execute(
+            HOLDINGS.format(members=members_sql), params).fetchall():
+        holdings[account].append(PackageHolding(account_id=account, symbol=symbol, asset_class=asset_class,
+                                                quantity=quantity, price=price, market_value=value))
+    restrictions: dict[str, list[PackageRestriction]] = defaultdict(list)
+    for account, kind, value in con.execute(RESTRICTIONS.format(members=members_sql), params).fetchall():
+        restrictions[account].append(PackageRestriction(account_id=account, kind=kind, value=value))
+    bands: dict[tuple[str, str], list[PackageBand]] = defaultdict(list)
+    for scope, scope_id, asset_class, target, band, current, drift in con.execute(BANDS, params).fetchall():
+        bands[(scope, scope_id)].append(PackageBand(asset_class=asset_class, target_weight=target, band=band,
+                                                    current_weight=current, drift=drift))
+    out = []
+    for row in rows:
+        rec = dict(zip(columns, row))
+        accounts = sorted(set(members[rec["recommendation_id"]]))
+        held = [h for a in accounts for h in holdings[a]]
+        package = RecommendationPackage(
+            recommendation_id=rec["recommendation_id"], as_of=as_of, scope=rec["scope"], scope_id=rec["scope_id"],
+            kind=rec["kind"], advisor_id=rec["advisor_id"], household_id=rec["household_id"], account_ids=accounts,
+            tier=rec["tier"], urgency=rec["urgency"], delivery=rec["delivery"],
+            discretionary=bool(rec["discretionary"]), policy_version=rec["policy_version"],
+            model_version=rec["model_version"], trades=trades[rec["recommendation_id"]], holdings=held,
+            restrictions=[r for a in accounts for r in restrictions[a]],
+            bands=bands[(rec["scope"], rec["scope_id"])],
+            tax=json.loads(rec["tax"]) if rec["tax"] else {},
+            inside_bands=rec["inside_bands"], unresolved=rec["unresolved"],
+            positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in held]),
+        )
+        out.append({
+            "recommendation_id": rec["recommendation_id"], "scope": rec["scope"], "scope_id": rec["scope_id"],
+            "kind": rec["kind"], "household_id": rec["household_id"], "advisor_id": rec["advisor_id"],
+            "tier": rec["tier"], "urgency": rec["urgency"], "delivery": rec["delivery"],
+            "discretionary": bool(rec["discretionary"]), "trade_value": float(rec["trade_value"] or 0),
+            "realized_gain": float(rec["realized_gain"] or 0), "policy_version": rec["policy_version"],
+            "positions_fingerprint": package.positions_fingerprint, "package": package.model_dump(mode="json"),
+        })
+    return out
+
+
+@asset(
+    partitions_def=daily_partitions,
+    group_name="approvals",
+    deps=[AssetKey(name) for name in INPUTS],
+    kinds={"sqlalchemy"},
+)
+def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse,
+                            workflow_store: WorkflowStoreResource):
+    """The day's recommendations in the workflow store, waiting for the advisor's decision."""
+    as_of = date.fromisoformat(context.partition_key)
+    with warehouse.connect() as con:
+        recs = build_packages(con, as_of)
+        users = [dict(zip(("user_id", "name", "email", "role"), r)) for r in con.execute(USERS, {"as_of": as_of}).fetchall()]
+        inside = {r[0] for r in con.execute(INSIDE, {"as_of": as_of}).fetchall()}
+    now = datetime.now(timezone.utc)
+    with workflow_store.open() as store, store.begin() as conn:
+        lifecycle.sync_users(conn, users, now)
+        result = lifecycle.publish_day(conn, as_of, recs, inside, now)
+    context.log.info(f"published {result.created} recommendations ({result.superseded} superseded, "
+                     f"{result.resolved} resolved by the market, {result.auto_approved} auto-approved)")
+    return MaterializeResult(metadata={
+        "recommendations_today": len(recs), "created": result.created, "already_published": result.unchanged,
+        "superseded": result.superseded, "resolved_by_market": result.resolved,
+        "auto_approved_micro_trades": result.auto_approved,
+    })
+
+
+assets = [pending_recommendations]
