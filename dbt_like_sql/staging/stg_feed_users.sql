@@ -5,6 +5,7 @@ select
     user_id,
     name,
     email,
-    role
+    role,
+    nullif(team_of, '') as team_of
 from {{ source('users') }}
 where as_of = $as_of and _type_ok

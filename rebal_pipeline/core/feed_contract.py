@@ -75,6 +75,9 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("name", "text"),
                 Column("email", "text"),
                 Column("role", "enum", choices=ROLES),
+                # Optional team routing: this user works on (is notified of, may decide for)
+                # the named advisor's clients.
+                Column("team_of", "id", required=False, nullable=True),
             ),
             key=("user_id",),
             doc="Advisors, compliance officers, trading desk and operations staff.",

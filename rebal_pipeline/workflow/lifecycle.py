@@ -69,8 +69,10 @@ def lineage_of(scope: str, scope_id: str, kind: str) -> str:
 
 
 def sync_users(conn: Connection, rows: list[dict], now: datetime) -> int:
-    """Upsert users from the feed (users.csv): name, email, role. Tokens are kept."""
+    """Upsert users from the feed (users.csv): name, email, role, and team routing (`team_of`:
+    the advisor whose clients this user also works on). Tokens are kept."""
     changed = 0
+    _sync_teams(conn, rows, now)
     for row in rows:
         existing = conn.execute(select(users).where(users.c.user_id == row["user_id"])).mappings().first()
         values = {"name": row["name"], "email": row["email"], "role": row["role"], "active": True}
@@ -84,6 +86,20 @@ def sync_users(conn: Connection, rows: list[dict], now: datetime) -> int:
         audit.append(conn, f"user:{row['user_id']}:{_sha(json.dumps(values, sort_keys=True))[:16]}", "user_synced",
                      "rebal:feed", now, row["user_id"], {"role": row["role"]})
     return changed
+
+
+def _sync_teams(conn: Connection, rows: list[dict], now: datetime) -> None:
+    wanted = {(r["team_of"], r["user_id"]) for r in rows if r.get("team_of")}
+    current = {(r.advisor_id, r.member_user_id) for r in conn.execute(select(advisor_team))}
+    for advisor_id, member in sorted(wanted - current):
+        conn.execute(insert(advisor_team).values(advisor_id=advisor_id, member_user_id=member))
+        audit.append(conn, f"team:{advisor_id}:{member}:{now.isoformat()}", "team_member_added", "rebal:feed", now,
+                     member, {"advisor_id": advisor_id})
+    for advisor_id, member in sorted(current - wanted):
+        conn.execute(advisor_team.delete().where(and_(advisor_team.c.advisor_id == advisor_id,
+                                                      advisor_team.c.member_user_id == member)))
+        audit.append(conn, f"team-removed:{advisor_id}:{member}:{now.isoformat()}", "team_member_removed",
+                     "rebal:feed", now, member, {"advisor_id": advisor_id})
 
 
 def issue_api_token(conn: Connection, user_id: str, token: str, now: datetime) -> None:

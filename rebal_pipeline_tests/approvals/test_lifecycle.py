@@ -123,3 +123,18 @@ def test_verify_names_a_deleted_event(store):
     with store.begin() as conn:
         result = audit.verify(conn)
     assert not result.ok and result.seq == seq and "missing" in result.problem
+
+
+def test_a_team_member_may_decide_for_their_advisor_and_an_outsider_may_not(store):
+    publish(store, package("REC-1"))
+    team = [{"user_id": "ASSOC-1", "name": "Ari Associate", "email": "ari@example-ria.com", "role": "advisor",
+             "team_of": "ADV-1"}]
+    with store.begin() as conn:
+        lifecycle.sync_users(conn, team, PUBLISHED_AT)
+        associate = {"user_id": "ASSOC-1", "role": "advisor"}
+        outsider = {"user_id": "ADV-2", "role": "advisor"}
+        with pytest.raises(lifecycle.DecisionError) as refused:
+            lifecycle.decide(conn, "REC-1", outsider, "approve", PUBLISHED_AT + timedelta(hours=1))
+        assert refused.value.status == 403
+        decision, created = lifecycle.decide(conn, "REC-1", associate, "approve", PUBLISHED_AT + timedelta(hours=1))
+    assert created and decision["actor_id"] == "ASSOC-1" and rec(store, "REC-1")["status"] == "approved"

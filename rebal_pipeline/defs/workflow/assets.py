@@ -84,7 +84,7 @@ where as_of = $as_of and account_id not in (select scope_id from trade_recommend
                                              where as_of = $as_of and kind = 'harvest')
 """
 
-USERS = "select user_id, name, email, role from stg_feed_users where as_of = $as_of order by user_id"
+USERS = "select user_id, name, email, role, team_of from stg_feed_users where as_of = $as_of order by user_id"
 
 INPUTS = ("trade_recommendations", "trade_proposals", "recommendation_summary", "drift_alerts", "drift", "holdings",
           "int_scanned_accounts", "stg_feed_restrictions", "stg_feed_users")
@@ -157,7 +157,7 @@ def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse
     as_of = date.fromisoformat(context.partition_key)
     with warehouse.connect() as con:
         recs = build_packages(con, as_of)
-        users = [dict(zip(("user_id", "name", "email", "role"), r)) for r in con.execute(USERS, {"as_of": as_of}).fetchall()]
+        users = [dict(zip(("user_id", "name", "email", "role", "team_of"), r)) for r in con.execute(USERS, {"as_of": as_of}).fetchall()]
         inside = {r[0] for r in con.execute(INSIDE, {"as_of": as_of}).fetchall()}
     now = datetime.now(timezone.utc)
     with workflow_store.open() as store, store.begin() as conn:
