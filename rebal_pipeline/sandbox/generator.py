@@ -354,7 +354,10 @@ STAFF = (
     ("CCO-0001", "Margaret Okonkwo", "compliance"),
     ("TRD-0001", "Daniel Reyes", "trading_desk"),
     ("OPS-0001", "Priscilla Huang", "operations"),
+    ("ASC-0001", "Jordan Blake", "advisor"),  # a client associate on the first advisor's team
 )
+ASSOCIATE = STAFF[-1]
+_FIRST_ADVISOR = "ADV-0001"
 FIRM_EMAIL_DOMAIN = "example-ria.com"
 CLIENT_EMAIL_DOMAINS = ("example.com", "example.net", "example.org")
 CUSTODIANS = ("schwab", "fidelity", "pershing")
@@ -1477,6 +1480,8 @@ def _users_frame(config: SandboxConfig) -> pl.DataFrame:
             [pl.col("local"), pl.when(pl.col("seen") > 1).then(pl.col("seen").cast(pl.String)).otherwise(pl.lit("")), pl.lit("@" + FIRM_EMAIL_DOMAIN)]
         ),
         role="role",
+        # Team routing: the client associate works on the first advisor's clients.
+        team_of=pl.when(pl.col("user_id") == ASSOCIATE[0]).then(pl.lit(_FIRST_ADVISOR)).otherwise(pl.lit(None, pl.String)),
     )
 
 

@@ -277,7 +277,9 @@ def test_every_reference_resolves(clean):
 
 def test_the_firm_has_advisors_and_one_of_each_other_role(clean):
     users = read(clean, "users")
-    assert Counter(users["role"]) == {"advisor": round(300 / 40), "compliance": 1, "trading_desk": 1, "operations": 1}
+    # One advisor per 40 households, plus a client associate on the first advisor's team.
+    assert Counter(users["role"]) == {"advisor": round(300 / 40) + 1, "compliance": 1, "trading_desk": 1, "operations": 1}
+    assert users.filter(pl.col("team_of").is_not_null()).select("user_id", "team_of").rows() == [("ASC-0001", "ADV-0001")]
     assert users["email"].str.ends_with("@example-ria.com").all()
     assert users["email"].n_unique() == users.height
     assert users["name"].str.contains(r"^[A-Z][a-z]+ [A-Z][A-Za-z']+$").all()
