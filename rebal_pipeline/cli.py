@@ -157,6 +157,14 @@ def cmd_issue_token(args) -> int:
     return 0
 
 
+def cmd_api(args) -> int:
+    """Serve the approval API (FastAPI on uvicorn); OpenAPI at /openapi.json."""
+    from rebal_pipeline.approval_api.app import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     e = audit_commands.add_parser("export", help="write a dated archive (events + manifest of hashes)")
     e.add_argument("--out", required=True, help="folder to write audit-<date>/ into")
     p.set_defaults(func=cmd_audit)
+
+    p = commands.add_parser("api", help="serve the approval API (needs REBAL_LINK_SECRET, ≥ 32 bytes)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
 
     p = commands.add_parser("issue-token", help="issue an approval-API token for a user (printed once)")
     p.add_argument("user_id")

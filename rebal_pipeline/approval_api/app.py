@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Connection, and_, insert, or_, select, text
+from sqlalchemy import Connection, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -33,7 +33,7 @@ from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.approval_api.links import ID_PATTERN, LinkClaims, LinkError
 from rebal_pipeline.approval_api.models import (
     MAX_DEFERRAL, BatchItemResult, BatchRequest, BatchResponse, Decision, DecisionRequest, DecisionResult, ErrorBody,
-    Health, LinkUse, LinkView, ListStatus, Modification, RecommendationDetail, RecommendationList,
+    Health, LinkUse, LinkView, ListQuery, Modification, RecommendationDetail, RecommendationList,
     RecommendationSummary,
 )
 from rebal_pipeline.workflow import lifecycle
@@ -92,7 +92,8 @@ _UNAUTHORISED = {401: {**_E, "description": "no API token, or an unknown one"}}
 _READ_ERRORS = {**_UNAUTHORISED, 403: {**_E, "description": "not one of your recommendations"},
                 404: {**_E, "description": "no such recommendation"},
                 422: {**_E, "description": "the request is not valid"}}
-_DECIDE_ERRORS = {**_READ_ERRORS, 409: {**_E, "description": "a different decision is already recorded"},
+_BAD_BODY = {400: {**_E, "description": "the body could not be read (not UTF-8 JSON)"}}
+_DECIDE_ERRORS = {**_READ_ERRORS, **_BAD_BODY, 409: {**_E, "description": "a different decision is already recorded"},
                   422: {**_E, "description": "the request is not valid, or the modified trades do not fit "
                                               "(detail.errors lists why)"}}
 _LINK_ERRORS = {401: {**_E, "description": "the link is not genuine, or has expired"},
@@ -150,11 +151,16 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         return _error(422, "the request is not valid", _validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         from http import HTTPStatus
 
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return _error(exc.status_code, message.lower() if message else "error", None, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # One path, several routes (GET and POST /links/{token}): Starlette's Allow names the
+            # first route's methods only; name every method the path supports.
+            headers["Allow"] = ", ".join(_methods_for(request))
+        return _error(exc.status_code, message.lower() if message else "error", None, headers or None)
 
     @app.exception_handler(OperationalError)
     async def _store_down(request: Request, exc: OperationalError):
@@ -234,13 +240,21 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
             if deferred_until > now + MAX_DEFERRAL:
                 raise ApiError(422, f"deferred_until may be at most {MAX_DEFERRAL.days} days ahead")
             payload = {"deferred_until": deferred_until}
-        try:
-            with conn.begin_nested():
-                row, created = lifecycle.decide(conn, recommendation_id, user, action, now, reason=reason,
-                                                payload=payload, via=via)
-        except IntegrityError:
-            # Two identical decisions raced and the other committed first.
-            raise ApiError(409, "a concurrent request recorded a decision on this recommendation; reload it") from None
+        for attempt in (1, 2):
+            try:
+                with conn.begin_nested():
+                    row, created = lifecycle.decide(conn, recommendation_id, user, action, now, reason=reason,
+                                                    payload=payload, via=via)
+                break
+            except (DecisionError, IntegrityError) as exc:
+                # A concurrent request decided this recommendation after we read it (Postgres, read
+                # committed: our conditional update found nothing to change). Once more, now seeing
+                # its decision: the same decision is then an idempotent repeat (200), another a 409.
+                if attempt == 2 or (isinstance(exc, DecisionError) and exc.status != 409):
+                    if isinstance(exc, IntegrityError):
+                        raise ApiError(409, "a concurrent request recorded a decision on this recommendation; "
+                                            "reload it") from None
+                    raise
         status = conn.execute(select(recommendations.c.status).where(
             recommendations.c.recommendation_id == recommendation_id)).scalar_one()
         if modification is None and row["action"] == "modify":  # an idempotent repeat of a modify
@@ -265,15 +279,8 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
 
     @app.get("/recommendations", response_model=RecommendationList, tags=["recommendations"],
              responses={**_UNAUTHORISED, 422: _READ_ERRORS[422]})
-    def list_recommendations(
-        user: User,
-        status: Annotated[ListStatus, Query(description=(
-            "pending: awaiting the caller — an advisor's own and their team's pending recommendations, "
-            "compliance's escalated ones, everything pending for operations; any other status filters the "
-            "caller's recommendations (compliance: those ever escalated)"))] = "pending",
-        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-    ) -> RecommendationList:
+    def list_recommendations(user: User, q: Annotated[ListQuery, Query()]) -> RecommendationList:
+        status, limit, offset = q.status, q.limit, q.offset
         r = recommendations.c
         query = select(recommendations)
         wanted = status
@@ -319,7 +326,7 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         return result
 
     @app.post("/decisions/batch", response_model=BatchResponse, tags=["decisions"], responses={
-        **_UNAUTHORISED, 422: {**_E, "description": "the document is malformed (nothing was recorded); a "
+        **_UNAUTHORISED, **_BAD_BODY, 422: {**_E, "description": "the document is malformed (nothing was recorded); a "
                                                      "decision refused on its merits is reported in its item"}})
     def post_batch(body: BatchRequest, user: User) -> BatchResponse:
         results = []
@@ -392,7 +399,7 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
 
     @app.post("/links/{token}", response_model=DecisionResult, status_code=201, tags=["links"], responses={
         200: {"model": DecisionResult, "description": "the same decision was already recorded by this advisor"},
-        201: {"model": DecisionResult, "description": "decision recorded"}, **_LINK_ERRORS})
+        201: {"model": DecisionResult, "description": "decision recorded"}, **_LINK_ERRORS, **_BAD_BODY})
     def use_link(token: TokenPath, response: Response, body: LinkUse | None = None) -> DecisionResult:
         """Perform the link's decision, as the link's advisor (recorded with via=link). Single use:
         the link id is recorded in the decision's transaction; a used link answers 410."""
@@ -420,6 +427,17 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
 
     app.add_middleware(_Guard)
     return app
+
+
+def _methods_for(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\0"})  # a method no route has: path-only match
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def _summary(rec: Any) -> RecommendationSummary:

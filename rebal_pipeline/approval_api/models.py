@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from rebal_pipeline.approval_api.links import ID_PATTERN, LINK_ACTIONS
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage, TradeChange
@@ -39,7 +39,21 @@ def _utc_in_range(moment: datetime) -> datetime:
         raise ValueError("the date is out of range") from None
 
 
-When = Annotated[AwareDatetime, AfterValidator(_utc_in_range)]
+def _date_time_text(value: Any) -> Any:
+    # FastAPI validates the decoded JSON in pydantic's lax Python mode, which would read a number
+    # as a Unix time; the schema promises an RFC 3339 string, so only a string is taken.
+    if not isinstance(value, str):
+        raise ValueError("a date-time must be an RFC 3339 string with an offset, e.g. 2026-11-24T21:00:00Z")
+    return value
+
+
+When = Annotated[AwareDatetime, BeforeValidator(_date_time_text), AfterValidator(_utc_in_range)]
+
+
+class TradeChangeIn(TradeChange):
+    """package.TradeChange, strictly typed (a quantity is a JSON number, not a numeric string)."""
+
+    model_config = ConfigDict(strict=True, title="TradeChange")
 
 
 class _In(BaseModel):
@@ -68,7 +82,7 @@ class ModifyRequest(_In):
 
     action: Literal["modify"]
     reason: Reason | None = None
-    trades: list[TradeChange] = Field(min_length=1, max_length=MAX_TRADES)
+    trades: list[TradeChangeIn] = Field(min_length=1, max_length=MAX_TRADES)
 
 
 class DeferRequest(_In):
@@ -171,6 +185,17 @@ class BatchResponse(BaseModel):
 
 ListStatus = Literal["pending", "approved", "modified", "deferred", "escalated", "auto_approved", "executed",
                      "refused_by_gate", "superseded", "resolved_by_market"]
+
+
+class ListQuery(_In):
+    """Query of GET /recommendations (unknown parameters are refused, not ignored)."""
+
+    status: ListStatus = Field("pending", description=(
+        "pending: awaiting the caller — an advisor's own and their team's pending recommendations, "
+        "compliance's escalated ones, everything pending for operations; any other status filters the "
+        "caller's recommendations (compliance: those ever escalated)"))
+    limit: int = Field(200, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=1_000_000_000)
 
 
 class RecommendationSummary(BaseModel):

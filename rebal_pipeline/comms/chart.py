@@ -45,44 +45,50 @@ def is_outside(band: PackageBand) -> bool:
     return abs(band.drift) > band.band + _EPS
 
 
+def _short(label: str, limit: int = 16) -> str:
+    """Axis labels fit the left margin: long class names are cut with an ellipsis."""
+    return label if len(label) <= limit else label[: limit - 1].rstrip() + "\u2026"
+
+
 def drift_chart(bands: Sequence[PackageBand], title: str = "Current vs. target by asset class") -> bytes:
     """PNG bytes of the drift chart for the scope's bands (order kept as given, top to bottom)."""
     if not bands:
         raise ValueError("drift_chart: no bands to draw")
     fig = Figure(figsize=(CHART_WIDTH_PX / _DPI, CHART_HEIGHT_PX / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.17, 0.2, 0.8, 0.68))
+    ax = fig.add_axes((0.17, 0.21, 0.8, 0.67))
     n = len(bands)
     rows = list(range(n))[::-1]  # first band on top
-    highest = max(max(b.current_weight, b.target_weight + b.band) for b in bands)
-    x_max = min(1.0, max(0.1, highest * 1.3))
-    for row, band in zip(rows, bands):
+    label_size = 8 if n <= 6 else 6.5
+    # Each row's rightmost mark (bar or band); the axis leaves a fifth of its width for the labels.
+    ends = [max(b.current_weight, b.target_weight + b.band) for b in bands]
+    x_max = max(0.05, max(ends)) / 0.8
+    for row, band, end in zip(rows, bands, ends):
         low, high = max(0.0, band.target_weight - band.band), band.target_weight + band.band
         ax.barh(row, high - low, left=low, height=0.78, color=_BAND, edgecolor="#9cc59a", linewidth=0.6, zorder=1)
         colour = _OUTSIDE if is_outside(band) else _INSIDE
         ax.barh(row, band.current_weight, height=0.42, color=colour, zorder=2)
         ax.plot([band.target_weight] * 2, [row - 0.39, row + 0.39], color=_TARGET, linewidth=1.6, zorder=3)
         # The label sits right of both the bar and the band, so it never crosses the target tick.
-        ax.text(min(max(band.current_weight, high), x_max) + x_max * 0.015, row,
-                f"{band.current_weight * 100:.1f}% vs. {band.target_weight * 100:.1f}%",
-                va="center", ha="left", fontsize=6.5, color=colour, zorder=4)
-    ax.set_yticks(rows, [class_label(b.asset_class) for b in bands], fontsize=7)
-    # Room on the right for the labels of the longest rows.
-    ax.set_xlim(0, x_max * 1.12)
+        ax.text(end + x_max * 0.015, row, f"{band.current_weight * 100:.1f}% vs. {band.target_weight * 100:.1f}%",
+                va="center", ha="left", fontsize=label_size, color=colour, zorder=4)
+    ax.set_yticks(rows, [_short(class_label(b.asset_class)) for b in bands], fontsize=label_size + 0.5)
+    ax.set_xlim(0, x_max)
     ax.set_ylim(-0.6, n - 0.4)
-    ticks = [t / 100 for t in range(0, int(x_max * 100) + 1, 10 if x_max > 0.3 else 5)]
-    ax.set_xticks(ticks, [f"{t * 100:.0f}%" for t in ticks], fontsize=6.5)
+    step = 10 if x_max > 0.3 else 5
+    ticks = [t / 100 for t in range(0, int(min(1.0, x_max) * 100) + 1, step)]
+    ax.set_xticks(ticks, [f"{t * 100:.0f}%" for t in ticks], fontsize=8)
     ax.grid(axis="x", color="#e6e6e6", linewidth=0.5, zorder=0)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title, fontsize=8, loc="left", pad=6)
+    ax.set_title(title, fontsize=9.5, loc="left", pad=6)
     fig.legend(
         handles=[Patch(color=_INSIDE, label="Current (inside band)"),
                  Patch(color=_OUTSIDE, label="Current (outside band)"),
                  Line2D([], [], color=_TARGET, linewidth=1.6, label="Target"),
                  Patch(facecolor=_BAND, edgecolor="#9cc59a", label="Band (target ± band)")],
-        loc="lower center", ncol=4, fontsize=6, frameon=False, bbox_to_anchor=(0.55, 0.0),
+        loc="lower center", ncol=4, fontsize=7.5, frameon=False, bbox_to_anchor=(0.5, 0.0),
     )
     out = io.BytesIO()
     # No Software/creation metadata: identical input, identical bytes.

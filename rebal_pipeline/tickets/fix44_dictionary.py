@@ -189,7 +189,19 @@ class FixDictionary:
     # -----------------------------------------------------------------------------------------
 
     def validate(self, message: simplefix.FixMessage | list[tuple]) -> list[str]:
-        """Why the message is not a valid FIX 4.4 message (empty list: it is valid)."""
+        """Why the message is not a valid FIX 4.4 message (empty list: it is valid).
+
+        `message` is a parsed message (simplefix.FixParser) or its (tag, value) pairs. A message
+        built with simplefix and not yet encoded has no BodyLength and CheckSum: it is encoded
+        and parsed back first, which is what the counterparty will see."""
+        if isinstance(message, simplefix.FixMessage) and not any(int(t) == 10 for t, _ in message.pairs):
+            try:
+                data = message.encode()
+            except ValueError as exc:  # no BeginString or MsgType to frame it with
+                return [f"the message cannot be framed: {exc}"]
+            parser = simplefix.FixParser()
+            parser.append_buffer(data)
+            message = parser.get_message()
         pairs = [(int(tag), (value.decode("latin-1") if isinstance(value, bytes) else str(value)))
                  for tag, value in (message.pairs if isinstance(message, simplefix.FixMessage) else message)]
         errors: list[str] = []

@@ -111,8 +111,13 @@ def block_id(member_cl_ord_ids: Iterable[str]) -> str:
 
 def fmt_decimal(value: Decimal) -> str:
     """A quantity as written on a ticket: plain digits, no exponent, no trailing zeros."""
-    text = format(value.normalize(), "f")
-    return text
+    return format(value.normalize(), "f")
+
+
+def _plain(value: Decimal) -> Decimal:
+    """Without trailing zeros (0.300 → 0.3) and without an exponent (1E+1 → 10)."""
+    value = value.normalize()
+    return value.quantize(Decimal(1)) if value.as_tuple().exponent > 0 else value
 
 
 def fmt_cash(value: Decimal) -> str:
@@ -274,11 +279,11 @@ class TicketBatch(_Frozen):
         ids = [o.cl_ord_id for o in self.orders] + [b.block_id for b in self.blocks]
         if len(ids) != len(set(ids)):
             raise ValueError("ClOrdIDs repeat within the batch")
-        in_blocks = {o.cl_ord_id: b.block_id for b in self.blocks for o in b.allocations}
+        allocations = {o.cl_ord_id: o for b in self.blocks for o in b.allocations}
         for order in self.orders:
-            if order.block_id != in_blocks.get(order.cl_ord_id):
-                raise ValueError(f"order {order.cl_ord_id} and the blocks disagree about its block")
-        if len(in_blocks) != sum(1 for o in self.orders if o.block_id):
+            if order.block_id is not None and allocations.get(order.cl_ord_id) != order:
+                raise ValueError(f"order {order.cl_ord_id} names block {order.block_id}, which does not allocate it")
+        if len(allocations) != sum(1 for o in self.orders if o.block_id):
             raise ValueError("a block allocates an order that is not in the batch")
         return self
 
@@ -341,11 +346,11 @@ def build_orders(package: RecommendationPackage, trades: Iterable[PackageTrade],
         if trade.side == "buy" and security.fractional and security.security_type in FUNDS_AT_NAV:
             cash_amount = (shares * Decimal(repr(float(trade.est_price)))).quantize(CENT, ROUND_HALF_UP)
         elif security.fractional:
-            quantity = shares.quantize(Decimal(1).scaleb(-fractional_decimals), ROUND_HALF_UP)
+            quantity = _plain(shares.quantize(Decimal(1).scaleb(-fractional_decimals), ROUND_HALF_UP))
         else:
             if shares != shares.to_integral_value():
                 raise TicketError(f"{where}: {trade.quantity:g} shares, but {trade.symbol} trades in whole shares")
-            quantity = shares.to_integral_value()
+            quantity = _plain(shares)
         order_id = cl_ord_id(decision.decision_id, trade.account_id, trade.symbol, trade.side)
         if order_id in orders:
             raise TicketError(f"{where}: the trade is listed twice")

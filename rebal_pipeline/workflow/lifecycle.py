@@ -250,9 +250,9 @@ def _decision_id(recommendation_id: str, action: str, actor: str, payload_json: 
 
 
 def _insert_decision(conn: Connection, recommendation_id: str, action: str, actor: str, via: str,
-                     reason: str | None, payload: dict, now: datetime) -> dict:
+                     reason: str | None, payload: dict, now: datetime, identity: str | None = None) -> dict:
     body = audit.canonical_json(payload)
-    decision_id = _decision_id(recommendation_id, action, actor, body)
+    decision_id = _decision_id(recommendation_id, action, actor, identity if identity is not None else body)
     conn.execute(insert(decisions).values(
         decision_id=decision_id, recommendation_id=recommendation_id, action=action, actor_id=actor, via=via,
         reason=reason, payload=body, created_at=now))
@@ -281,6 +281,14 @@ def decide(conn: Connection, recommendation_id: str, user: dict, action: str, no
                        ).mappings().first()
     if rec is None:
         raise DecisionError(404, f"no recommendation {recommendation_id}")
+    # The decision's identity is what was asked (a default deferral date filled in below does not
+    # make a repeated "defer" a new decision). The same person repeating it gets it back, even
+    # after the recommendation moved on because of it.
+    asked = audit.canonical_json(payload)
+    repeat = conn.execute(select(decisions).where(decisions.c.decision_id == _decision_id(
+        recommendation_id, action, user["user_id"], asked))).mappings().first()
+    if repeat is not None:
+        return dict(repeat), False
     if user["role"] == "compliance":
         if rec["status"] != "escalated" and action != "escalate":
             raise DecisionError(403, "compliance decides escalated recommendations only")
@@ -292,11 +300,6 @@ def decide(conn: Connection, recommendation_id: str, user: dict, action: str, no
                                      else _utc(until) if until else now + timedelta(days=policy.default_defer_days))
         if payload["deferred_until"] <= now:
             raise DecisionError(422, "deferred_until must be in the future")
-    body = audit.canonical_json(payload)
-    repeat = conn.execute(select(decisions).where(decisions.c.decision_id == _decision_id(
-        recommendation_id, action, user["user_id"], body))).mappings().first()
-    if repeat is not None:
-        return dict(repeat), False
     allowed = ("escalated",) if user["role"] == "compliance" and action != "escalate" else ("pending", "deferred", "escalated")
     if action == "escalate" and rec["status"] == "escalated":
         allowed = ()
@@ -313,7 +316,8 @@ def decide(conn: Connection, recommendation_id: str, user: dict, action: str, no
         .values(**values))
     if done.rowcount != 1:
         raise DecisionError(409, "the recommendation changed while this decision was being recorded")
-    return _insert_decision(conn, recommendation_id, action, user["user_id"], via, reason, payload, now), True
+    return _insert_decision(conn, recommendation_id, action, user["user_id"], via, reason, payload, now,
+                            identity=asked), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +356,11 @@ def record_notification(conn: Connection, kind: str, recommendation_id: str, not
     now = _utc(now)
     rec = conn.execute(select(recommendations).where(recommendations.c.recommendation_id == recommendation_id)
                        ).mappings().one()
+    # Only a recommendation still waiting for its advisor is chased: one decided (or escalated)
+    # since the sensor looked is left alone.
+    already = rec["reminder_sent_at"] if kind == "reminder" else rec["escalated_at"]
+    if rec["status"] not in ("pending", "deferred") or already is not None:
+        return False
     recipient = rec["advisor_id"] if kind == "reminder" else compliance_officer(conn)
     if recipient is None:
         raise DecisionError(409, "no active compliance officer to escalate to (users.csv role compliance)")
@@ -363,12 +372,15 @@ def record_notification(conn: Connection, kind: str, recommendation_id: str, not
                 payload=audit.canonical_json({"lineage": rec["lineage"], "as_of": rec["as_of"]})))
     except IntegrityError:
         return False
+    waiting = and_(recommendations.c.recommendation_id == recommendation_id,
+                   recommendations.c.status == rec["status"])
     if kind == "reminder":
-        conn.execute(update(recommendations).where(recommendations.c.recommendation_id == recommendation_id)
-                     .values(reminder_sent_at=now, updated_at=now))
+        changed = conn.execute(update(recommendations).where(waiting).values(reminder_sent_at=now, updated_at=now))
     else:
-        conn.execute(update(recommendations).where(recommendations.c.recommendation_id == recommendation_id)
-                     .values(status="escalated", escalated_at=now, escalated_to=recipient, updated_at=now))
+        changed = conn.execute(update(recommendations).where(waiting).values(
+            status="escalated", escalated_at=now, escalated_to=recipient, updated_at=now))
+    if changed.rowcount != 1:  # decided concurrently: undo the notification record
+        raise DecisionError(409, "the recommendation was decided while the notification was being recorded")
     audit.append(conn, f"{kind}:{notification_key}", f"recommendation_{kind}", "rebal:escalation_sensor", now,
                  recommendation_id, {"recipient": recipient, "waited_since": rec["clock_started_at"]})
     return True
@@ -380,13 +392,19 @@ def weekly_digest_due(conn: Connection, now: datetime) -> list[dict]:
     now = _utc(now)
     year, week, _ = now.isocalendar()
     rows = conn.execute(select(recommendations.c.advisor_id, recommendations.c.recommendation_id).where(and_(
-        recommendations.c.status == "pending", recommendations.c.delivery == "weekly_batch"))
+        recommendations.c.delivery == "weekly_batch",
+        # A deferral of a weekly-batch recommendation ends in the next digest after its date.
+        or_(recommendations.c.status == "pending",
+            and_(recommendations.c.status == "deferred", recommendations.c.deferred_until <= now))))
         .order_by(recommendations.c.advisor_id, recommendations.c.recommendation_id)).all()
+    sent = {r.notification_key for r in conn.execute(select(notifications.c.notification_key).where(
+        notifications.c.kind == "weekly_digest"))}
     grouped: dict[str, list[str]] = {}
     for row in rows:
         grouped.setdefault(row.advisor_id, []).append(row.recommendation_id)
-    return [{"advisor_id": advisor, "notification_key": f"weekly_digest:{advisor}:{year}-W{week:02d}",
-             "recommendation_ids": ids} for advisor, ids in grouped.items()]
+    digests = [{"advisor_id": advisor, "notification_key": f"weekly_digest:{advisor}:{year}-W{week:02d}",
+                "recommendation_ids": ids} for advisor, ids in grouped.items()]
+    return [d for d in digests if d["notification_key"] not in sent]
 
 
 def record_weekly_digest(conn: Connection, advisor_id: str, notification_key: str, recommendation_ids: list[str],

@@ -91,8 +91,10 @@ def positions_fingerprint(holdings: list[tuple[str, str, float]]) -> str:
 class TradeChange(_Frozen):
     """One line of a modification: the quantity the advisor wants (0 drops the trade)."""
 
-    account_id: str = Field(min_length=1, max_length=64)
-    symbol: str = Field(min_length=1, max_length=32)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    account_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    symbol: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._/-]+$")
     side: str = Field(pattern="^(buy|sell)$")
     quantity: float = Field(ge=0, le=1e10)
 
@@ -134,6 +136,8 @@ def apply_modification(package: RecommendationPackage, changes: list[TradeChange
             reason=base.reason if base else "advisor", replaces_symbol=base.replaces_symbol if base else None,
         )
     final = [t for t in trades.values() if t.quantity > 0]
+    if not final:
+        errors.append("the modification leaves no trade; to act on none, defer (with a reason) or escalate")
     errors += _fit_errors(package, final, {(h.account_id, h.symbol): h.quantity for h in package.holdings})
     report, inside = band_check(package, final)
     return ModificationCheck(errors=errors, trades=sorted(final, key=lambda t: (t.account_id, t.side, t.symbol)),

@@ -66,7 +66,8 @@ recommendations = Table(
 
 decisions = Table(
     "wf_decisions", metadata,
-    # The decision sensor's cursor: monotonic, assigned in commit order by the store.
+    # The decision sensor's cursor. Monotonic at insert; on Postgres a lower number may commit
+    # after a higher one (sequences are not transactional): the sensor waits for such gaps.
     Column("decision_seq", Integer, primary_key=True, autoincrement=True),
     Column("decision_id", String(64), nullable=False, unique=True),
     Column("recommendation_id", String(64), ForeignKey("wf_recommendations.recommendation_id"), nullable=False),

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import func, select
 
 from rebal_pipeline.approval_api import app as api_app
 from rebal_pipeline.approval_api import create_app
@@ -84,14 +85,21 @@ def api(store):
     clock = Clock(PUBLISHED_AT + timedelta(hours=1))
     tokens = {}
     with store.begin() as conn:
-        lifecycle.sync_users(conn, [TEAM_MEMBER], PUBLISHED_AT)
-        conn.execute(insert(advisor_team).values(advisor_id="ADV-2", member_user_id="ADV-3"))
+        # users.csv with ADV-3 on ADV-2's team (team_of).
+        lifecycle.sync_users(conn, [*USERS, {**TEAM_MEMBER, "team_of": "ADV-2"}], PUBLISHED_AT)
         for user in [*USERS, TEAM_MEMBER]:
             tokens[user["user_id"]] = secrets.token_urlsafe(32)
             lifecycle.issue_api_token(conn, user["user_id"], tokens[user["user_id"]], PUBLISHED_AT)
     app = create_app(store, SECRET, clock=clock)
     with running_server(app) as url:
         yield Api(store=store, app=app, url=url, clock=clock, tokens=tokens)
+
+
+def leave_team(api: Api) -> None:
+    """The next users.csv no longer has ADV-3 on ADV-2's team."""
+    with api.store.begin() as conn:
+        lifecycle.sync_users(conn, [*USERS, TEAM_MEMBER], api.clock.now)
+        assert conn.execute(select(advisor_team)).first() is None
 
 
 def ids(response: httpx.Response) -> list[str]:
@@ -141,6 +149,7 @@ def test_pending_list_per_role(api):
     assert datetime.fromisoformat(summary["clock_started_at"]) == PUBLISHED_AT
     assert_error(api.get("ADV-1", "/recommendations", params={"status": "nonsense"}), 422)
     assert_error(api.get("ADV-1", "/recommendations", params={"limit": 0}), 422)
+    assert_error(api.get("ADV-1", "/recommendations", params={"stauts": "approved"}), 422)  # a typo is not ignored
 
 
 def test_read_package(api):
@@ -160,6 +169,11 @@ def test_read_package(api):
     assert_error(api.get("ADV-1", "/recommendations/" + "x" * 65), 422)
     assert_error(api.get("ADV-1", "/nowhere"), 404)
     assert_error(api.client("ADV-1").delete("/recommendations/REC-1"), 405)
+    # One path, two routes: Allow names both methods.
+    with api.client() as c:
+        options = c.request("OPTIONS", "/links/abc")
+    assert_error(options, 405)
+    assert options.headers["allow"] == "GET, POST"
 
 
 def test_authentication(api):
@@ -417,8 +431,7 @@ def test_app_from_env_serves(monkeypatch, tmp_path):
 
 
 def test_team_change_reroutes(api):
-    with api.store.begin() as conn:
-        conn.execute(delete(advisor_team).where(advisor_team.c.member_user_id == "ADV-3"))
+    leave_team(api)
     assert ids(api.get("ADV-3", "/recommendations")) == []
     assert_error(api.decide("ADV-3", "REC-3", action="approve"), 403)
     assert api.status_of("REC-3") == "pending"
@@ -428,3 +441,23 @@ def test_timestamps_are_utc(api):
     api.clock.now = datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc)
     body = api.decide("ADV-1", "REC-1", action="approve").json()
     assert body["decision"]["created_at"] in ("2026-11-21T09:00:00Z", "2026-11-21T09:00:00+00:00")
+
+
+def test_concurrent_decisions(api):
+    """Racing requests: one decision is recorded; identical ones are idempotent repeats (200),
+    different ones conflicts (409) — on Postgres (row locks, read committed) as on SQLite."""
+    with ThreadPoolExecutor(8) as pool:
+        same = sorted(pool.map(lambda _: api.decide("ADV-1", "REC-1", action="approve").status_code, range(8)))
+        # approve and modify are both final: whichever commits first, the other is a conflict.
+        modify = {"trades": [{"account_id": "ACC-2", "symbol": "VTI", "side": "sell", "quantity": 8},
+                             {"account_id": "ACC-2", "symbol": "BND", "side": "buy", "quantity": 16}]}
+        mixed = list(pool.map(lambda action: (action, api.decide(
+            "ADV-1", "REC-2", action=action, **(modify if action == "modify" else {})).status_code),
+            ["approve", "modify"] * 4))
+    assert same == [200] * 7 + [201]
+    winner = [action for action, code in mixed if code == 201]
+    assert len(winner) == 1, mixed
+    assert all(code == (200 if action == winner[0] else 409) for action, code in mixed if action != winner[0] or code != 201)
+    with api.store.begin() as conn:
+        assert conn.execute(select(func.count()).select_from(decisions)).scalar_one() == 2
+        assert audit.verify(conn).ok

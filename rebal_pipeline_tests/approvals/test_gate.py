@@ -4,7 +4,6 @@ holdings in a DuckDB warehouse, records its verdict once, and prepares the appro
 import json
 from datetime import date, timedelta
 
-import duckdb
 import pytest
 from dagster import DagsterInstance, build_sensor_context, instance_for_test
 from sqlalchemy import delete, insert, select
@@ -114,7 +113,8 @@ def test_gate_passes_a_fresh_approval_and_writes_the_outbox_file_once(store, war
     assert handoff["format"] == "rebal.approved_trades/1"
     assert (handoff["decision_id"], handoff["decided_by"], handoff["recommendation"]["account_ids"]) == (
         decision["decision_id"], "ADV-1", ["ACC-1"])
-    assert [(t["side"], t["symbol"], t["quantity"]) for t in handoff["trades"]] == [("sell", "VTI", 10), ("buy", "BND", 20)]
+    assert [(t["side"], t["symbol"], t["quantity"]) for t in handoff["trades"]] == [
+        ("sell", "VTI", 10), ("buy", "BND", 20)]
     assert handoff["prepared_by_run"] == first.run_id
     stored = decision_row(store, decision["decision_id"])
     assert stored["gate_verdict"] == "passed"

@@ -138,3 +138,14 @@ def test_a_team_member_may_decide_for_their_advisor_and_an_outsider_may_not(stor
         assert refused.value.status == 403
         decision, created = lifecycle.decide(conn, "REC-1", associate, "approve", PUBLISHED_AT + timedelta(hours=1))
     assert created and decision["actor_id"] == "ASSOC-1" and rec(store, "REC-1")["status"] == "approved"
+
+
+def test_an_escalation_due_before_the_approval_is_not_recorded_after_it(store):
+    publish(store, package("REC-1"))
+    at_48h = PUBLISHED_AT + timedelta(hours=48)
+    with store.begin() as conn:
+        due = lifecycle.due_notifications(conn, at_48h)
+        advisor = {"user_id": "ADV-1", "role": "advisor"}
+        lifecycle.decide(conn, "REC-1", advisor, "approve", at_48h)
+        assert not lifecycle.record_notification(conn, "escalation", "REC-1", due[0]["notification_key"], at_48h)
+    assert rec(store, "REC-1")["status"] == "approved"

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from rebal_pipeline.approval_api.links import (
     LinkError, issue_links, make_link_token, new_link_id, read_link_token,
 )
 from rebal_pipeline.workflow import audit
-from rebal_pipeline.workflow.schema import advisor_team, decisions, used_links
-from rebal_pipeline_tests.approvals.test_api import SECRET, api, assert_error  # noqa: F401  (fixture)
+from rebal_pipeline.workflow.schema import decisions, used_links
+from rebal_pipeline_tests.approvals.test_api import SECRET, api, assert_error, leave_team  # noqa: F401  (fixture)
 
 NOW = datetime(2026, 11, 20, 22, 30, tzinfo=timezone.utc)
 LATER = NOW + timedelta(hours=72)
@@ -198,8 +199,7 @@ def test_wrong_advisor_and_rerouted(api):
     # ADV-3 was on ADV-2's team when the email went out, and is no longer.
     token = link(api, "REC-3", "ADV-3", "approve")
     assert api.get(None, f"/links/{token}").status_code == 200
-    with api.store.begin() as conn:
-        conn.execute(delete(advisor_team).where(advisor_team.c.member_user_id == "ADV-3"))
+    leave_team(api)
     assert_error(api.post(None, f"/links/{token}"), 403)
     # Unknown user in a genuine link.
     assert_error(api.post(None, f"/links/{link(api, 'REC-1', 'GONE-1', 'approve')}"), 403)
@@ -248,4 +248,14 @@ def test_link_after_a_portal_decision(api):
     defer = link(api, "REC-1", "ADV-1", "defer")
     assert_error(api.post(None, f"/links/{defer}", {"reason": "wait"}), 409)
     with api.store.begin() as conn:
+        assert conn.execute(select(func.count()).select_from(used_links)).scalar_one() == 1
+
+
+def test_racing_clicks_use_a_link_once(api):
+    token = link(api, "REC-1", "ADV-1", "approve")
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: api.post(None, f"/links/{token}").status_code, range(8)))
+    assert codes == [201] + [410] * 7
+    with api.store.begin() as conn:
+        assert conn.execute(select(func.count()).select_from(decisions)).scalar_one() == 1
         assert conn.execute(select(func.count()).select_from(used_links)).scalar_one() == 1

@@ -419,7 +419,7 @@ def record_once(conn: Connection, config: NotificationConfig, now: datetime) -> 
             raise Failure(description=f"no recommendation {config.recommendation_id}")
         # Decided between the sensor's tick and this run: nothing to chase (and an escalation must
         # not move an approved recommendation back to escalated).
-        if False:
+        if rec.status not in ("pending", "deferred"):
             return f"no longer due: the recommendation is {rec.status}"
         done = lifecycle.record_notification(conn, config.kind, config.recommendation_id, config.notification_key, now)
         return "recorded" if done else "already recorded"

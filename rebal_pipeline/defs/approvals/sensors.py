@@ -105,7 +105,7 @@ def advance_cursor(cursor: DecisionCursor, seen: list[int], now: datetime, hole_
         else:
             hole_from, hole_since = floor + 1, now.isoformat()
         break
-    h = max([cursor.high, *seen]); return DecisionCursor(floor=h, high=h)
+    return DecisionCursor(floor=floor, high=max([cursor.high, *seen]), hole_from=hole_from, hole_since=hole_since)
 
 
 def decision_run_request(decision_id: str, recommendation_id: str, action: str) -> RunRequest:
@@ -196,9 +196,10 @@ def build_approval_escalations_sensor(clock: Clock = utc_now, policy: lifecycle.
         with workflow_store.open() as store, store.begin() as conn:
             due = lifecycle.due_notifications(conn, now, rules)
             digests = lifecycle.weekly_digest_due(conn, now)
+            # weekly_digest_due lists a digest all week long, sent or not: ask for the unsent ones only.
             keys = [d["notification_key"] for d in digests]
-            sent = {r.notification_key for r in conn.execute(
-                select(notifications.c.notification_key).where(notifications.c.notification_key.in_(keys)))} if keys else set()
+            sent = {r.notification_key for r in conn.execute(select(notifications.c.notification_key)
+                                                             .where(notifications.c.notification_key.in_(keys)))}
         requests = [notification_run_request(NotificationConfig(
             kind=d["kind"], notification_key=d["notification_key"], due_at=now.isoformat(),
             recommendation_id=d["recommendation_id"]), {RECOMMENDATION_TAG: d["recommendation_id"]}) for d in due]

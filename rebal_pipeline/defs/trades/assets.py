@@ -418,8 +418,9 @@ class _Clock:
                   "substitutes for washing buys, tax-loss harvests), each with its reason."),
         AssetSpec("trade_recommendations", deps=[AssetKey(name) for name in INPUTS], description="One recommendation per alerted account or household "
                   "(kind rebalance) and per harvest (kind harvest): inside its bands after rounding, or why not."),
-        AssetSpec("tax_lots", deps=[AssetKey(name) for name in INPUTS], description="Cost-basis lots after past wash sales (basis and holding period of "
-                  "replacement shares adjusted), with term and days to long-term."),
+        AssetSpec("tax_lots", deps=[AssetKey(name) for name in INPUTS], description="The cost-basis lots the day's tax work used (accounts traded or harvest-checked "
+                  "today, and lots a past purchase opened), after past wash sales: basis and holding period of "
+                  "replacement shares adjusted, with term and days to long-term."),
         AssetSpec("tax_impact", deps=[AssetKey(name) for name in INPUTS], description="Per lot relieved by a proposed sell: quantity, proceeds, basis, "
                   "gain, term, estimated tax, wash-sale disallowed loss."),
         AssetSpec("recommendation_summary", deps=[AssetKey(name) for name in INPUTS], description="Per recommendation: ST/LT gain, realised loss, "
