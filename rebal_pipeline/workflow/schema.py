@@ -117,3 +117,44 @@ audit_events = Table(
     Column("hash", String(64), nullable=False),
     UniqueConstraint("event_id", name="uq_wf_audit_events_event_id"),
 )
+
+# Orders that left (or are leaving) the building: one row per ClOrdID, inserted before the file
+# is written and completed after, so a crash between the two is finished, not repeated, on re-run.
+submissions = Table(
+    "wf_submissions", metadata,
+    Column("cl_ord_id", String(32), primary_key=True),
+    Column("decision_id", String(64), nullable=False),
+    Column("recommendation_id", String(64), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("custodian", String(32)),
+    Column("symbol", String(32), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("quantity", Float),
+    Column("cash_amount", Float),
+    Column("block_id", String(32)),
+    Column("channel", String(16), nullable=False),  # staged (trading desk) | submitted (auto, discretionary)
+    Column("destination", Text),
+    Column("status", String(16), nullable=False),  # pending | done
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Index("ix_wf_submissions_decision", "decision_id"),
+)
+
+# Outbound messages (emails, CRM notes and tasks): one row per idempotency key; a message is sent
+# at most once with the same Message-ID / Idempotency-Key, retried later when the peer is down.
+messages = Table(
+    "wf_messages", metadata,
+    Column("message_key", String(200), primary_key=True),
+    Column("kind", String(48), nullable=False),  # alert, reminder, escalation, weekly_digest, confirmation, crm_note, crm_task
+    Column("channel", String(16), nullable=False),  # smtp | crm
+    Column("recipient_id", String(64)),
+    Column("recommendation_id", String(64)),
+    Column("external_id", String(200)),  # the email's Message-ID, the CRM's record id
+    Column("status", String(24), nullable=False),  # pending | sent | retry | rejected
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),  # plain words, never PII or secrets
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Index("ix_wf_messages_status", "status", "next_attempt_at"),
+)
