@@ -1,0 +1,75 @@
+"""The tax engine over one recommendation's own trades (core/tax_engine.py, no warehouse)."""
+
+from datetime import date
+
+import polars as pl
+
+from rebal_pipeline.core.tax_engine import PastWashSales, apply_tax_engine
+from rebal_pipeline.core.tax_lots import TaxPolicy
+from rebal_pipeline.core.wash_sales import LOSS_SALES_SCHEMA, PURCHASES_SCHEMA
+
+AS_OF = date(2026, 11, 20)
+
+ACCOUNTS = pl.DataFrame({
+    "account_id": ["TAX", "IRA"], "household_id": ["HH", "HH"], "account_type": ["taxable", "traditional_ira"],
+    "taxable": [True, False], "lot_relief_method": ["fifo", "fifo"], "federal_ordinary_rate": [0.32, 0.32],
+    "federal_ltcg_rate": [0.15, 0.15], "state_rate": [0.05, 0.05], "harvest_eligible": [True, True],
+})
+SECURITIES = pl.DataFrame({
+    "symbol": ["VTI", "SCHB", "BND"], "asset_class": ["equity", "equity", "fixed_income"],
+    "security_type": ["etf", "etf", "etf"], "fractional": [False, False, False], "price": [100.0, 50.0, 50.0],
+    "wash_group": ["us_total", "dj_broad", "us_agg"], "tlh_substitute": ["SCHB", "VTI", None],
+})
+LOTS = pl.DataFrame({
+    "account_id": ["TAX", "IRA"], "symbol": ["VTI", "BND"], "lot_id": ["T1", "I1"], "lot_part": ["", ""],
+    "acquired_date": [date(2025, 3, 3)] * 2, "holding_from": [date(2025, 3, 3)] * 2, "quantity": [50.0, 100.0],
+    "cost_basis": [5500.0, 5000.0], "taxable": [True, False],
+})
+
+
+def household_recommendation(trades):
+    """One household recommendation (asset location): the taxable account sells VTI at a loss
+    ($110 basis, $100 price) and the IRA buys VTI with the proceeds of its bonds."""
+    frame = pl.DataFrame(trades, schema={"account_id": pl.String, "symbol": pl.String, "asset_class": pl.String,
+                                         "side": pl.String, "quantity": pl.Float64, "est_price": pl.Float64,
+                                         "est_value": pl.Float64, "reason": pl.String}, orient="row")
+    return frame.with_columns(pl.lit("REC-HH").alias("recommendation_id"))
+
+
+def run(trades, overrides=None):
+    past = PastWashSales(LOTS, pl.DataFrame(schema=LOSS_SALES_SCHEMA), pl.DataFrame(schema=PURCHASES_SCHEMA),
+                         pl.DataFrame())
+    recs = pl.DataFrame({"recommendation_id": ["REC-HH"], "scope": ["household"], "scope_id": ["HH"]})
+    return apply_tax_engine(
+        trades, recs, past, ACCOUNTS, SECURITIES, pl.DataFrame(schema={"account_id": pl.String, "kind": pl.String,
+                                                                       "value": pl.String}),
+        pl.DataFrame({"recommendation_id": ["REC-HH"], "drift_to_band": [1.5]}),
+        overrides if overrides is not None else pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String,
+                                                                     "reason": pl.String}),
+        AS_OF, TaxPolicy(tlh_min_loss=1e9), 100.0, "test-policy",
+    )
+
+
+TRADES = [("TAX", "VTI", "equity", "sell", 20.0, 100.0, 2000.0, "location"),
+          ("IRA", "BND", "fixed_income", "sell", 40.0, 50.0, 2000.0, "location"),
+          ("IRA", "VTI", "equity", "buy", 20.0, 100.0, 2000.0, "location")]
+
+
+def test_a_buy_in_the_same_recommendation_that_would_wash_its_own_loss_becomes_the_substitute():
+    outcome = run(household_recommendation(TRADES))
+    ira_buy = outcome.trades.filter((pl.col("account_id") == "IRA") & (pl.col("side") == "buy"))
+    assert ira_buy.select("symbol", "quantity", "reason", "replaces_symbol").rows() == [("SCHB", 40.0, "substitute", "VTI")]
+    sale = outcome.tax_impact.filter(pl.col("account_id") == "TAX").row(0, named=True)
+    # 20 sh × ($100 − $110) = −$200 long-term, deductible: saves $40; nothing disallowed.
+    assert (sale["gain"], sale["wash_sale_disallowed"], sale["est_tax"]) == (-200.0, 0.0, -40.0)
+    # The substitution changed the trades, so the recommendation has a new identity.
+    assert outcome.recommendations["recommendation_id"].item() != "REC-HH"
+
+
+def test_kept_by_override_the_ira_buy_loses_the_loss_for_good():
+    overrides = pl.DataFrame({"account_id": ["IRA"], "symbol": ["VTI"], "reason": ["model fidelity (ADV-1)"]})
+    outcome = run(household_recommendation(TRADES), overrides)
+    sale = outcome.tax_impact.filter(pl.col("account_id") == "TAX").row(0, named=True)
+    assert (sale["wash_sale_disallowed"], sale["loss_lost_permanently"], sale["est_tax"]) == (200.0, True, 0.0)
+    summary = outcome.summary.row(0, named=True)
+    assert (summary["realized_loss"], summary["wash_sale_disallowed"]) == (0.0, 200.0)
