@@ -70,6 +70,23 @@ class TaxRule(_Strict):
     wait_for_long_term: WaitForLongTermRule = WaitForLongTermRule()
 
 
+class ApprovalRule(_Strict):
+    """The approval workflow's clock and the discretionary micro-trade rule."""
+
+    reminder_hours: Decimal = Field(default=Decimal(24), gt=0)
+    escalation_hours: Decimal = Field(default=Decimal(48), gt=0)
+    default_defer_days: int = Field(default=5, ge=1, le=90)
+    # Discretionary accounts: trades under this many dollars with zero realised gain are
+    # approved by policy (0 turns the rule off).
+    micro_trade_limit: Decimal = Field(default=Decimal(5000), ge=0)
+
+    @model_validator(mode="after")
+    def _reminder_before_escalation(self) -> "ApprovalRule":
+        if self.reminder_hours >= self.escalation_hours:
+            raise ValueError("approval.reminder_hours must be less than approval.escalation_hours")
+        return self
+
+
 class DriftPolicy(_Strict):
     version: str = Field(min_length=1)
     effective_from: date
@@ -79,6 +96,7 @@ class DriftPolicy(_Strict):
     relative_band: Decimal | None = Field(default=None, gt=0, lt=1)
     trade_sizing: TradeSizingRule = TradeSizingRule()
     tax: TaxRule = TaxRule()
+    approval: ApprovalRule = ApprovalRule()
     content_sha256: str = ""
 
     @model_validator(mode="after")

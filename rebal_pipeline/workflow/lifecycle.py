@@ -43,6 +43,33 @@ class LifecyclePolicy:
     micro_trade_rule_version: str = "discretionary-micro-trade/1"
 
 
+def lifecycle_policy(drift_policy=None) -> LifecyclePolicy:
+    """The LifecyclePolicy of the drift policy file in force (REBAL_DRIFT_POLICY or the shipped
+    one), with REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS applied on top."""
+    import os
+
+    from rebal_pipeline import settings
+    from rebal_pipeline.core.policy import load_policy
+
+    rule = (drift_policy or load_policy(settings.policy_file())).approval
+    hours = {"reminder_hours": float(rule.reminder_hours), "escalation_hours": float(rule.escalation_hours)}
+    for variable, field in (("REBAL_REMINDER_HOURS", "reminder_hours"), ("REBAL_ESCALATION_HOURS", "escalation_hours")):
+        raw = os.environ.get(variable, "").strip()
+        if raw:
+            try:
+                hours[field] = float(raw)
+            except ValueError:
+                raise ValueError(f"{variable}={raw!r} is not a number of hours") from None
+            if hours[field] <= 0:
+                raise ValueError(f"{variable} must be positive, not {raw}")
+    if hours["reminder_hours"] >= hours["escalation_hours"]:
+        raise ValueError(f"the reminder ({hours['reminder_hours']}h) must come before the escalation "
+                         f"({hours['escalation_hours']}h): check the policy's approval section and "
+                         "REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS")
+    return LifecyclePolicy(**hours, default_defer_days=rule.default_defer_days,
+                           micro_trade_limit=float(rule.micro_trade_limit))
+
+
 class DecisionError(Exception):
     """A decision the store refuses: status is the HTTP status the API answers with."""
 
@@ -224,7 +251,7 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
 
 
 def _micro_trade(rec: dict, policy: LifecyclePolicy) -> bool:
-    return (bool(rec.get("discretionary")) and rec["kind"] == "rebalance"
+    return (policy.micro_trade_limit > 0 and bool(rec.get("discretionary")) and rec["kind"] == "rebalance"
             and 0 < float(rec.get("trade_value") or 0) < policy.micro_trade_limit
             and float(rec.get("realized_gain") or 0) == 0.0)
 

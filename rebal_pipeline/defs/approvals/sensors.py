@@ -152,8 +152,11 @@ def build_approval_decisions_sensor(clock: Clock = utc_now, hole_patience: timed
 # ---------------------------------------------------------------------------------------------
 
 
-def policy_from_env(base: lifecycle.LifecyclePolicy = lifecycle.LifecyclePolicy()) -> lifecycle.LifecyclePolicy:
-    """LifecyclePolicy with REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS applied."""
+def policy_from_env(base: lifecycle.LifecyclePolicy | None = None) -> lifecycle.LifecyclePolicy:
+    """LifecyclePolicy with REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS applied (base: the
+    drift policy file's approval section)."""
+    if base is None:
+        return lifecycle.lifecycle_policy()
     hours = {}
     for variable, field in (("REBAL_REMINDER_HOURS", "reminder_hours"), ("REBAL_ESCALATION_HOURS", "escalation_hours")):
         raw = os.environ.get(variable, "").strip()

@@ -15,7 +15,7 @@ from datetime import date, datetime, timezone
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
 
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import DriftPolicySource, Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.package import (
     PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, positions_fingerprint,
@@ -152,7 +152,7 @@ def build_packages(con, as_of: date) -> list[dict]:
     kinds={"sqlalchemy"},
 )
 def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse,
-                            workflow_store: WorkflowStoreResource):
+                            workflow_store: WorkflowStoreResource, drift_policy_source: DriftPolicySource):
     """The day's recommendations in the workflow store, waiting for the advisor's decision."""
     as_of = date.fromisoformat(context.partition_key)
     with warehouse.connect() as con:
@@ -162,7 +162,8 @@ def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse
     now = datetime.now(timezone.utc)
     with workflow_store.open() as store, store.begin() as conn:
         lifecycle.sync_users(conn, users, now)
-        result = lifecycle.publish_day(conn, as_of, recs, inside, now)
+        result = lifecycle.publish_day(conn, as_of, recs, inside, now,
+                                       lifecycle.lifecycle_policy(drift_policy_source.load()))
     context.log.info(f"published {result.created} recommendations ({result.superseded} superseded, "
                      f"{result.resolved} resolved by the market, {result.auto_approved} auto-approved)")
     return MaterializeResult(metadata={
