@@ -1,5 +1,6 @@
-"""Runs launched by the approval sensors: `execute_rebalance` (approval gate → prepared trades) and
-`notify_recommendation` (a reminder, an escalation or a weekly digest, recorded once).
+"""Runs launched by the approval sensors: `execute_rebalance` (approval gate → prepared trades →
+order tickets → staged or submitted, exactly once per order) and `notify_recommendation` (a
+reminder, an escalation or a weekly digest, recorded once).
 
 Neither op waits for anybody: the human part happened before the run (a decision recorded in the
 workflow store, or a due time passed), so a run is seconds long and can be re-executed safely.
@@ -31,6 +32,23 @@ then a hard link, which fails instead of replacing an existing file):
 Readers ignore dot-files (the temporary files). A notification file is written whenever it is
 missing after its record is committed, so a crash between the two is repaired by a re-run: the
 mailer must therefore key what it has sent on `notification_key`, not on the file's presence.
+
+After the hand-off, two ops turn the approved trades into orders (rebal_pipeline/execution):
+  build_order_tickets     the decision (store) + the hand-off's trades + the reference data of the
+                          gate's trading day (warehouse: stg_feed_securities, stg_feed_accounts,
+                          latest as_of on or before it) → orders and blocks placed at the gate's
+                          time, each routed `staged` or `submitted`
+                          (REBAL_AUTO_SUBMIT_DISCRETIONARY, default false: all staged)
+  stage_or_submit_orders  the exactly-once protocol of execution/submit.py (wf_submissions rows
+                          pending → files → done + audit events):
+  <REBAL_HOME>/outbox/staged/<decision_id>/orders.fix + <custodian>_orders_<YYYYMMDD>.<csv|txt>
+  <REBAL_HOME>/outbox/submitted/<custodian>/<custodian>_orders_<YYYYMMDD>_<decision_id>.<csv|txt>
+The custodian drop folder is where submission ends today: the upload to the custodian (SFTP /
+OAuth API) is issue #7. A trade that cannot be an order (no reference data for its symbol or
+account, a bond, a fractional quantity of a whole-share security) fails the run before anything
+is recorded or written; re-execute once the feed is fixed. A warehouse without the reference
+tables at all (never built by the daily scan) tickets nothing: the run succeeds with the run tag
+`rebal/tickets=no_reference_data` and a warning, and the hand-off file stays for the desk.
 """
 
 
@@ -50,7 +68,9 @@ from pydantic import Field, ValidationError
 from sqlalchemy import Connection, and_, select
 
 from rebal_pipeline import settings
+from rebal_pipeline.execution import submit
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.tickets import FixSession, TicketError
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.package import (
     PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
@@ -383,14 +403,88 @@ def prepare_approved_trades(context: OpExecutionContext, approved_trades: dict):
                                       "trades": len(approved_trades["trades"])})
 
 
+TICKETS_TAG = "rebal/tickets"
+# The crash seam: called after a destination is on disk and before its orders are marked done
+# (tests set it to raise, to play a crash between the two).
+after_delivery: Callable[[submit.Destination], None] | None = None
+
+
+@op(ins={"prepared": In(str, description="The hand-off file of prepare_approved_trades.")},
+    out=Out(dict, is_required=False, description="The orders (rebal.tickets/1), emitted when they could be built."),
+    description="Turn the approved trades into orders and blocks, placed at the gate's time, each routed to "
+                "staging (trading desk) or submission (discretionary, when auto-submit is on).")
+def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_store: WorkflowStoreResource,
+                        warehouse: Warehouse):
+    handoff = json.loads(Path(prepared).read_text(encoding="utf-8"))
+    decision_id = handoff["decision_id"]
+    try:
+        with workflow_store.open() as store, store.begin() as conn:
+            approved = submit.load_approved_decision(conn, decision_id)
+        trades = [PackageTrade.model_validate(t) for t in handoff["trades"]]
+        day = submit.trading_day(approved.gate_checked_at)
+        try:
+            with warehouse.connect() as con:
+                if not submit.has_reference_tables(con):
+                    context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
+                    context.log.warning(
+                        f"decision {decision_id}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
+                        f"daily scan never built them): no orders staged or submitted; {Path(prepared).name} "
+                        "stays in the outbox for the trading desk")
+                    return
+                securities, accounts = submit.read_reference(
+                    con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
+        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
+            raise Failure(description=f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+        tickets = submit.build_tickets(approved, trades, securities, accounts,
+                                       auto_submit=submit.auto_submit_discretionary(),
+                                       desk_id=submit.trading_desk_id())
+    except (TicketError, submit.ExecutionError) as exc:
+        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: {exc}") from None
+    yield Output(tickets.to_document(), metadata={
+        "decision_id": decision_id, "orders": len(tickets.batch.orders), "blocks": len(tickets.batch.blocks),
+        "staged": tickets.count(submit.STAGED), "submitted": tickets.count(submit.SUBMITTED),
+        "placed_at": approved.gate_checked_at.isoformat(), "reference_day": day.isoformat(),
+    })
+
+
+@op(ins={"tickets": In(dict)}, out=Out(dict, description="What this run staged, submitted or found done."),
+    description="Stage (trading desk folder) or submit (custodian drop) every order exactly once, with its "
+                "wf_submissions row and audit event.")
+def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_store: WorkflowStoreResource):
+    orders = submit.Tickets.from_document(tickets)
+    try:
+        with workflow_store.open() as store:
+            outcome = submit.stage_and_submit(store, orders, session=FixSession.from_env(), now=utc_now,
+                                              outbox=outbox_root(), after_write=after_delivery)
+    except submit.ExecutionError as exc:
+        raise Failure(description=f"decision {orders.decision_id}: {exc}") from None
+    staged, submitted = orders.count(submit.STAGED), orders.count(submit.SUBMITTED)
+    context.instance.add_run_tags(context.run_id, {TICKETS_TAG: f"staged={staged},submitted={submitted}"})
+    if outcome.already_done:
+        context.log.info(f"{len(outcome.already_done)} of {outcome.orders} orders were done by an earlier run: "
+                         "left as they are")
+    yield Output(
+        {"decision_id": orders.decision_id, "orders": outcome.orders, "completed": outcome.completed,
+         "already_done": outcome.already_done, "written": outcome.written, "found_written": outcome.found_written,
+         "files": outcome.sha256},
+        metadata={
+            "staged": staged, "submitted": submitted, "completed_by_this_run": len(outcome.completed),
+            "already_done": len(outcome.already_done), "audit_events": outcome.events,
+            "written_by_this_run": ", ".join(outcome.written), "found_written": ", ".join(outcome.found_written),
+            "files": MetadataValue.json(outcome.sha256),
+        },
+    )
+
+
 @job(
     description="Run for one approval decision (launched by the approval_decisions sensor): the gate re-verifies "
-                "it and, only if it passes, the approved trades are prepared for ticketing.",
+                "it and, only if it passes, the approved trades are prepared for ticketing, turned into orders and "
+                "staged for the trading desk or submitted to the custodian drop, exactly once per order.",
     tags={"rebal/workflow": "approval"},
 )
 def execute_rebalance():
     _verdict_out, trades = approval_gate()
-    prepare_approved_trades(trades)
+    stage_or_submit_orders(build_order_tickets(prepare_approved_trades(trades)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,277 @@
+"""The comms sensors: they find what is owed a message; the runs send it, once (STYLE.md).
+
+advisor_alerts (every 30 s)
+    Pending recommendations published within `max_age` (default 3 days: an older one is past its
+    reminder and escalation already) that have no alert row in wf_messages, except weekly-batch
+    (base-tier) ones, which the weekly digest covers → RunRequest(run_key="alert:<recommendation_id>",
+    job=send_advisor_alert). No cursor: the filter is the state (once the run has inserted the
+    alert's row the recommendation is not listed again; until then Dagster skips the run key).
+
+mailer_outbox (every 30 s)
+    New files in $REBAL_HOME/outbox/notifications/ (rebal.notification/1, written once by the
+    approval runs) → RunRequest(run_key=<notification_key>, job=send_notification). Cursor: the
+    newest file modification time handled (ns). Each tick reads files modified since the cursor
+    minus `lookback` (default 10 min: a file is hard-linked into place after it was written, so a
+    file can appear with a modification time older than one seen before it); keys already in
+    wf_messages and documents recorded more than `max_age` ago (3 days) are not requested.
+    Dot-files (the writer's temporary files) are ignored.
+
+executed_recommendations (every 30 s)
+    Decisions whose wf_submissions rows are all `done` and `submitted` (staged orders wait for the
+    trading desk's execution report, which rebal does not receive yet), the last completed within `lookback`
+    (default 7 days), with no client confirmation row yet → RunRequest(run_key=
+    "executed:<decision_id>", job=communicate_execution).
+
+outbound_retries (every 60 s)
+    wf_messages rows due again (`retry` whose next_attempt_at has come; `pending` whose lease ran
+    out: the sender died mid-send) → the job that sends them, one run per subject (recommendation,
+    notification, decision), run_key "retry:<subject>:<digest of the rows' keys and attempts>":
+    each new attempt gets a new run key, two ticks before the run starts ask for the same one. A
+    CRM note left `retry` by an outage is re-attempted here, never blocking anything else.
+
+Every sensor is built by a factory taking `clock` (tests inject one; production uses the wall
+clock). The tick's time travels to the run in its config (`now`), as in the approval sensors.
+"""
+
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
+from sqlalchemy import and_, case, func, select
+
+from rebal_pipeline import settings
+from rebal_pipeline.comms import outbound
+from rebal_pipeline.defs.comms.jobs import (
+    NOTIFICATION_FORMAT, communicate_execution, recommendations_waiting_for_alert, retry_target,
+    send_advisor_alert, send_notification, utc_now,
+)
+from rebal_pipeline.resources import WorkflowStoreResource
+from rebal_pipeline.workflow.schema import messages, submissions
+
+Clock = Callable[[], datetime]
+
+RECOMMENDATION_TAG = "rebal/recommendation"
+MESSAGE_TAG = "rebal/message"
+
+
+def _utc(moment: datetime) -> datetime:
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def notifications_folder() -> Path:
+    return settings.rebal_home() / "outbox" / "notifications"
+
+
+# ---------------------------------------------------------------------------------------------
+# advisor_alerts
+# ---------------------------------------------------------------------------------------------
+
+
+def alert_run_request(recommendation_id: str, now: datetime, urgency: str | None = None) -> RunRequest:
+    return RunRequest(
+        run_key=f"alert:{recommendation_id}",
+        job_name=send_advisor_alert.name,
+        run_config={"ops": {"deliver_advisor_alert": {"config": {"recommendation_id": recommendation_id,
+                                                                  "now": now.isoformat()}}}},
+        tags={RECOMMENDATION_TAG: recommendation_id, MESSAGE_TAG: "alert", "rebal/urgency": urgency or ""},
+    )
+
+
+def build_advisor_alerts_sensor(clock: Clock = utc_now, max_age: timedelta = timedelta(days=3), batch: int = 500,
+                                name: str = "advisor_alerts", minimum_interval_seconds: int = 30):
+    @sensor(name=name, job=send_advisor_alert, minimum_interval_seconds=minimum_interval_seconds,
+            description="Alerts the advisor (email + CRM task) once per new pending recommendation that is not "
+                        "weekly-batch. run_key = alert:<recommendation_id>.")
+    def _advisor_alerts(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = _utc(clock())
+        with workflow_store.open() as store, store.begin() as conn:
+            waiting = recommendations_waiting_for_alert(conn, now, now - max_age, batch)
+        requests = [alert_run_request(r["recommendation_id"], now, r["urgency"]) for r in waiting]
+        if not requests:
+            return SensorResult(skip_reason=f"no recommendation waiting for its alert at {now.isoformat()}")
+        return SensorResult(run_requests=requests)
+
+    return _advisor_alerts
+
+
+# ---------------------------------------------------------------------------------------------
+# mailer_outbox
+# ---------------------------------------------------------------------------------------------
+
+
+def notification_run_request(notification_key: str, kind: str, now: datetime) -> RunRequest:
+    return RunRequest(
+        run_key=notification_key,
+        job_name=send_notification.name,
+        run_config={"ops": {"deliver_notification": {"config": {"notification_key": notification_key,
+                                                                 "now": now.isoformat()}}}},
+        tags={MESSAGE_TAG: kind},
+    )
+
+
+def build_mailer_outbox_sensor(clock: Clock = utc_now, lookback: timedelta = timedelta(minutes=10),
+                               max_age: timedelta = timedelta(days=3), batch: int = 500, name: str = "mailer_outbox",
+                               minimum_interval_seconds: int = 30):
+    @sensor(name=name, job=send_notification, minimum_interval_seconds=minimum_interval_seconds,
+            description="Emails each reminder, escalation and weekly digest posted to outbox/notifications/, once. "
+                        "run_key = the notification key.")
+    def _mailer_outbox(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = _utc(clock())
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        since = int(cursor.get("mtime_ns", 0)) - int(lookback.total_seconds() * 1e9)
+        folder = notifications_folder()
+        files = []
+        if folder.is_dir():
+            for path in folder.glob("*.json"):
+                if path.name.startswith("."):
+                    continue
+                try:
+                    mtime = path.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                if mtime >= since:
+                    files.append((mtime, path))
+        files.sort()
+        files = files[:batch]
+        documents = []
+        for mtime, path in files:
+            try:
+                document = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                context.log.warning(f"{path.name}: not a readable notification document; ignored")
+                continue
+            if document.get("format") != NOTIFICATION_FORMAT or not document.get("notification_key"):
+                continue
+            documents.append(document)
+        keys = [d["notification_key"] for d in documents]
+        with workflow_store.open() as store, store.begin() as conn:
+            handled = {r.message_key for r in conn.execute(
+                select(messages.c.message_key).where(messages.c.message_key.in_(keys)))} if keys else set()
+        requests = []
+        for document in documents:
+            recorded = _utc(datetime.fromisoformat(document["recorded_at"])) if document.get("recorded_at") else now
+            if document["notification_key"] in handled or now - recorded > max_age:
+                continue
+            requests.append(notification_run_request(document["notification_key"], document.get("kind", ""), now))
+        new_cursor = json.dumps({"mtime_ns": max([int(cursor.get("mtime_ns", 0))] + [m for m, _ in files])})
+        if not requests:
+            return SensorResult(skip_reason="no new notification in the outbox", cursor=new_cursor)
+        return SensorResult(run_requests=requests, cursor=new_cursor)
+
+    return _mailer_outbox
+
+
+# ---------------------------------------------------------------------------------------------
+# executed_recommendations
+# ---------------------------------------------------------------------------------------------
+
+
+def executed_decisions(conn, since: datetime, limit: int) -> list[dict]:
+    """Decisions all of whose orders are done (the last completed since `since`) and that have no
+    client confirmation row yet."""
+    # Executed = every order submitted to the custodian and done. Orders staged for the trading
+    # desk are placed by the desk later: their confirmation waits for its execution report
+    # (not in the feed yet), so a client is never told "rebalanced" before the orders left.
+    not_done = func.sum(case((and_(submissions.c.status == "done", submissions.c.channel == "submitted"), 0),
+                             else_=1))
+    last = func.max(func.coalesce(submissions.c.completed_at, submissions.c.created_at))
+    rows = conn.execute(
+        select(submissions.c.decision_id, submissions.c.recommendation_id, last.label("completed_at"))
+        .group_by(submissions.c.decision_id, submissions.c.recommendation_id)
+        .having(and_(not_done == 0, last >= since))
+        .order_by(last, submissions.c.decision_id)
+    ).mappings().all()
+    if not rows:
+        return []
+    confirmed = {key.split(":")[1] for (key,) in conn.execute(
+        select(messages.c.message_key).where(and_(
+            messages.c.kind == "confirmation",
+            messages.c.recommendation_id.in_({r["recommendation_id"] for r in rows}))))}
+    return [dict(r) for r in rows if r["decision_id"] not in confirmed][:limit]
+
+
+def execution_run_request(decision_id: str, recommendation_id: str, now: datetime) -> RunRequest:
+    return RunRequest(
+        run_key=f"executed:{decision_id}",
+        job_name=communicate_execution.name,
+        run_config={"ops": {"deliver_execution_messages": {"config": {"decision_id": decision_id,
+                                                                       "now": now.isoformat()}}}},
+        tags={RECOMMENDATION_TAG: recommendation_id, "rebal/decision": decision_id, MESSAGE_TAG: "confirmation"},
+    )
+
+
+def build_executed_recommendations_sensor(clock: Clock = utc_now, lookback: timedelta = timedelta(days=7),
+                                          batch: int = 500, name: str = "executed_recommendations",
+                                          minimum_interval_seconds: int = 30):
+    @sensor(name=name, job=communicate_execution, minimum_interval_seconds=minimum_interval_seconds,
+            description="Once a decision's orders are all done: the client confirmation and the CRM note, once. "
+                        "run_key = executed:<decision_id>.")
+    def _executed_recommendations(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = _utc(clock())
+        with workflow_store.open() as store, store.begin() as conn:
+            executed = executed_decisions(conn, now - lookback, batch)
+        requests = [execution_run_request(r["decision_id"], r["recommendation_id"], now) for r in executed]
+        if not requests:
+            return SensorResult(skip_reason="no executed decision waiting for its client confirmation")
+        return SensorResult(run_requests=requests)
+
+    return _executed_recommendations
+
+
+# ---------------------------------------------------------------------------------------------
+# outbound_retries
+# ---------------------------------------------------------------------------------------------
+
+
+def retry_run_requests(rows: list[dict], now: datetime) -> list[RunRequest]:
+    jobs = {j.name: j for j in (send_advisor_alert, send_notification, communicate_execution)}
+    grouped: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        target = retry_target(row)
+        if target is None:
+            continue
+        job_name, subject, ops = target
+        entry = grouped.setdefault((job_name, subject), {"ops": ops, "rows": []})
+        entry["rows"].append(row)
+    requests = []
+    for (job_name, subject), entry in sorted(grouped.items()):
+        attempts = "\n".join(sorted(f"{r['message_key']}#{r['attempts']}" for r in entry["rows"]))
+        digest = hashlib.sha256(attempts.encode()).hexdigest()[:12]
+        op_name, config = next(iter(entry["ops"].items()))
+        requests.append(RunRequest(
+            run_key=f"retry:{subject}:{digest}",
+            job_name=jobs[job_name].name,
+            run_config={"ops": {op_name: {"config": {**config, "now": now.isoformat()}}}},
+            tags={MESSAGE_TAG: ",".join(sorted({r["kind"] for r in entry["rows"]})), "rebal/retry": "true",
+                  **({RECOMMENDATION_TAG: entry["rows"][0]["recommendation_id"]}
+                     if entry["rows"][0]["recommendation_id"] else {})},
+        ))
+    return requests
+
+
+def build_outbound_retries_sensor(clock: Clock = utc_now, batch: int = 500, name: str = "outbound_retries",
+                                  minimum_interval_seconds: int = 60):
+    @sensor(name=name, jobs=[send_advisor_alert, send_notification, communicate_execution],
+            minimum_interval_seconds=minimum_interval_seconds,
+            description="Re-attempts emails and CRM calls whose retry time has come (a peer was down), through the "
+                        "job that sends them. run_key = retry:<subject>:<attempts digest>.")
+    def _outbound_retries(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = _utc(clock())
+        with workflow_store.open() as store, store.begin() as conn:
+            rows = outbound.due(conn, now, batch)
+        requests = retry_run_requests(rows, now)
+        if not requests:
+            return SensorResult(skip_reason=f"no message due for a retry at {now.isoformat()}")
+        return SensorResult(run_requests=requests)
+
+    return _outbound_retries
+
+
+advisor_alerts = build_advisor_alerts_sensor()
+mailer_outbox = build_mailer_outbox_sensor()
+executed_recommendations = build_executed_recommendations_sensor()
+outbound_retries = build_outbound_retries_sensor()
