@@ -165,6 +165,28 @@ def cmd_api(args) -> int:
     return 0
 
 
+def cmd_orders_executed(args) -> int:
+    """The trading desk confirms it placed a decision's staged orders (the client confirmation follows)."""
+    from datetime import datetime, timezone
+
+    from rebal_pipeline.execution.submit import ExecutionError, confirm_executed
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            count = confirm_executed(conn, args.decision, args.by, datetime.now(timezone.utc))
+    except ExecutionError as error:
+        print(f"rebal: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    print(f"{count} staged orders of decision {args.decision} confirmed executed" if count
+          else f"the staged orders of decision {args.decision} were already confirmed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_api)
+
+    p = commands.add_parser("orders-executed", help="trading desk: confirm a decision's staged orders were placed")
+    p.add_argument("--decision", required=True)
+    p.add_argument("--by", required=True, help="the trading-desk user id")
+    p.set_defaults(func=cmd_orders_executed)
 
     p = commands.add_parser("issue-token", help="issue an approval-API token for a user (printed once)")
     p.add_argument("user_id")

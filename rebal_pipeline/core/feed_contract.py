@@ -92,6 +92,9 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("federal_ordinary_rate", "decimal"),
                 Column("federal_ltcg_rate", "decimal"),
                 Column("state_rate", "decimal"),
+                # Optional: how the household hears of an executed rebalance (empty = the firm's
+                # default, REBAL_CLIENT_CONFIRMATION).
+                Column("confirmation_style", "enum", required=False, nullable=True, choices=("simple", "detailed")),
             ),
             key=("household_id",),
             doc="Client households; aggregate_rebalancing rebalances all accounts as one.",

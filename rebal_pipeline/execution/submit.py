@@ -506,3 +506,30 @@ def stage_and_submit(store, tickets: Tickets, *, session: FixSession, now: Calla
                     outcome.events += 1
                 outcome.completed.append(cl_ord_id)
     return outcome
+
+
+def confirm_executed(conn, decision_id: str, user_id: str, now: datetime) -> int:
+    """The trading desk confirms it placed a decision's staged orders (status done → executed,
+    one audit event). Only an active trading-desk or operations user may; orders that were not
+    staged, or are not written yet, are refused. Returns the orders confirmed (0: already)."""
+    from sqlalchemy import and_, select, update
+
+    from rebal_pipeline.workflow import audit
+    from rebal_pipeline.workflow.schema import submissions, users
+
+    user = conn.execute(select(users).where(users.c.user_id == user_id)).mappings().first()
+    if user is None or not user["active"] or user["role"] not in ("trading_desk", "operations"):
+        raise ExecutionError(f"{user_id} is not an active trading-desk or operations user")
+    rows = conn.execute(select(submissions).where(submissions.c.decision_id == decision_id)).mappings().all()
+    if not rows:
+        raise ExecutionError(f"no orders for decision {decision_id}")
+    not_ready = [r["cl_ord_id"] for r in rows if r["channel"] == "staged" and r["status"] == "pending"]
+    if not_ready:
+        raise ExecutionError(f"orders {', '.join(not_ready)} are not staged yet (their files are not written)")
+    confirmed = conn.execute(update(submissions).where(and_(
+        submissions.c.decision_id == decision_id, submissions.c.channel == "staged", submissions.c.status == "done"))
+        .values(status="executed", completed_at=_utc(now))).rowcount
+    if confirmed:
+        audit.append(conn, f"orders_executed:{decision_id}", "orders_executed", user_id, _utc(now),
+                     rows[0]["recommendation_id"], {"decision_id": decision_id, "orders": confirmed})
+    return confirmed

@@ -102,14 +102,20 @@ class SensorDaemon:
         return job.execute_in_process(run_config=run.run_config, instance=self.instance)
 
 
-def write_clients(path, rows: list[tuple[str, str, str, str]]) -> None:
-    """stg_feed_accounts as the daily run materialises it (the columns comms reads)."""
+def write_clients(path, rows: list[tuple[str, str, str, str]], confirmation_style: str | None = None) -> None:
+    """stg_feed_accounts and stg_feed_households as the daily run materialises them (the columns
+    comms reads)."""
     con = duckdb.connect(str(path))
     try:
         con.execute("create table if not exists stg_feed_accounts (as_of date, _line integer, account_id varchar, "
                     "household_id varchar, client_name varchar, client_email varchar)")
+        con.execute("create table if not exists stg_feed_households (as_of date, household_id varchar, "
+                    "confirmation_style varchar)")
         con.executemany("insert into stg_feed_accounts values (?, 1, ?, ?, ?, ?)",
                         [[PUBLISHED_AT.date(), *r] for r in rows])
+        con.execute("delete from stg_feed_households")
+        con.executemany("insert into stg_feed_households values (?, ?, ?)",
+                        [[PUBLISHED_AT.date(), h, confirmation_style] for h in sorted({r[1] for r in rows})])
     finally:
         con.close()
 
@@ -475,7 +481,39 @@ def test_orders_only_staged_for_the_trading_desk_send_no_client_confirmation(sto
     """Staged orders are placed by the desk later: the client hears nothing until they are."""
     publish(store, package("REC-1", account_id=ACCOUNT))
     approved_at = PUBLISHED_AT + timedelta(hours=2)
-    approve_and_execute(store, "REC-1", ORDERS, done=True, at=approved_at, channel="staged")
+    decision_id = approve_and_execute(store, "REC-1", ORDERS, done=True, at=approved_at, channel="staged")
     daemon.start("executed_recommendations")
     assert daemon.tick(approved_at + timedelta(minutes=30), "executed_recommendations").status == TickStatus.SKIPPED
     assert daemon.runs("executed_recommendations") == [] and mails(smtp_peer) == []
+
+    # The desk places them and says so: now the client hears, once.
+    from rebal_pipeline.execution.submit import ExecutionError, confirm_executed
+
+    with store.begin() as conn:
+        lifecycle.sync_users(conn, [{"user_id": "TRD-1", "name": "Tess Desk", "email": "desk@example-ria.com",
+                                     "role": "trading_desk"}], approved_at)
+    with pytest.raises(ExecutionError, match="not an active trading-desk"):
+        with store.begin() as conn:
+            confirm_executed(conn, decision_id, "ADV-1", approved_at + timedelta(hours=1))
+    with store.begin() as conn:
+        assert confirm_executed(conn, decision_id, "TRD-1", approved_at + timedelta(hours=1)) == 2
+        assert confirm_executed(conn, decision_id, "TRD-1", approved_at + timedelta(hours=1)) == 0
+    daemon.tick(approved_at + timedelta(hours=1, minutes=1), "executed_recommendations")
+    [run] = daemon.runs("executed_recommendations")
+    assert daemon.execute(run).success and len(mails(smtp_peer)) == 1
+
+
+def test_a_household_that_asked_for_details_gets_them_whatever_the_firm_default(store, daemon, smtp_peer, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.delenv("REBAL_CLIENT_CONFIRMATION", raising=False)  # the firm default: simple
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    con.execute("update stg_feed_households set confirmation_style = 'detailed' where household_id = 'HH-1'")
+    con.close()
+    publish(store, package("REC-1", account_id=ACCOUNT))
+    approve_and_execute(store, "REC-1", ORDERS, done=True, at=PUBLISHED_AT + timedelta(hours=2))
+    daemon.start("executed_recommendations")
+    daemon.tick(PUBLISHED_AT + timedelta(hours=3), "executed_recommendations")
+    [run] = daemon.runs("executed_recommendations")
+    assert daemon.execute(run).success
+    [mail] = mails(smtp_peer)
+    assert "- Sold 10 VTI at $100.00: $1,000.00" in mail.get_body(("plain",)).get_content()

@@ -237,13 +237,15 @@ class ClientContact:
     household_id: str | None
     client_name: str | None
     client_email: str | None
+    confirmation_style: str | None = None  # the household's setting (households.csv), None = firm default
 
 
 _CONTACTS = """
-select account_id, household_id, client_name, client_email
-from stg_feed_accounts
-where list_contains($accounts, account_id)
-qualify row_number() over (partition by account_id order by as_of desc) = 1
+select a.account_id, a.household_id, a.client_name, a.client_email, h.confirmation_style
+from stg_feed_accounts a
+left join stg_feed_households h on h.household_id = a.household_id and h.as_of = a.as_of
+where list_contains($accounts, a.account_id)
+qualify row_number() over (partition by a.account_id order by a.as_of desc) = 1
 """
 
 
@@ -256,7 +258,7 @@ def client_contacts(warehouse: Warehouse, account_ids: list[str]) -> dict[str, C
         raise Transient("the warehouse has no stg_feed_accounts table yet: the daily scan has not run on it") from None
     except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock
         raise Transient(f"the warehouse cannot be read now ({type(exc).__name__})") from None
-    return {r[0]: ClientContact(r[0], r[1], r[2], r[3]) for r in rows}
+    return {r[0]: ClientContact(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
 
 def client_name_of(contacts: dict[str, ClientContact], account_ids: list[str]) -> str:
@@ -669,10 +671,12 @@ def send_execution_messages(store: WorkflowStore, warehouse: Warehouse, decision
         rec = _recommendation(conn, decision["recommendation_id"])
         orders = execution_orders(conn, decision_id)
         advisor = _user(conn, rec["advisor_id"])
-    pending = [o for o in orders if o["status"] != "done"]
+    # Left the building: submitted to the custodian, or staged and confirmed placed by the desk.
+    pending = [o for o in orders if not ((o["status"] == "done" and o["channel"] == "submitted")
+                                         or o["status"] == "executed")]
     if not orders or pending:
         raise Failure(description=f"decision {decision_id} is not executed: {len(orders) - len(pending)} of "
-                                  f"{len(orders)} orders done")
+                                  f"{len(orders)} orders submitted or confirmed executed")
     package = RecommendationPackage.model_validate_json(rec["package"])
     executed_on = max(_utc(o["completed_at"] or o["created_at"]) for o in orders).date()
     recommendation_id = rec["recommendation_id"]
@@ -687,7 +691,8 @@ def send_execution_messages(store: WorkflowStore, warehouse: Warehouse, decision
             address = (contact.client_email or "").strip() if contact else ""
             if "@" not in address:
                 raise Permanent("no client email address on file for the account (stg_feed_accounts)")
-            style = confirmation_style()
+            # The household's own setting wins over the firm's default.
+            style = contact.confirmation_style or confirmation_style()
             return emails.client_confirmation(
                 client_name=(contact.client_name or "").strip() or "Client", account_number=account_id,
                 executed_on=executed_on, style=style, sender=relay.sender, to=address, message_id=message_id,

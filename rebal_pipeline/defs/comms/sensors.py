@@ -17,8 +17,8 @@ mailer_outbox (every 30 s)
     Dot-files (the writer's temporary files) are ignored.
 
 executed_recommendations (every 30 s)
-    Decisions whose wf_submissions rows are all `done` and `submitted` (staged orders wait for the
-    trading desk's execution report, which rebal does not receive yet), the last completed within `lookback`
+    Decisions whose orders all left: `done` and `submitted`, or staged and confirmed `executed` by
+    the trading desk (`rebal orders-executed`), the last completed within `lookback`
     (default 7 days), with no client confirmation row yet → RunRequest(run_key=
     "executed:<decision_id>", job=communicate_execution).
 
@@ -173,11 +173,11 @@ def build_mailer_outbox_sensor(clock: Clock = utc_now, lookback: timedelta = tim
 def executed_decisions(conn, since: datetime, limit: int) -> list[dict]:
     """Decisions all of whose orders are done (the last completed since `since`) and that have no
     client confirmation row yet."""
-    # Executed = every order submitted to the custodian and done. Orders staged for the trading
-    # desk are placed by the desk later: their confirmation waits for its execution report
-    # (not in the feed yet), so a client is never told "rebalanced" before the orders left.
+    # Executed = every order submitted to the custodian, or staged and confirmed placed by the
+    # trading desk (`rebal orders-executed`): a client is never told "rebalanced" before the
+    # orders left.
     not_done = func.sum(case((and_(submissions.c.status == "done", submissions.c.channel == "submitted"), 0),
-                             else_=1))
+                             (submissions.c.status == "executed", 0), else_=1))
     last = func.max(func.coalesce(submissions.c.completed_at, submissions.c.created_at))
     rows = conn.execute(
         select(submissions.c.decision_id, submissions.c.recommendation_id, last.label("completed_at"))
