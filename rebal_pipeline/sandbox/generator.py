@@ -1509,6 +1509,8 @@ def _households_frame(households: _Households) -> pl.DataFrame:
         federal_ordinary_rate=_fixed_point(pl.col("ordinary"), 4),
         federal_ltcg_rate=_fixed_point(pl.col("ltcg"), 4),
         state_rate=_fixed_point(pl.col("state"), 4),
+        # Every tenth household asked for detailed confirmations; the rest use the firm default.
+        confirmation_style=pl.when(pl.col("i") % 10 == 3).then(pl.lit("detailed")).otherwise(pl.lit(None, pl.String)),
     )
 
 
