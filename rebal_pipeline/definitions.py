@@ -4,6 +4,7 @@ from dagster import Definitions, in_process_executor
 
 from rebal_pipeline.defs.approvals import defs as approvals
 from rebal_pipeline.defs.comms import defs as comms
+from rebal_pipeline.defs.connections import sensors as connections
 from rebal_pipeline.defs.drift.schedules import daily_drift_at_market_close, daily_drift_scan
 from rebal_pipeline.defs.feed import assets as feed
 from rebal_pipeline.defs.trades import assets as trades
@@ -18,7 +19,7 @@ def build_definitions() -> Definitions:
         assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets],
         jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs],
         schedules=[daily_drift_at_market_close],
-        sensors=[*approvals.sensors, *comms.sensors],
+        sensors=[*approvals.sensors, *comms.sensors, *connections.sensors],
         resources=local_resources(),
         # DuckDB allows one writing process at a time: run the steps of a run in one process.
         executor=in_process_executor,
