@@ -55,10 +55,16 @@ def cmd_drill(args) -> int:
     home = prepare_local_instance()
     as_of = _as_of(args.as_of)
     config = SandboxConfig(as_of=as_of, households=args.households, seed=args.seed,
-                           shock=args.shock, defects=not args.clean)
-    report = generate_feed(config, settings.feed_root())
+                           shock=args.shock, defects=not args.clean and not args.via_sftp)
+    book_root = settings.rebal_home() / "sandbox_custodian" / "book" if args.via_sftp else settings.feed_root()
+    report = generate_feed(config, book_root)
     print(f"Sandbox book: {report.households:,} households, {report.accounts:,} accounts "
           f"→ {report.feed_dir}" + (f" (with {len(report.defects)} injected bad rows)" if report.defects else ""))
+    if args.via_sftp:
+        from rebal_pipeline.drill import deliver_over_sftp
+
+        for line in deliver_over_sftp(book_root, as_of, args.via_sftp):
+            print(line)
     print(f"Materialising the daily asset graph for {as_of} on the Dagster instance at {home} …")
     if not materialize_day(as_of):
         print("The daily run failed; see above and the run in the Dagster UI.", file=sys.stderr)
@@ -188,6 +194,13 @@ def cmd_orders_executed(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    # Library chatter is not for the operator's terminal: Dagster's beta notices about its own
+    # API, and paramiko's "socket closed" notes when the sandbox SFTP server shuts down.
+    warnings.filterwarnings("ignore", message=r".*is currently in beta.*")
+    logging.getLogger("paramiko").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(prog="rebal", description="Portfolio-rebalancing alerts for RIAs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("drill", help="generate a sandbox book and run the full daily scan through Dagster")
     _add_book_options(p, households=200)
     p.add_argument("--clean", action="store_true", help="no injected bad rows")
+    p.add_argument("--via-sftp", choices=["schwab", "fidelity", "pershing"],
+                   help="deliver the book as that custodian's files over a real local SFTP server, "
+                        "then pull and translate them into the canonical feed (no injected bad rows)")
     p.set_defaults(func=cmd_drill)
 
     p = commands.add_parser("summary", help="print the scan summary of a day already materialised")

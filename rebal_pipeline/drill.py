@@ -204,3 +204,49 @@ def workflow_summary(as_of: date) -> str:
     parts = ", ".join(f"{n} {kind} {status}" for status, kind, n in by_status) or "none"
     return (f"Workflow store ({settings.workflow_db_url().split('://')[0]}): {parts}; routed to {advisors} advisors\n"
             f"Audit: {chain}")
+
+
+def deliver_over_sftp(book_dir: Path, as_of: date, dialect: str, firm: str = "sandbox-ria") -> list[str]:
+    """The custodian's side of the drill: the sandbox book's custodian files in `dialect` on a real
+    in-process SFTP server (its own host key, pinned in a known_hosts file; key auth), pulled and
+    translated into the canonical feed exactly as a production connection would. Returns what
+    happened, in lines for the drill's output."""
+    import shutil
+
+    from rebal_pipeline.connections.config import Connection, SftpSettings
+    from rebal_pipeline.connections.dialects import REFERENCE_FILES
+    from rebal_pipeline.connections.ingest import pull_and_convert, reference_dir
+    from rebal_pipeline.core.feed_contract import FEED_FILES
+    from rebal_pipeline.sandbox.dialects import emit_dialect
+    from rebal_pipeline.sandbox.sftp_server import SftpTestServer, make_ed25519
+
+    work = settings.rebal_home() / "sandbox_custodian"
+    outbound = work / "outbound" / dialect
+    if outbound.exists():
+        shutil.rmtree(outbound)
+    emitted = emit_dialect(book_dir / as_of.isoformat(), dialect, outbound)
+    connection = Connection(name=f"sandbox-{dialect}", firm=firm, custodian=dialect, dialect=dialect, kind="sftp",
+                            sftp=SftpSettings(host="127.0.0.1", port=22, username="custodian",
+                                              private_key_file_env="REBAL_SANDBOX_SFTP_KEY",
+                                              known_hosts_file=str(work / "known_hosts")))
+    reference = reference_dir(connection)
+    reference.mkdir(parents=True, exist_ok=True)
+    for name in REFERENCE_FILES:
+        shutil.copyfile(book_dir / as_of.isoformat() / FEED_FILES[name].filename, reference / FEED_FILES[name].filename)
+    host, client = make_ed25519(), make_ed25519()
+    (work / "keys").mkdir(parents=True, exist_ok=True)
+    key_file = work / "keys" / "id_ed25519"
+    key_file.unlink(missing_ok=True)
+    os.environ["REBAL_SANDBOX_SFTP_KEY"] = str(client.write(key_file))
+    with SftpTestServer(outbound, host_key=host.pkey, client_key=client.pkey) as server:
+        (work / "known_hosts").write_text(server.known_hosts_line() + "\n")
+        connection = connection.model_copy(update={"sftp": connection.sftp.model_copy(update={"port": server.port})})
+        deliveries = pull_and_convert(connection, settings.feed_root())
+        port = server.port
+    lines = [f"Custodian delivery: {len(emitted)} {dialect}-style files on sftp://127.0.0.1:{port} "
+             f"(host key pinned in {work / 'known_hosts'}, key authentication)"]
+    for d in deliveries:
+        lines.append(f"  pulled, archived by SHA-256 and translated for {d.as_of} → {d.feed_dir}")
+    if not deliveries:
+        lines.append("  nothing new to translate (already pulled and translated)")
+    return lines

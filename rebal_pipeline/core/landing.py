@@ -103,6 +103,31 @@ def landing_table(feed_file: str) -> str:
     return f"landing_{feed_file}"
 
 
+def _store_in_archive(path: Path, sha: str, archive_root: Path) -> Path:
+    target = archive_root / "sha256" / sha[:2] / sha
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{sha}.{os.getpid()}.part")
+        with path.open("rb") as source, tmp.open("wb") as sink:
+            while chunk := source.read(CHUNK):
+                sink.write(chunk)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+    return target
+
+
+def archive_raw(path: Path, archive_root: Path) -> str:
+    """Archive any raw file (a custodian's own format included) byte for byte, write-once, under
+    its SHA-256; returns the digest."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    _store_in_archive(path, sha, archive_root)
+    return sha
+
+
 def receive_file(path: Path, spec: FeedFile, archive_root: Path) -> ReceivedFile:
     """Archive one raw file, byte for byte, and check it can be read as the contract says.
 
@@ -135,15 +160,7 @@ def receive_file(path: Path, spec: FeedFile, archive_root: Path) -> ReceivedFile
         raise FeedFileError(path, "not UTF-8: the file ends inside a multi-byte character") from exc
 
     sha = digest.hexdigest()
-    target = archive_root / "sha256" / sha[:2] / sha
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{sha}.{os.getpid()}.part")
-        with path.open("rb") as source, tmp.open("wb") as sink:
-            while chunk := source.read(CHUNK):
-                sink.write(chunk)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
+    target = _store_in_archive(path, sha, archive_root)
 
     text = first_chunk.removeprefix(UTF8_BOM)
     if not text.strip():

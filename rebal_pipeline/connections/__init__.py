@@ -1,0 +1,1 @@
+"""Custodian connections (SFTP file pulls, OAuth APIs) - transport only, no Dagster."""
