@@ -17,7 +17,7 @@ def build_definitions() -> Definitions:
     """Definitions with resources read from the environment now (see settings.py)."""
     return Definitions(
         assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets],
-        jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs],
+        jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs, *connections.jobs],
         schedules=[daily_drift_at_market_close],
         sensors=[*approvals.sensors, *comms.sensors, *connections.sensors],
         resources=local_resources(),

@@ -80,3 +80,11 @@ def test_the_tax_engine_finds_exactly_the_sandboxs_past_wash_sales(workspace, da
             part = lots.filter((pl.col("account_id") == w.replacement_account_id) & (pl.col("symbol") == w.replacement_symbol)
                                & (pl.col("lot_part") == "replacement"))
             assert part.height == 1 and part["acquired_date"].item() == w.replacement_date
+
+
+def test_the_drill_through_sftp_pulls_translates_and_scans(rebal_home, capsys):
+    assert main(["drill", "--households", "40", "--as-of", AS_OF.isoformat(), "--via-sftp", "pershing"]) == 0
+    out = capsys.readouterr().out
+    assert "pershing-style files on sftp://127.0.0.1:" in out and "host key pinned" in out
+    assert f"pulled, archived by SHA-256 and translated for {AS_OF}" in out
+    assert "Drift alerts:" in out and "Rejected feed rows: 0" in out
