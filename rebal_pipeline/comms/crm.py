@@ -45,7 +45,6 @@ are kept out of reprs; nothing of the note's text or the contact reference is lo
 from __future__ import annotations
 
 import base64
-import email.utils
 import hashlib
 import ipaddress
 import logging
@@ -59,6 +58,8 @@ from typing import Callable, Mapping
 from urllib.parse import quote, urlsplit
 
 import httpx
+
+from rebal_pipeline.core.retry_after import retry_after_seconds
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 log = logging.getLogger("rebal.comms.crm")
@@ -134,22 +135,6 @@ def idempotency_key(operation: str, key: str) -> str:
 def note_text(on: date, rationale: str, trades_summary: str) -> str:
     """The note's text: the date, the rationale and the trades, in that order."""
     return f"Portfolio rebalanced on {on.isoformat()}.\nRationale: {rationale.strip()}\nTrades: {trades_summary.strip()}"
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After (RFC 9110 §10.2.3): delay-seconds or an HTTP-date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _iso(due: date | datetime) -> str:
@@ -271,7 +256,7 @@ class _CrmClient:
             return CrmRecord(id=None if record_id is None else str(record_id), status=status,
                              idempotency_key=header_key, attempts=attempt)
         if status == 429 or status >= 500:
-            raise _Transient(status, _retry_after_seconds(response.headers.get("Retry-After")), f"HTTP {status}")
+            raise _Transient(status, retry_after_seconds(response.headers.get("Retry-After")), f"HTTP {status}")
         raise CrmRejected(f"{self.crm} {operation}: refused with HTTP {status}", operation=operation, status=status,
                           attempts=attempt)
 
@@ -342,7 +327,7 @@ class WealthboxStyleClient(_CrmClient):
             except httpx.TransportError as exc:
                 raise _Transient(None, None, f"token refresh: {type(exc).__name__}") from None
             if answer.status_code == 429 or answer.status_code >= 500:
-                raise _Transient(answer.status_code, _retry_after_seconds(answer.headers.get("Retry-After")),
+                raise _Transient(answer.status_code, retry_after_seconds(answer.headers.get("Retry-After")),
                                  f"token refresh: HTTP {answer.status_code}")
             try:
                 tokens = answer.json()

@@ -57,7 +57,6 @@ else is refused rather than replaced.
 from __future__ import annotations
 
 import csv
-import email.utils
 import json
 import logging
 import os
@@ -73,6 +72,8 @@ from typing import Callable, Iterator
 from urllib.parse import urlencode
 
 import httpx
+
+from rebal_pipeline.core.retry_after import retry_after_seconds
 from cryptography.fernet import Fernet, InvalidToken
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -240,21 +241,6 @@ class OAuthApiConfig:
 # --------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------
-def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
-
-
 class CustodianApi:
     """One custodian API connection. Use as a context manager (closes the HTTP client)."""
 
@@ -302,7 +288,7 @@ class CustodianApi:
             except httpx.TransportError as exc:
                 raise _Retryable(f"{what}: network error ({type(exc).__name__})", 0) from None
             if response.status_code == 429:
-                wait = _retry_after_seconds(response.headers.get("Retry-After"), self._now())
+                wait = retry_after_seconds(response.headers.get("Retry-After"), self._now())
                 if wait is not None and wait > self.config.max_retry_after:
                     raise ApiRequestError(f"{what}: rate limited, Retry-After {wait:.0f}s is beyond "
                                           f"the {self.config.max_retry_after:.0f}s limit", 429)

@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import posixpath
-import socket
 import stat as stat_mod
 import tempfile
 from collections.abc import Iterator

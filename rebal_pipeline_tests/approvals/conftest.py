@@ -9,7 +9,7 @@ import pytest
 
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.package import (
-    PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, positions_fingerprint,
+    PackageBand, PackageHolding, PackageTrade, RecommendationPackage, positions_fingerprint,
 )
 from rebal_pipeline.workflow.store import WorkflowStore
 from rebal_pipeline_tests.postgres import PG, scratch_database

@@ -2,7 +2,7 @@
 Postgres): publishing is idempotent, a later day supersedes without restarting the clock, the
 market resolves, micro-trades auto-approve, and the chain names tampering."""
 
-from datetime import date, timedelta
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, text

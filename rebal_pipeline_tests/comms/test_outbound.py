@@ -20,7 +20,7 @@ from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.schema import audit_events, messages
 from rebal_pipeline_tests.approvals.conftest import store  # noqa: F401 (fixture: SQLite and Postgres)
 from rebal_pipeline_tests.comms.fixtures import CLIENT_NAME, LINKS, make_package
-from rebal_pipeline_tests.comms.peers import CrmPeer, Reply, crm_server, free_port, smtp_server
+from rebal_pipeline_tests.comms.peers import Reply, crm_server, free_port, smtp_server
 from rebal_pipeline_tests.comms.reading import parse
 
 DOMAIN = "example-ria.com"

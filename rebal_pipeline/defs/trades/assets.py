@@ -6,7 +6,6 @@ rebalanced as one first go through the asset-location optimiser (core/household_
 which decides each member account's class targets, then through the same sizing core.
 """
 
-import hashlib
 from datetime import date
 
 import polars as pl
