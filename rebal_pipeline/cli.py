@@ -54,9 +54,10 @@ def cmd_drill(args) -> int:
 
     home = prepare_local_instance()
     as_of = _as_of(args.as_of)
+    via_custodian = bool(args.via_sftp or args.via_custodians)
     config = SandboxConfig(as_of=as_of, households=args.households, seed=args.seed,
-                           shock=args.shock, defects=not args.clean and not args.via_sftp)
-    book_root = settings.rebal_home() / "sandbox_custodian" / "book" if args.via_sftp else settings.feed_root()
+                           shock=args.shock, defects=not args.clean and not via_custodian)
+    book_root = settings.rebal_home() / "sandbox_custodian" / "book" if via_custodian else settings.feed_root()
     report = generate_feed(config, book_root)
     print(f"Sandbox book: {report.households:,} households, {report.accounts:,} accounts "
           f"→ {report.feed_dir}" + (f" (with {len(report.defects)} injected bad rows)" if report.defects else ""))
@@ -64,6 +65,11 @@ def cmd_drill(args) -> int:
         from rebal_pipeline.drill import deliver_over_sftp
 
         for line in deliver_over_sftp(book_root, as_of, args.via_sftp):
+            print(line)
+    if args.via_custodians:
+        from rebal_pipeline.drill import deliver_by_custodian
+
+        for line in deliver_by_custodian(book_root, as_of):
             print(line)
     print(f"Materialising the daily asset graph for {as_of} on the Dagster instance at {home} …")
     if not materialize_day(as_of):
@@ -163,6 +169,36 @@ def cmd_issue_token(args) -> int:
     return 0
 
 
+def cmd_connections_authorize(args) -> int:
+    """Authorize rebal at a custodian's OAuth API (two steps; connections/authorize.py)."""
+    from rebal_pipeline.connections.authorize import finish_authorization, start_authorization
+    from rebal_pipeline.connections.config import ConnectionsFileError, load_connections
+    from rebal_pipeline.connections.oauth_api import OAuthApiError
+
+    try:
+        matching = [c for c in load_connections().connections if c.name == args.name]
+        if not matching:
+            print(f"rebal: no connection named {args.name!r} in the connections file", file=sys.stderr)
+            return 1
+        if bool(args.code) != bool(args.state):
+            print("rebal: step 2 needs both --code and --state (from the custodian's redirect)", file=sys.stderr)
+            return 2
+        if not args.code:
+            url = start_authorization(matching[0])
+            print("Open this address, sign in at the custodian and approve rebal's access:")
+            print(f"  {url}")
+            print("The custodian then redirects to the connection's redirect_uri with code=… and state=…; run:")
+            print(f"  rebal connections authorize {args.name} --code <code> --state <state>")
+            return 0
+        tokens = finish_authorization(matching[0], args.code, args.state)
+    except (ConnectionsFileError, OAuthApiError) as error:
+        print(f"rebal: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: authorized; tokens stored encrypted, access token valid until "
+          f"{tokens.expires_at.isoformat(timespec='seconds')} (refreshed automatically)")
+    return 0
+
+
 def cmd_api(args) -> int:
     """Serve the approval API (FastAPI on uvicorn); OpenAPI at /openapi.json."""
     from rebal_pipeline.approval_api.app import serve
@@ -213,9 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("drill", help="generate a sandbox book and run the full daily scan through Dagster")
     _add_book_options(p, households=200)
     p.add_argument("--clean", action="store_true", help="no injected bad rows")
-    p.add_argument("--via-sftp", choices=["schwab", "fidelity", "pershing"],
-                   help="deliver the book as that custodian's files over a real local SFTP server, "
-                        "then pull and translate them into the canonical feed (no injected bad rows)")
+    via = p.add_mutually_exclusive_group()
+    via.add_argument("--via-sftp", choices=["schwab", "fidelity", "pershing"],
+                     help="deliver the book as that custodian's files over a real local SFTP server, "
+                          "then pull and translate them into the canonical feed (no injected bad rows)")
+    via.add_argument("--via-custodians", action="store_true",
+                     help="each account's custodian delivers it: Schwab- and Pershing-style files over a real "
+                          "local SFTP server, Fidelity's accounts through a local OAuth 2.0 API; the day's feed "
+                          "is assembled from the three (no injected bad rows)")
     p.set_defaults(func=cmd_drill)
 
     p = commands.add_parser("summary", help="print the scan summary of a day already materialised")
@@ -247,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decision", required=True)
     p.add_argument("--by", required=True, help="the trading-desk user id")
     p.set_defaults(func=cmd_orders_executed)
+
+    p = commands.add_parser("connections", help="custodian connections (connections.yaml)")
+    connection_commands = p.add_subparsers(dest="connections_command", required=True)
+    c = connection_commands.add_parser("authorize", help="authorize rebal at a custodian's OAuth API: without "
+                                       "--code prints the address to open; with --code/--state stores the tokens")
+    c.add_argument("name", help="the connection's name")
+    c.add_argument("--code", help="the code from the custodian's redirect")
+    c.add_argument("--state", help="the state from the custodian's redirect")
+    c.set_defaults(func=cmd_connections_authorize)
 
     p = commands.add_parser("issue-token", help="issue an approval-API token for a user (printed once)")
     p.add_argument("user_id")

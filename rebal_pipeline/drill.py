@@ -250,3 +250,101 @@ def deliver_over_sftp(book_dir: Path, as_of: date, dialect: str, firm: str = "sa
     if not deliveries:
         lines.append("  nothing new to translate (already pulled and translated)")
     return lines
+
+
+def deliver_by_custodian(book_dir: Path, as_of: date, firm: str = "sandbox-ria") -> list[str]:
+    """A firm with accounts at three custodians, each delivering its own accounts its own way:
+    Schwab-style files and Pershing-style files on a real in-process SFTP server (a folder each;
+    host key pinned, key authentication), and Fidelity's accounts through the sandbox custodian
+    OAuth 2.0 API (authorization-code grant, encrypted tokens, cursor pagination). Each pull
+    becomes that connection's part; the day's canonical feed is assembled once all three are in.
+    Returns what happened, in lines for the drill's output."""
+    import csv
+    import secrets
+    from urllib.parse import parse_qs, urlsplit
+
+    import httpx
+    from cryptography.fernet import Fernet
+
+    from rebal_pipeline.connections.config import Connection, Connections, OAuthSettings, SftpSettings
+    from rebal_pipeline.connections.dialects import REFERENCE_FILES
+    from rebal_pipeline.connections.ingest import pull_and_convert, pull_from_api, reference_dir
+    from rebal_pipeline.connections.oauth_api import CustodianApi, OAuthApiConfig
+    from rebal_pipeline.core.feed_contract import FEED_FILES
+    from rebal_pipeline.sandbox.custodian_api import SandboxCustodianApi
+    from rebal_pipeline.sandbox.dialects import emit_dialect
+    from rebal_pipeline.sandbox.sftp_server import SftpTestServer, make_ed25519
+
+    canonical = book_dir / as_of.isoformat()
+    work = settings.rebal_home() / "sandbox_custodian"
+    with open(canonical / FEED_FILES["accounts"].filename, newline="", encoding="utf-8") as handle:
+        accounts_at: dict[str, set[str]] = {}
+        for row in csv.DictReader(handle):
+            accounts_at.setdefault(row["custodian"], set()).add(row["account_id"])
+    outbound = work / "outbound" / "by_custodian"
+    if outbound.exists():
+        shutil.rmtree(outbound)
+    emitted = {d: emit_dialect(canonical, d, outbound / d, account_ids=accounts_at.get(d, set()))
+               for d in ("schwab", "pershing")}
+
+    # Sandbox credentials, for this process only: a production deployment sets these in its env.
+    os.environ.update({"REBAL_SANDBOX_SFTP_KEY": "", "REBAL_SANDBOX_API_CLIENT_ID": "rebal-sandbox",
+                       "REBAL_SANDBOX_API_CLIENT_SECRET": secrets.token_urlsafe(24)})
+    os.environ.setdefault("REBAL_TOKEN_KEY", Fernet.generate_key().decode())
+    host, client = make_ed25519(), make_ed25519()
+    (work / "keys").mkdir(parents=True, exist_ok=True)
+    key_file = work / "keys" / "id_ed25519"
+    key_file.unlink(missing_ok=True)
+    os.environ["REBAL_SANDBOX_SFTP_KEY"] = str(client.write(key_file))
+    token_file = work / "tokens" / "sandbox-fidelity-api.bin"
+    token_file.unlink(missing_ok=True)
+
+    lines = []
+    with SftpTestServer(outbound, host_key=host.pkey, client_key=client.pkey) as sftp_server, \
+            SandboxCustodianApi(canonical, client_id=os.environ["REBAL_SANDBOX_API_CLIENT_ID"],
+                                client_secret=os.environ["REBAL_SANDBOX_API_CLIENT_SECRET"],
+                                account_ids=accounts_at.get("fidelity", set())) as api_server:
+        (work / "known_hosts").write_text(sftp_server.known_hosts_line() + "\n")
+        sftp = [Connection(name=f"sandbox-{d}", firm=firm, custodian=d, dialect=d, kind="sftp",
+                           sftp=SftpSettings(host="127.0.0.1", port=sftp_server.port, username="custodian",
+                                             private_key_file_env="REBAL_SANDBOX_SFTP_KEY",
+                                             known_hosts_file=str(work / "known_hosts"), remote_dir=d))
+                for d in ("schwab", "pershing")]
+        api = Connection(name="sandbox-fidelity-api", firm=firm, custodian="fidelity", dialect="canonical",
+                         kind="oauth_api", oauth=OAuthSettings(
+                             base_url=api_server.url, token_url=f"{api_server.url}/oauth/token",
+                             authorize_url=f"{api_server.url}/oauth/authorize",
+                             redirect_uri="http://127.0.0.1/rebal/oauth/callback",
+                             client_id_env="REBAL_SANDBOX_API_CLIENT_ID",
+                             client_secret_env="REBAL_SANDBOX_API_CLIENT_SECRET", token_file=str(token_file)))
+        siblings = Connections(connections=[*sftp, api]).custodian_connections
+        reference = reference_dir(api)
+        reference.mkdir(parents=True, exist_ok=True)
+        for name in REFERENCE_FILES:
+            shutil.copyfile(canonical / FEED_FILES[name].filename, reference / FEED_FILES[name].filename)
+
+        # The operator's one-time authorization (rebal connections authorize), done by a script here:
+        # the sandbox custodian approves at once and redirects back with the code.
+        with CustodianApi(OAuthApiConfig.from_connection(api)) as client_api:
+            state = secrets.token_urlsafe(16)
+            redirect = httpx.get(client_api.authorization_url(state), follow_redirects=False)
+            answer = {k: v[0] for k, v in parse_qs(urlsplit(redirect.headers["location"]).query).items()}
+            if answer.get("state") != state:
+                raise RuntimeError("the sandbox custodian answered with another OAuth state")
+            client_api.exchange_code(answer["code"])
+
+        for connection in sftp:
+            count = len(emitted[connection.custodian])
+            lines.append(f"{connection.name}: {count} {connection.dialect}-style files for "
+                         f"{len(accounts_at.get(connection.custodian, ()))} accounts on "
+                         f"sftp://127.0.0.1:{sftp_server.port}/{connection.sftp.remote_dir} (host key pinned)")
+            for d in pull_and_convert(connection, settings.feed_root(), siblings):
+                lines.append(f"  pulled, archived, translated: {d.as_of} part in; "
+                             + (f"feed waits for {', '.join(d.assembly.waiting_for)}" if d.feed_dir is None
+                                else f"feed assembled → {d.feed_dir}"))
+        d = pull_from_api(api, as_of, settings.feed_root(), siblings)
+        lines.append(f"{api.name}: {len(accounts_at.get('fidelity', ()))} accounts through the OAuth 2.0 API at "
+                     f"{api_server.url} (authorization code → encrypted tokens; {len(d.raw_files)} pages archived)")
+        lines.append(f"  pulled: {d.as_of} part in; " + (f"feed waits for {', '.join(d.assembly.waiting_for)}"
+                                                         if d.feed_dir is None else f"feed assembled → {d.feed_dir}"))
+    return lines

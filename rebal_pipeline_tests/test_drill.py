@@ -88,3 +88,19 @@ def test_the_drill_through_sftp_pulls_translates_and_scans(rebal_home, capsys):
     assert "pershing-style files on sftp://127.0.0.1:" in out and "host key pinned" in out
     assert f"pulled, archived by SHA-256 and translated for {AS_OF}" in out
     assert "Drift alerts:" in out and "Rejected feed rows: 0" in out
+
+
+def test_the_drill_by_custodian_assembles_sftp_and_api_parts_then_scans(rebal_home, capsys, monkeypatch):
+    # The drill sets its sandbox credentials in the process environment: undone after the test.
+    for name in ("REBAL_TOKEN_KEY", "REBAL_SANDBOX_SFTP_KEY", "REBAL_SANDBOX_API_CLIENT_ID",
+                 "REBAL_SANDBOX_API_CLIENT_SECRET"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert main(["drill", "--households", "40", "--as-of", AS_OF.isoformat(), "--via-custodians"]) == 0
+    out = capsys.readouterr().out
+    assert "sandbox-schwab: 4 schwab-style files" in out and "sandbox-pershing: 1 pershing-style files" in out
+    assert "feed waits for sandbox-pershing, sandbox-fidelity-api" in out  # no half feed after the first
+    assert "through the OAuth 2.0 API at http://127.0.0.1:" in out
+    assert f"feed assembled → {rebal_home / 'feeds' / AS_OF.isoformat()}" in out
+    assert "Drift alerts:" in out and "Rejected feed rows: 0" in out
+    assert "Socket exception" not in out

@@ -25,7 +25,9 @@ Emails:
 - `reminder`             — 24h without a decision: a short summary and the links again;
 - `escalation`           — 48h without a decision: to compliance, who, since when, the package;
 - `weekly_digest`        — base tier: one email listing several recommendations with review links;
-- `client_confirmation`  — after execution, "simple" or "detailed" (per firm/household setting).
+- `client_confirmation`  — after execution, "simple" or "detailed" (per firm/household setting);
+- `operations_alert`     — to operations: what happened (late files, a connection to re-authorize),
+                           the connection, as-of date and details, and what to do.
 """
 
 from __future__ import annotations
@@ -543,5 +545,83 @@ def client_confirmation(*, client_name: str, account_number: str, executed_on: d
         context={"client_name": client_name, "account": mask_account(account_number), "executed_on": executed_on,
                  "style": style, "trades": rows, "totals": totals, "firm_name": firm_name,
                  "advisor_name": advisor_name, "simple_text": SIMPLE_CONFIRMATION},
+        reference=reference,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations alerts (workflow/operations_alerts.py)
+# ---------------------------------------------------------------------------------------------
+
+# Per alert code: the email's heading and what operations should do. An alert code without an
+# entry still gets an email (with the generic steps): a new alert is never silently dropped.
+OPERATIONS_GUIDANCE: dict[str, dict] = {
+    "feed_late": {
+        "title": "Custodian files are late",
+        "why": "The daily scan never runs on older data: until these files are in, the advisors get no drift "
+               "alerts for this date.",
+        "steps": [
+            "Check the custodian's delivery: did the files for this date reach the custodian's SFTP server (or "
+            "the drop folder), and can rebal reach it? The connection's pull runs and the custodian_files sensor "
+            "in the Dagster UI show the last attempts.",
+            "Once the files are in, they are landed and the day's scan starts by itself (feed_arrivals sensor).",
+            "If the custodian cannot deliver today, tell the advisors that this date's alerts are delayed.",
+        ],
+    },
+    "reauthorization_needed": {
+        "title": "A custodian connection needs to be re-authorized",
+        "why": "The custodian no longer accepts this connection's authorization (its refresh token expired or "
+               "was revoked), so rebal cannot fetch its files, and the daily scan does not run for the dates "
+               "it misses.",
+        "steps": [
+            "Re-authorize the connection: someone with the firm's login at the custodian runs "
+            "`rebal connections authorize <connection>`, opens the address it prints, approves, and passes the "
+            "code and state of the custodian's redirect back to the same command (docs/custodian_feeds.md, "
+            "section 4).",
+            "The custodian_api_pulls sensor notices the new authorization and pulls the missed day by itself; "
+            "check that the run succeeds in the Dagster UI.",
+        ],
+    },
+}
+_GENERIC_STEPS = ["Look at the details above, and at the recent runs and sensor ticks in the Dagster UI."]
+_DETAIL_LABELS = {"missing": "Missing files"}
+
+
+def _detail_value(value) -> str:
+    """A details value as one line of text (lists joined, nothing missing shown as a dash)."""
+    if value is None or value == "" or value == []:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_detail_value(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_detail_value(v)}" for k, v in sorted(value.items()))
+    if isinstance(value, datetime):
+        return moment(value)
+    if isinstance(value, date):
+        return day(value)
+    return str(value)
+
+
+def operations_alert(*, alert: str, summary: str, raised_at: datetime, sender: str, to: str | Sequence[str],
+                     message_id: str, connection: str | None = None, as_of: date | None = None,
+                     details: Mapping[str, object] | None = None, recipient_name: str | None = None,
+                     reference: str | None = None) -> EmailMessage:
+    """An operations alert to the operations team: what happened (`summary`, one plain sentence),
+    the connection, the as-of date, the details as a small table, and what to do for this kind of
+    alert (OPERATIONS_GUIDANCE). reference: the alert's key (X-Rebal-Reference)."""
+    summary = " ".join(summary.split())  # the subject is one header line
+    guidance = OPERATIONS_GUIDANCE.get(alert, {})
+    rows = [{"label": _DETAIL_LABELS.get(k, k.replace("_", " ").capitalize()), "value": _detail_value(v)}
+            for k, v in sorted((details or {}).items())]
+    return _assemble(
+        template="operations_alert", subject=f"[rebal operations] {summary}", sender=sender, to=to,
+        message_id=message_id,
+        context={"alert": alert, "title": guidance.get("title") or alert.replace("_", " ").capitalize(),
+                 "summary": summary, "raised_at": raised_at, "connection": connection or "\u2014",
+                 "as_of": day(as_of) if as_of else "\u2014", "details": rows,
+                 "why": guidance.get("why"), "steps": guidance.get("steps") or _GENERIC_STEPS,
+                 "recipient_name": recipient_name},
         reference=reference,
     )

@@ -23,6 +23,7 @@ Data endpoints (GET, ``Authorization: Bearer <access token>``, JSON):
     /v1/positions     ?asOf=YYYY-MM-DD&pageSize=N[&cursor=C]
     /v1/lots          ?asOf=YYYY-MM-DD&pageSize=N[&cursor=C]
     /v1/transactions  ?asOf=YYYY-MM-DD&fromDate=YYYY-MM-DD&toDate=YYYY-MM-DD&pageSize=N[&cursor=C]
+    /v1/prices        ?asOf=YYYY-MM-DD&pageSize=N[&cursor=C]
 
 Every page: ``{"asOf": "YYYY-MM-DD", "data": [ {...}, ... ], "nextCursor": "<opaque>" | null}``;
 cursor pagination: the next page is requested with ``cursor=<nextCursor>`` until it is null (a
@@ -34,6 +35,7 @@ feed columns (FEED_CONTRACT.md):
     lots          accountNumber, symbol, lotId, openDate, quantity, costBasis, [washSaleAdjusted]
     transactions  accountNumber, symbol, tradeDate, type (BUY SELL REINVEST TRANSFER_IN
                   TRANSFER_OUT, written lower case), quantity, price, [costBasis, acquiredDate]
+    prices        symbol, close (the as-of date's close of every security held; cash is "CASH", 1)
 
 Numbers are read as exact decimals (never floats) and written as plain decimal text. Values are
 otherwise not corrected: a bad value reaches the feed as delivered and is rejected there, visibly.
@@ -47,11 +49,13 @@ Secrets: tokens live only in the token file, encrypted with Fernet (key: env `RE
 a urlsafe-base64 32-byte key, `Fernet.generate_key()`), written atomically with mode 0600. The
 client secret and tokens are never in a repr, a log line or an exception message.
 
-`pull_day(api, as_of, out_dir)` writes positions.csv, lots.csv and transactions.csv into a
-temporary sibling of `out_dir` and renames it into place only once every endpoint and every page
-completed: a failed pull leaves an earlier complete `out_dir` untouched. `out_dir` belongs to the
-pull (it holds only those files and a hidden `.pull_manifest.json`); a folder holding anything
-else is refused rather than replaced.
+`pull_day(api, as_of, out_dir)` writes positions.csv, lots.csv, transactions.csv and prices.csv
+into a temporary sibling of `out_dir` and renames it into place only once every endpoint and
+every page completed: a failed pull leaves an earlier complete `out_dir` untouched. Every page's
+response body is kept byte for byte under `out_dir/raw/` (for the write-once archive: the raw
+input of a decision stays recoverable). `out_dir` belongs to the pull (it holds only those files,
+`raw/` and a hidden `.pull_manifest.json`); a folder holding anything else is refused rather than
+replaced.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ from rebal_pipeline.core.feed_contract import FEED_FILES
 log = logging.getLogger(__name__)
 
 TOKEN_KEY_ENV = "REBAL_TOKEN_KEY"
-PULLED_FILES = ("positions", "lots", "transactions")
+PULLED_FILES = ("positions", "lots", "transactions", "prices")
+RAW_PAGES = "raw"
 MANIFEST_NAME = ".pull_manifest.json"
 
 
@@ -224,8 +229,7 @@ class OAuthApiConfig:
     transactions_lookback_days: int = 45  # the contract asks for at least 31
 
     @classmethod
-    def from_connection(cls, connection, *, authorize_url: str = "", redirect_uri: str = "",
-                        scope: str = "", environ=os.environ, **overrides) -> "OAuthApiConfig":
+    def from_connection(cls, connection, *, environ=os.environ, **overrides) -> "OAuthApiConfig":
         """From a `config.Connection` of kind oauth_api; secrets read from the env vars it names."""
         o = connection.oauth
         missing = [n for n in (o.client_id_env, o.client_secret_env) if not environ.get(n)]
@@ -234,8 +238,8 @@ class OAuthApiConfig:
                                 f"{', '.join(missing)} not set")
         return cls(name=connection.name, base_url=o.base_url, token_url=o.token_url,
                    client_id=environ[o.client_id_env], client_secret=environ[o.client_secret_env],
-                   token_file=o.token_file, authorize_url=authorize_url, redirect_uri=redirect_uri,
-                   scope=scope, **overrides)
+                   token_file=o.token_file, **{"authorize_url": o.authorize_url, "redirect_uri": o.redirect_uri,
+                                               "scope": o.scope, "page_size": o.page_size, **overrides})
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +257,8 @@ class CustodianApi:
         self._now = now
         self._sleep = sleep
         self._http = httpx.Client(timeout=config.timeout, transport=transport, follow_redirects=False)
+        # Called with (endpoint path, response bytes) for every data page read (pull_day keeps them).
+        self.raw_sink: Callable[[str, bytes], None] | None = None
 
     def __repr__(self) -> str:
         return f"CustodianApi({self.config.name!r}, {self.config.base_url!r})"
@@ -397,6 +403,8 @@ class CustodianApi:
                 raise ApiRequestError(f"{what}: the response is not JSON") from None
             if not isinstance(body, dict) or not isinstance(body.get("data"), list):
                 raise ApiRequestError(f"{what}: the response has no 'data' list")
+            if self.raw_sink is not None:
+                self.raw_sink(path, response.content)
             return body
         raise AssertionError("unreachable")
 
@@ -427,6 +435,9 @@ class CustodianApi:
     def lots(self, as_of: date) -> Iterator[list[dict]]:
         return self.iter_pages("/v1/lots", {"asOf": as_of.isoformat()}, as_of)
 
+    def prices(self, as_of: date) -> Iterator[list[dict]]:
+        return self.iter_pages("/v1/prices", {"asOf": as_of.isoformat()}, as_of)
+
     def transactions(self, as_of: date) -> Iterator[list[dict]]:
         start = as_of - timedelta(days=self.config.transactions_lookback_days)
         return self.iter_pages("/v1/transactions", {"asOf": as_of.isoformat(), "fromDate": start.isoformat(),
@@ -443,6 +454,7 @@ FIELD_MAP: dict[str, dict[str, str]] = {
     "transactions": {"account_id": "accountNumber", "symbol": "symbol", "trade_date": "tradeDate",
                      "type": "type", "quantity": "quantity", "price": "price", "cost_basis": "costBasis",
                      "acquired_date": "acquiredDate"},
+    "prices": {"symbol": "symbol", "close": "close"},
 }
 
 
@@ -473,7 +485,7 @@ class PullResult:
 
 def _check_owned(out_dir: Path) -> None:
     if out_dir.exists():
-        allowed = {f"{n}.csv" for n in PULLED_FILES} | {MANIFEST_NAME}
+        allowed = {f"{n}.csv" for n in PULLED_FILES} | {MANIFEST_NAME, RAW_PAGES}
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed)
         if foreign:
             raise OAuthApiError(f"{out_dir} holds files this pull does not own ({', '.join(foreign[:5])}); "
@@ -490,6 +502,15 @@ def pull_day(api: CustodianApi, as_of: date, out_dir: str | os.PathLike) -> Pull
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     rows: dict[str, int] = {}
     pages: dict[str, int] = {}
+    (staging / RAW_PAGES).mkdir()
+    page_numbers: dict[str, int] = {}
+
+    def keep_raw(path: str, content: bytes) -> None:
+        endpoint = path.rsplit("/", 1)[-1]
+        page_numbers[endpoint] = page_numbers.get(endpoint, 0) + 1
+        (staging / RAW_PAGES / f"{endpoint}-{page_numbers[endpoint]:05d}.json").write_bytes(content)
+
+    previous_sink, api.raw_sink = api.raw_sink, keep_raw
     try:
         for name in PULLED_FILES:
             columns = FEED_FILES[name].column_names
@@ -527,6 +548,8 @@ def pull_day(api: CustodianApi, as_of: date, out_dir: str | os.PathLike) -> Pull
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        api.raw_sink = previous_sink
     log.info("%s: pulled %s for %s into %s (%s)", api.config.name, ", ".join(PULLED_FILES),
              as_of.isoformat(), out_dir, ", ".join(f"{k} {v} rows" for k, v in rows.items()))
     return PullResult(as_of, out_dir, rows, pages)

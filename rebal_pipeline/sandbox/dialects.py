@@ -89,16 +89,24 @@ def emit_dialect(
     out_dir: Path,
     as_of: dt.date | None = None,
     firm_id: str = SANDBOX_FIRM_ID,
+    account_ids: set[str] | None = None,
 ) -> list[Path]:
     """Write the custodian files of `dialect` for the canonical feed; returns their paths.
 
-    `as_of` defaults to the feed folder's name (`<feed_root>/<YYYY-MM-DD>`).
+    `as_of` defaults to the feed folder's name (`<feed_root>/<YYYY-MM-DD>`). `account_ids`, when
+    given, limits the delivery to those accounts (one custodian's share of a firm's book); the
+    price file stays whole (a custodian prices its whole security master, which covers model and
+    substitute securities no account holds yet).
     """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; known: {', '.join(DIALECTS)}")
     feed_dir = Path(canonical_feed_dir)
     as_of = as_of or dt.date.fromisoformat(feed_dir.name)
     rows = {kind: _read_canonical(feed_dir, kind) for kind in CUSTODIAN_FILES}
+    if account_ids is not None:
+        for kind in CUSTODIAN_FILES:
+            if kind != "prices":
+                rows[kind] = [r for r in rows[kind] if r["account_id"] in account_ids]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     emit = {"schwab": _emit_schwab, "fidelity": _emit_fidelity, "pershing": _emit_pershing}[dialect]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import socket
 import threading
@@ -121,6 +122,7 @@ class _Handle(SFTPHandle):
             with fx._lock:
                 fx.bytes_served += len(data)
                 fx._since_armed += len(data)
+                fx.reads.append((self.filename, offset, len(data)))
         return data
 
     def stat(self):
@@ -189,6 +191,10 @@ class _RootedSftp(SFTPServerInterface):
         return SFTP_PERMISSION_DENIED
 
 
+SERVER_LOG = "rebal.sandbox.sftp_server"
+logging.getLogger(SERVER_LOG).setLevel(logging.CRITICAL)
+
+
 class SftpTestServer:
     def __init__(
         self,
@@ -204,6 +210,7 @@ class SftpTestServer:
         self.username = username
         self.drop_after_bytes: int | None = None
         self.bytes_served = 0
+        self.reads: list[tuple[str, int, int]] = []  # (remote path, offset, bytes) of every read served
         self.drops = 0
         self.connections = 0
         self._since_armed = 0
@@ -268,6 +275,10 @@ class SftpTestServer:
         with self._lock:
             self.connections += 1
         t = paramiko.Transport(conn)
+        # The server side's own log: a client hanging up (what every pull does when it is done, and
+        # what the drop tests do on purpose) is logged by paramiko as a "Socket exception" error,
+        # which is not news for a sandbox server. The client side keeps paramiko's normal logging.
+        t.set_log_channel(SERVER_LOG)
         self._transports.append(t)
         t.add_server_key(self.host_key)
         auth = _Auth(self, t)

@@ -473,8 +473,8 @@ def test_the_comms_definitions_load_with_the_local_resources(tmp_path, monkeypat
     repo = Definitions(jobs=comms_defs.jobs, sensors=comms_defs.sensors, resources=local_resources()).get_repository_def()
     assert set(repo.job_names) >= {"send_advisor_alert", "send_notification", "communicate_execution"}
     intervals = {s.name: s.minimum_interval_seconds for s in repo.sensor_defs}
-    assert intervals == {"advisor_alerts": 30, "mailer_outbox": 30, "executed_recommendations": 30,
-                         "outbound_retries": 60}
+    assert intervals == {"advisor_alerts": 30, "mailer_outbox": 30, "operations_alerts": 30,
+                         "executed_recommendations": 30, "outbound_retries": 60}
 
 
 def test_orders_only_staged_for_the_trading_desk_send_no_client_confirmation(store, daemon, smtp_peer):

@@ -5,12 +5,14 @@ import shutil
 
 from dagster import DagsterInstance, build_sensor_context
 
+from rebal_pipeline import settings
 from rebal_pipeline.connections.dialects import REFERENCE_FILES
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.connections.sensors import custodian_files, feed_arrivals, pull_custodian_files
 from rebal_pipeline.sandbox.dialects import emit_dialect
 from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
 from rebal_pipeline.sandbox.sftp_server import SftpTestServer, make_ed25519
+from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline_tests.feedkit import AS_OF
 
 
@@ -54,8 +56,9 @@ def test_new_files_on_the_sftp_server_launch_one_pull_which_translates_them(tmp_
         monkeypatch.setenv("REBAL_CONNECTIONS", str(tmp_path / "connections.yaml"))
         [request] = custodian_files(build_sensor_context())
         assert request.run_key.startswith("pull:schwab-main:")
-        result = pull_custodian_files.execute_in_process(run_config=request.run_config,
-                                                         instance=DagsterInstance.ephemeral())
+        result = pull_custodian_files.execute_in_process(
+            run_config=request.run_config, instance=DagsterInstance.ephemeral(),
+            resources={"workflow_store": WorkflowStoreResource(url=settings.workflow_db_url())})
         assert result.success and result.output_for_node("pull_connection") == [AS_OF.isoformat()]
         assert "no new files (schwab-main)" in custodian_files(build_sensor_context()).skip_message
     assert (tmp_path / "feeds" / AS_OF.isoformat() / "positions.csv").exists()

@@ -46,6 +46,7 @@ class FakeCustodian:
                           "quantity": 10 + i, "costBasis": 900.5} for i in range(5)],
             "/v1/transactions": [{"accountNumber": "ACC-1", "symbol": "VTI", "tradeDate": "2026-11-19",
                                   "type": "BUY", "quantity": 2, "price": 101.25}],
+            "/v1/prices": [{"symbol": "VTI", "close": 250.125}, {"symbol": "CASH", "close": 1}],
         }
 
     def fault(self, path, status, times=1, headers=None, body=None, cursor=None):
@@ -259,8 +260,8 @@ def test_pagination_across_three_pages_writes_canonical_csv(custodian, tmp_path,
     result = pull_day(api, AS_OF, out)
     cursors = [r["query"].get("cursor") for r in custodian.paths("/v1/positions")]
     assert cursors == [None, "2", "4"]
-    assert result.pages == {"positions": 3, "lots": 3, "transactions": 1}
-    assert result.rows == {"positions": 5, "lots": 5, "transactions": 1}
+    assert result.pages == {"positions": 3, "lots": 3, "transactions": 1, "prices": 1}
+    assert result.rows == {"positions": 5, "lots": 5, "transactions": 1, "prices": 2}
     assert all(r["query"]["asOf"] == "2026-11-20" and r["query"]["pageSize"] == "2"
                for r in custodian.requests if r["path"].startswith("/v1/"))
     txq = custodian.paths("/v1/transactions")[0]["query"]
@@ -275,8 +276,14 @@ def test_pagination_across_three_pages_writes_canonical_csv(custodian, tmp_path,
     assert read_csv(out / "transactions.csv") == [
         {"account_id": "ACC-1", "symbol": "VTI", "trade_date": "2026-11-19", "type": "buy",
          "quantity": "2", "price": "101.25", "cost_basis": "", "acquired_date": ""}]
+    assert read_csv(out / "prices.csv") == [{"symbol": "VTI", "close": "250.125"}, {"symbol": "CASH", "close": "1"}]
     assert sorted(p.name for p in out.iterdir()) == [".pull_manifest.json", "lots.csv", "positions.csv",
-                                                     "transactions.csv"]
+                                                     "prices.csv", "raw", "transactions.csv"]
+    # Every page's body is kept byte for byte for the archive, in the order it was read.
+    raw = sorted(p.name for p in (out / "raw").iterdir())
+    assert raw == ["lots-00001.json", "lots-00002.json", "lots-00003.json", "positions-00001.json",
+                   "positions-00002.json", "positions-00003.json", "prices-00001.json", "transactions-00001.json"]
+    assert json.loads((out / "raw" / "positions-00002.json").read_bytes())["data"][0]["quantity"] == 12
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
 
 
@@ -305,14 +312,14 @@ def test_failure_on_page_two_leaves_the_previous_complete_pull_untouched(custodi
     api = authorized(custodian, tmp_path, max_attempts=2)
     out = tmp_path / "out"
     pull_day(api, AS_OF, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.rglob('*') if p.is_file()}
 
     # The custodian now has other numbers, but page 2 of lots keeps failing.
     custodian.data["/v1/positions"][0]["quantity"] = 999
     custodian.fault("/v1/lots", 500, times=99, cursor="2")
     with pytest.raises(ApiRequestError, match="server error 500"):
         pull_day(api, AS_OF, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
     # A non-retryable failure on page 2 of a first pull leaves nothing behind either.
@@ -332,10 +339,10 @@ def test_refuses_to_replace_a_folder_it_does_not_own(custodian, tmp_path, key):
     api = authorized(custodian, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "prices.csv").write_text("symbol,close\n")
+    (out / "holdings.csv").write_text("account_id,symbol\n")
     with pytest.raises(Exception, match="does not own"):
         pull_day(api, AS_OF, out)
-    assert (out / "prices.csv").exists()
+    assert (out / "holdings.csv").exists()
 
 
 def test_stale_as_of_fails_the_pull(custodian, tmp_path, key):

@@ -40,7 +40,8 @@ def two_days(module_workspace, dagster_instance):
     d1.position("ACC-DUP", "VTI", 100)
     tx(d1, "ACC-BUY", "VTI", date(2026, 11, 10), "buy", 5)
     d1.write(ws.feed_root)
-    assert ws.run_day(DAY1, instance=dagster_instance).success
+    ws.results = {DAY1: ws.run_day(DAY1, instance=dagster_instance)}
+    assert ws.results[DAY1].success
 
     d2 = book(DAY2)
     # Grew by a recorded buy; an older buy (before day 1) does not count again.
@@ -62,7 +63,8 @@ def two_days(module_workspace, dagster_instance):
     d2.position("ACC-DUP", "VTI", 100)
     d2.position("ACC-DUP", "VTI", 100, lots=False)
     d2.write(ws.feed_root)
-    assert ws.run_day(DAY2, instance=dagster_instance).success
+    ws.results[DAY2] = ws.run_day(DAY2, instance=dagster_instance)
+    assert ws.results[DAY2].success
     return ws
 
 
@@ -113,3 +115,18 @@ def test_rejected_rows_are_not_reported_twice(two_days):
     dq = two_days.table("data_quality_alerts", DAY2)
     assert "ACC-DUP" in dq["account_id"].to_list()
     assert ("ACC-DUP", "VTI") not in alerts(two_days, DAY2)
+
+
+def test_unexplained_changes_fail_a_visible_check_without_stopping_the_day(two_days):
+    def check(as_of):
+        [evaluation] = [e for e in two_days.results[as_of].get_asset_check_evaluations()
+                        if e.check_name == "positions_reconcile_with_previous_day"]
+        return evaluation
+
+    assert check(DAY1).passed
+    day2 = check(DAY2)
+    assert not day2.passed and day2.severity.value == "WARN"
+    assert day2.metadata["unexplained_changes"].value == 3 and day2.metadata["accounts"].value == 3
+    assert "Position disappeared: VNQ in ACC-GONE" in day2.metadata["examples"].value
+    # Not blocking: the day's recommendations were still made.
+    assert two_days.results[DAY2].success

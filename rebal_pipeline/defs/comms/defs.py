@@ -6,7 +6,9 @@ defs/comms/jobs.py.
 """
 
 from rebal_pipeline.defs.comms.jobs import communicate_execution, send_advisor_alert, send_notification
-from rebal_pipeline.defs.comms.sensors import advisor_alerts, executed_recommendations, mailer_outbox, outbound_retries
+from rebal_pipeline.defs.comms.sensors import (
+    advisor_alerts, executed_recommendations, mailer_outbox, operations_alerts, outbound_retries,
+)
 
 jobs = [send_advisor_alert, send_notification, communicate_execution]
-sensors = [advisor_alerts, mailer_outbox, executed_recommendations, outbound_retries]
+sensors = [advisor_alerts, mailer_outbox, operations_alerts, executed_recommendations, outbound_retries]

@@ -4,7 +4,9 @@
                            package, drift chart, masked accounts and signed one-click links) and
                            a CRM task for the pending approval
     send_notification      one reminder, escalation or weekly digest from the approval outbox
-                           ($REBAL_HOME/outbox/notifications/<sha>.json, rebal.notification/1)
+                           ($REBAL_HOME/outbox/notifications/<sha>.json, rebal.notification/1), or
+                           one operations alert from the workflow store (wf_notifications, kind
+                           operations_alert: workflow/operations_alerts.py) to the operations team
     communicate_execution  after a decision's orders are all done (wf_submissions): the client
                            confirmation per account and the CRM note (date, rationale, trades)
 
@@ -14,8 +16,8 @@ send nothing twice: a `sent` key is never sent again, and a re-send after a cras
 Message-ID / Idempotency-Key. A peer that is down never fails a run and never blocks anything
 else: the message is left `retry` in wf_messages and the `outbound_retries` sensor hands it back
 to its job when it is due. A run fails only for what nobody can retry (no such recommendation /
-decision / outbox file, orders not all done) or for an unexpected error (a bug), after
-recording it.
+decision / outbox file / operations alert, orders not all done) or for an unexpected error (a
+bug), after recording it.
 
 What the messages need beyond the workflow store is read when they are rendered, inside the send
 (so a busy warehouse makes a retry, not a lost message): client names and email addresses from
@@ -68,17 +70,24 @@ from rebal_pipeline.comms.chart import class_label
 from rebal_pipeline.comms.crm import RedtailStyleClient, RetryPolicy, WealthboxStyleClient
 from rebal_pipeline.comms.outbound import Delivery, Permanent, Transient
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.workflow import operations_alerts
+from rebal_pipeline.workflow.operations_alerts import OperationsAlert
 from rebal_pipeline.workflow.package import RecommendationPackage
-from rebal_pipeline.workflow.schema import decisions, messages, recommendations, submissions, users
+from rebal_pipeline.workflow.schema import decisions, messages, notifications, recommendations, submissions, users
 from rebal_pipeline.workflow.store import WorkflowStore
 
 log = logging.getLogger("rebal.comms.jobs")
 
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 NOTIFICATION_FORMAT = "rebal.notification/1"
-NOTIFICATION_KINDS = ("reminder", "escalation", "weekly_digest")
+# Posted by the approval runs as files in the outbox (rebal.notification/1).
+OUTBOX_KINDS = ("reminder", "escalation", "weekly_digest")
+OPERATIONS_ALERT = operations_alerts.KIND
+# Everything send_notification sends, under its notification key.
+NOTIFICATION_KINDS = (*OUTBOX_KINDS, OPERATIONS_ALERT)
 CONFIRMATION_STYLES = ("simple", "detailed")
-# Recommendation states in which a reminder / escalation / digest is still worth sending.
+# Recommendation states in which a reminder / escalation / digest is still worth sending. An
+# operations alert is about no recommendation: it is always still due, never skipped.
 STILL_WAITING = {"reminder": ("pending", "deferred"), "escalation": ("escalated", "pending", "deferred"),
                  "weekly_digest": ("pending", "deferred")}
 
@@ -508,14 +517,47 @@ def read_notification(notification_key: str) -> dict:
         raise Failure(description=f"no outbox file for notification {notification_key} ({path.name})") from None
     if document.get("format") != NOTIFICATION_FORMAT or document.get("notification_key") != notification_key:
         raise Failure(description=f"{path.name} is not the {NOTIFICATION_FORMAT} document of {notification_key}")
-    if document.get("kind") not in NOTIFICATION_KINDS:
+    if document.get("kind") not in OUTBOX_KINDS:
         raise Failure(description=f"{path.name}: unknown notification kind {document.get('kind')!r}")
     return document
 
 
+def _operations_address(conn, recipient_id: str) -> tuple[str, str | None]:
+    """The operations user recorded with the alert, else (gone, inactive, or none was on file
+    when it was raised) the operations user on file now."""
+    user = _user(conn, recipient_id)
+    if user is None or not user["active"] or user["role"] != "operations":
+        user = _user(conn, operations_alerts.operations_recipient(conn))
+    if user is None:
+        # Fixed on our side (users.csv), after which the alert goes out: a retry, not a rejection.
+        raise Transient("no active operations user in the workflow store (users.csv role operations)")
+    return _recipient_email(user, "operations recipient")
+
+
+def send_operations_alert_email(store: WorkflowStore, alert: OperationsAlert, now: datetime) -> list[Outcome]:
+    """One operations alert to the operations team, once (key = the alert's notification key)."""
+
+    def build(message_id: str, relay: smtp.SmtpSettings):
+        with store.begin() as conn:
+            to, name = _operations_address(conn, alert.recipient_id)
+        return emails.operations_alert(
+            alert=alert.alert, summary=alert.summary, raised_at=alert.created_at, sender=relay.sender, to=to,
+            message_id=message_id, connection=alert.connection, as_of=alert.as_of, details=alert.details,
+            recipient_name=name, reference=alert.key)
+
+    return [outbound.deliver(store.begin, alert.key, OPERATIONS_ALERT, "smtp", _email_send(build), now,
+                             recipient_id=alert.recipient_id)]
+
+
 def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notification_key: str,
                             now: datetime) -> list[Outcome]:
-    """One reminder, escalation or weekly digest to its recipient, once (key = the notification key)."""
+    """One reminder, escalation or weekly digest to its recipient, or one operations alert to the
+    operations team, once (key = the notification key)."""
+    # Operations alerts live in the workflow store only (no outbox file): the row is the document.
+    with store.begin() as conn:
+        alert = operations_alerts.read_operations_alert(conn, notification_key)
+    if alert is not None:
+        return send_operations_alert_email(store, alert, now)
     document = read_notification(notification_key)
     kind, recipient = document["kind"], document["recipient"]
     recipient_id = recipient.get("user_id")
@@ -581,7 +623,8 @@ class NotificationEmailConfig(Config):
     now: str = Field(default="", description="ISO-8601 time of the sensor tick; empty: the wall clock")
 
 
-@op(description="Email one reminder, escalation or weekly digest from the approval outbox to its recipient, once.")
+@op(description="Email one reminder, escalation or weekly digest from the approval outbox to its recipient, or one "
+                "operations alert from the workflow store to the operations team, once.")
 def deliver_notification(context: OpExecutionContext, config: NotificationEmailConfig,
                          workflow_store: WorkflowStoreResource, warehouse: Warehouse):
     with workflow_store.open() as store:
@@ -589,8 +632,9 @@ def deliver_notification(context: OpExecutionContext, config: NotificationEmailC
     yield _report(context, f"notification {config.notification_key}", outcomes)
 
 
-@job(description="One reminder, escalation or weekly digest email (launched by the mailer_outbox sensor, run_key = "
-                 "the notification key, and by outbound_retries).", tags={"rebal/workflow": "comms"})
+@job(description="One reminder, escalation, weekly digest or operations alert email (launched by the mailer_outbox "
+                 "and operations_alerts sensors, run_key = the notification key, and by outbound_retries).",
+     tags={"rebal/workflow": "comms"})
 def send_notification():
     deliver_notification()
 
@@ -751,7 +795,7 @@ def retry_target(row: dict) -> tuple[str, str, dict] | None:
     if kind in ("alert", "crm_task") and row["recommendation_id"]:
         return (send_advisor_alert.name, f"alert:{row['recommendation_id']}",
                 {"deliver_advisor_alert": {"recommendation_id": row["recommendation_id"]}})
-    if kind in NOTIFICATION_KINDS:
+    if kind in NOTIFICATION_KINDS:  # reminders, escalations, digests and operations alerts
         return send_notification.name, key, {"deliver_notification": {"notification_key": key}}
     if kind in ("confirmation", "crm_note"):
         decision_id = key.split(":")[1] if key.count(":") >= 1 else ""
@@ -776,3 +820,15 @@ def recommendations_waiting_for_alert(conn, now: datetime, since: datetime, limi
     return [dict(r) for r in rows]
 
 
+
+
+def operations_alerts_waiting_for_email(conn, now: datetime, since: datetime, limit: int) -> list[dict]:
+    """Operations alerts recorded since `since` with no wf_messages row for their key yet."""
+    emailed = select(messages.c.message_key).where(messages.c.message_key == notifications.c.notification_key).exists()
+    rows = conn.execute(select(notifications.c.notification_key, notifications.c.created_at).where(and_(
+        notifications.c.kind == OPERATIONS_ALERT,
+        notifications.c.created_at >= since,
+        notifications.c.created_at <= now,
+        ~emailed,
+    )).order_by(notifications.c.created_at, notifications.c.notification_key).limit(limit)).mappings().all()
+    return [dict(r) for r in rows]

@@ -16,6 +16,13 @@ mailer_outbox (every 30 s)
     wf_messages and documents recorded more than `max_age` ago (3 days) are not requested.
     Dot-files (the writer's temporary files) are ignored.
 
+operations_alerts (every 30 s)
+    Operations alerts (wf_notifications kind operations_alert, recorded by
+    workflow/operations_alerts.py: late custodian files, a connection to re-authorize, …) recorded
+    within `max_age` (default 3 days: an older one is stale news, left to the audit trail) with no
+    row in wf_messages → RunRequest(run_key=<notification_key>, job=send_notification), which
+    emails the operations team. No cursor: the filter is the state, as for advisor_alerts.
+
 executed_recommendations (every 30 s)
     Decisions whose orders all left: `done` and `submitted`, or staged and confirmed `executed` by
     the trading desk (`rebal orders-executed`), the last completed within `lookback`
@@ -46,8 +53,8 @@ from sqlalchemy import and_, case, func, select
 from rebal_pipeline import settings
 from rebal_pipeline.comms import outbound
 from rebal_pipeline.defs.comms.jobs import (
-    NOTIFICATION_FORMAT, communicate_execution, recommendations_waiting_for_alert, retry_target,
-    send_advisor_alert, send_notification, utc_now,
+    NOTIFICATION_FORMAT, OPERATIONS_ALERT, communicate_execution, operations_alerts_waiting_for_email,
+    recommendations_waiting_for_alert, retry_target, send_advisor_alert, send_notification, utc_now,
 )
 from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline.workflow.schema import messages, submissions
@@ -166,6 +173,30 @@ def build_mailer_outbox_sensor(clock: Clock = utc_now, lookback: timedelta = tim
 
 
 # ---------------------------------------------------------------------------------------------
+# operations_alerts
+# ---------------------------------------------------------------------------------------------
+
+
+def build_operations_alerts_sensor(clock: Clock = utc_now, max_age: timedelta = timedelta(days=3), batch: int = 500,
+                                   name: str = "operations_alerts", minimum_interval_seconds: int = 30):
+    @sensor(name=name, job=send_notification, minimum_interval_seconds=minimum_interval_seconds,
+            description="Emails each operations alert (late custodian files, a connection to re-authorize, …) to "
+                        "the operations team, once. run_key = the notification key.")
+    def _operations_alerts(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = _utc(clock())
+        with workflow_store.open() as store, store.begin() as conn:
+            waiting = operations_alerts_waiting_for_email(conn, now, now - max_age, batch)
+        # Once the run has inserted the alert's wf_messages row it is not listed again; until
+        # then Dagster skips the run key, so two ticks never launch two runs.
+        requests = [notification_run_request(r["notification_key"], OPERATIONS_ALERT, now) for r in waiting]
+        if not requests:
+            return SensorResult(skip_reason=f"no operations alert waiting to be emailed at {now.isoformat()}")
+        return SensorResult(run_requests=requests)
+
+    return _operations_alerts
+
+
+# ---------------------------------------------------------------------------------------------
 # executed_recommendations
 # ---------------------------------------------------------------------------------------------
 
@@ -273,5 +304,6 @@ def build_outbound_retries_sensor(clock: Clock = utc_now, batch: int = 500, name
 
 advisor_alerts = build_advisor_alerts_sensor()
 mailer_outbox = build_mailer_outbox_sensor()
+operations_alerts = build_operations_alerts_sensor()
 executed_recommendations = build_executed_recommendations_sensor()
 outbound_retries = build_outbound_retries_sensor()

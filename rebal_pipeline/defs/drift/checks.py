@@ -120,9 +120,41 @@ class NoAccountsHeldOut:
         )
 
 
+@dataclass(frozen=True)
+class PositionsReconcile:
+    """Visible, not blocking: a position that changed since the previous day without the
+    transactions to explain it (a missed transfer, a corporate action, a feed error) is a
+    data-quality alert for operations; today's positions are still the custodian's record, so the
+    account keeps its scan (its lots and wash-sale history may be incomplete: look before approving)."""
+
+    name: str = "positions_reconcile_with_previous_day"
+    description: str = ("Fails (WARN) when a position changed since the previous as-of date by more than its "
+                        "transactions explain.")
+
+    def spec(self, asset: str) -> AssetCheckSpec:
+        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=False)
+
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+        breaks, accounts = con.execute(
+            f'select count(*), count(distinct account_id) from "{table}" where as_of = ?', [as_of]).fetchone()
+        examples = con.execute(
+            f'select reason from "{table}" where as_of = ? order by account_id, symbol limit 5', [as_of]).fetchall()
+        return AssetCheckResult(
+            check_name=self.name,
+            passed=breaks == 0,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "unexplained_changes": breaks,
+                "accounts": accounts,
+                "examples": MetadataValue.md("\n".join(f"- {r}" for (r,) in examples) or "none"),
+            },
+        )
+
+
 # Which checks run on which table.
-TABLE_CHECKS: dict[str, list[TableCheck | NoAccountsHeldOut]] = {
+TABLE_CHECKS: dict[str, list[TableCheck | NoAccountsHeldOut | PositionsReconcile]] = {
     "data_quality_alerts": [NoAccountsHeldOut()],
+    "reconciliation_alerts": [PositionsReconcile()],
     "holdings": [
         TableCheck(
             "holdings_priced_nonnegative_and_reconciled",
