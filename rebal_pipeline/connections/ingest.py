@@ -41,6 +41,7 @@ from rebal_pipeline.connections import dialects
 from rebal_pipeline.connections.config import Connection, inbound_dir, part_dir
 from rebal_pipeline.connections.sftp import SftpConfigError, SftpSource, pull_new
 from rebal_pipeline.core.feed_contract import FEED_FILES
+from rebal_pipeline.core.folders import swap_in
 from rebal_pipeline.core.landing import archive_raw
 
 _DATE = re.compile(r"(\d{8})")
@@ -178,23 +179,7 @@ class _staged_part:
         if exc_type is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             return
-        _swap_in(self.staging, self.target)
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` (a folder, maybe absent) by `staging` with renames only."""
-    previous = None
-    if target.exists():
-        previous = target.parent / f".{target.name}.previous-{secrets.token_hex(4)}"
-        os.replace(target, previous)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if previous is not None:
-            os.replace(previous, target)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_in(self.staging, self.target)
 
 
 def part_is_complete(connection: Connection, as_of: dt.date) -> bool:
@@ -234,7 +219,7 @@ def assemble_feed(connections: list[Connection], as_of: dt.date, feed_root: Path
             if name == "prices":
                 rows = _one_row_per_identical_price(rows)
             dialects.write_canonical_csv(staging / spec.filename, spec.column_names, rows)
-        _swap_in(staging, target)
+        swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

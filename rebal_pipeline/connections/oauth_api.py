@@ -64,7 +64,6 @@ import csv
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -82,6 +81,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from rebal_pipeline.core.feed_contract import FEED_FILES
+from rebal_pipeline.core.folders import swap_in
 
 log = logging.getLogger(__name__)
 
@@ -532,18 +532,7 @@ def pull_day(api: CustodianApi, as_of: date, out_dir: str | os.PathLike) -> Pull
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         # Every endpoint and page completed: swap the new folder in.
         _check_owned(out_dir)
-        previous = None
-        if out_dir.exists():
-            previous = out_dir.parent / f".{out_dir.name}.previous-{secrets.token_hex(4)}"
-            os.replace(out_dir, previous)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if previous is not None:
-                os.replace(previous, out_dir)
-            raise
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        swap_in(staging, out_dir)
         _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
