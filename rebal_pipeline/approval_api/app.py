@@ -7,6 +7,11 @@ Every state change goes through `lifecycle.decide` in one store transaction, so 
 recommendation's new status, the audit event and (for links) the used-link record commit or fail
 together. Errors are JSON `{"error": "<plain words>", "detail": ...}` with a 4xx status. Logs carry
 ids only: no client names, emails, API tokens, link tokens or secrets (link URLs are redacted).
+
+The link URLs are also the approval portal (portal.py): a browser opening `/links/{token}` gets an
+HTML page with the recommendation and a form that posts back to the same URL (urlencoded, handled
+by a route left out of the OpenAPI document that shares the JSON route's decision code), and link
+errors as HTML pages with the same status and message. API clients see the JSON described above.
 """
 
 
@@ -22,13 +27,17 @@ from typing import Annotated, Any, Callable
 from fastapi import Depends, FastAPI, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 
 from rebal_pipeline import settings
+from rebal_pipeline.approval_api import portal
 from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.approval_api.links import ID_PATTERN, LinkClaims, LinkError
 from rebal_pipeline.approval_api.models import (
@@ -77,6 +86,18 @@ def _error(status: int, message: str, detail: Any = None, headers: dict[str, str
     return AsciiJSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
 
 
+def _error_for(scope: dict, status: int, message: str, detail: Any = None,
+               headers: dict[str, str] | None = None) -> Response:
+    """An error in the form the client reads: JSON, or for a browser on a link URL (and the
+    portal's form) a page with the same status and message."""
+    if portal.html_for(scope):
+        reference = detail.get("request_id") if isinstance(detail, dict) else None
+        return portal.error_page(status, message, headers, reference=reference)
+    if portal.is_link_path(scope):  # the same URL answers HTML to browsers
+        headers = {**(headers or {}), "Vary": "Accept"}
+    return _error(status, message, detail, headers)
+
+
 def _validation_errors(errors: Any) -> list[dict]:
     """Location, message and type of each problem; never the input itself (it may be anything)."""
     out = []
@@ -101,6 +122,23 @@ _LINK_ERRORS = {401: {**_E, "description": "the link is not genuine, or has expi
                 404: {**_E, "description": "the recommendation no longer exists"},
                 410: {**_E, "description": "the link was already used (links are single-use)"},
                 422: {**_E, "description": "the request is not valid (e.g. a defer link without a reason)"}}
+LINK_WOULD = {
+    "approve": "approve the proposed trades",
+    "defer": "defer the recommendation (a reason is required)",
+    "escalate": "escalate the recommendation to compliance (a reason is required)",
+    "review": "nothing: this link opens the recommendation for review",
+}
+
+
+class _FormPostRoute(APIRoute):
+    """POST /links/{token} with the portal's form (application/x-www-form-urlencoded): a route of
+    its own, left out of the OpenAPI document. It matches such a request only, so JSON (and any
+    other body) reaches the documented route exactly as before."""
+
+    def matches(self, scope):
+        if scope.get("type") != "http" or not portal.is_form_post(scope):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], datetime] = utcnow,
@@ -135,20 +173,20 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     # -----------------------------------------------------------------------------------------
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.detail, exc.headers)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_for(request.scope, exc.status, exc.message, exc.detail, exc.headers)
 
     @app.exception_handler(DecisionError)
-    async def _decision_error(_request: Request, exc: DecisionError):
-        return _error(exc.status, exc.message)
+    async def _decision_error(request: Request, exc: DecisionError):
+        return _error_for(request.scope, exc.status, exc.message)
 
     @app.exception_handler(LinkError)
-    async def _link_error(_request: Request, exc: LinkError):
-        return _error(exc.status, exc.message)
+    async def _link_error(request: Request, exc: LinkError):
+        return _error_for(request.scope, exc.status, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        return _error(422, "the request is not valid", _validation_errors(exc.errors()))
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_for(request.scope, 422, "the request is not valid", _validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -160,14 +198,16 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
             # One path, several routes (GET and POST /links/{token}): Starlette's Allow names the
             # first route's methods only; name every method the path supports.
             headers["Allow"] = ", ".join(_methods_for(request))
-        return _error(exc.status_code, message.lower() if message else "error", None, headers or None)
+        return _error_for(request.scope, exc.status_code, message.lower() if message else "error", None,
+                          headers or None)
 
     @app.exception_handler(OperationalError)
     async def _store_down(request: Request, exc: OperationalError):
         # The message can carry SQL parameters: log the class only.
         log.error("workflow store unavailable (%s) on %s %s", type(exc.orig).__name__ if exc.orig else "?",
                   request.method, _route_of(request.scope))
-        return _error(503, "the workflow store is unavailable; try again shortly", headers={"Retry-After": "5"})
+        return _error_for(request.scope, 503, "the workflow store is unavailable; try again shortly",
+                          headers={"Retry-After": "5"})
 
     # -----------------------------------------------------------------------------------------
     # Authentication and authorisation
@@ -376,40 +416,22 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     def _is_used(conn: Connection, link_id: str) -> bool:
         return conn.execute(select(used_links.c.link_id).where(used_links.c.link_id == link_id)).first() is not None
 
-    @app.get("/links/{token}", response_model=LinkView, tags=["links"], responses=_LINK_ERRORS)
-    def view_link(token: TokenPath) -> LinkView:
-        """What the link would do. Changes nothing: mail scanners prefetch GETs."""
-        claims = _read_link(token)
+    def _open_link(claims: LinkClaims) -> tuple[dict, dict]:
+        """The link's recommendation and advisor, if the link may still be used (else 410/403/404)."""
         with store.begin() as conn:
             if claims.action != "review" and _is_used(conn, claims.link_id):
                 raise ApiError(410, "this link has already been used")
             rec = _load(conn, claims.recommendation_id)
-            _link_user(conn, claims, rec)
-        would = {
-            "approve": "approve the proposed trades",
-            "defer": "defer the recommendation (a reason is required)",
-            "escalate": "escalate the recommendation to compliance (a reason is required)",
-            "review": "nothing: this link opens the recommendation for review",
-        }[claims.action]
-        return LinkView(action=claims.action, recommendation_id=claims.recommendation_id,
-                        advisor_id=claims.advisor_id, expires_at=claims.expires_at, would=would,
-                        needs_reason=claims.action in ("defer", "escalate"), recommendation=_summary(rec),
-                        package=RecommendationPackage.model_validate_json(rec["package"])
-                        if claims.action == "review" else None)
+            user = _link_user(conn, claims, rec)
+        return rec, user
 
-    @app.post("/links/{token}", response_model=DecisionResult, status_code=201, tags=["links"], responses={
-        200: {"model": DecisionResult, "description": "the same decision was already recorded by this advisor"},
-        201: {"model": DecisionResult, "description": "decision recorded"}, **_LINK_ERRORS, **_BAD_BODY})
-    def use_link(token: TokenPath, response: Response, body: LinkUse | None = None) -> DecisionResult:
-        """Perform the link's decision, as the link's advisor (recorded with via=link). Single use:
-        the link id is recorded in the decision's transaction; a used link answers 410."""
-        claims = _read_link(token)
+    def _use_link(claims: LinkClaims, body: LinkUse, now: datetime) -> tuple[dict, DecisionResult]:
+        """The link's decision, as the link's advisor (via=link), for the JSON route and the
+        portal's form alike. The link id is recorded in the decision's transaction: single use."""
         if claims.action == "review":
             raise ApiError(422, "a review link opens the recommendation; it records no decision")
-        body = body or LinkUse()
         if body.deferred_until is not None and claims.action != "defer":
             raise ApiError(422, "deferred_until applies to defer links only")
-        now = clock()
         with store.begin() as conn:
             rec = _load(conn, claims.recommendation_id)
             user = _link_user(conn, claims, rec)
@@ -422,6 +444,58 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
                 raise ApiError(410, "this link has already been used") from None
             result = _decide(conn, user, claims.recommendation_id, claims.action, now, reason=body.reason,
                              deferred_until=body.deferred_until, via="link")
+        return rec, result
+
+    def _link_page(claims: LinkClaims, *, error: str | None = None, values: dict[str, str] | None = None,
+                   status: int = 200) -> Response:
+        rec, user = _open_link(claims)
+        return portal.link_page(claims=claims, summary=_summary(rec), package=_package(rec),
+                                would=LINK_WOULD[claims.action], advisor_name=user.get("name"), now=clock(),
+                                error=error, values=values, status=status)
+
+    @app.get("/links/{token}", response_model=LinkView, tags=["links"], responses=_LINK_ERRORS)
+    def view_link(token: TokenPath, request: Request, response: Response) -> LinkView:
+        """What the link would do. Changes nothing: mail scanners prefetch GETs."""
+        claims = _read_link(token)
+        if portal.wants_html(request.headers.get("accept")):  # a browser: the portal page
+            return _link_page(claims)
+        rec, _ = _open_link(claims)
+        response.headers["Vary"] = "Accept"
+        return LinkView(action=claims.action, recommendation_id=claims.recommendation_id,
+                        advisor_id=claims.advisor_id, expires_at=claims.expires_at, would=LINK_WOULD[claims.action],
+                        needs_reason=claims.action in ("defer", "escalate"), recommendation=_summary(rec),
+                        package=_package(rec) if claims.action == "review" else None)
+
+    def _use_link_form(token: str, raw: bytes) -> Response:
+        claims = _read_link(token)
+        fields: dict[str, str] = {}
+        try:
+            fields = portal.read_form(raw)
+            rec, result = _use_link(claims, portal.link_use(fields), clock())
+        except (portal.FormError, ApiError, DecisionError) as exc:
+            if exc.status == 422 and claims.action != "review":  # the form again, with what is wrong
+                return _link_page(claims, error=exc.message, values=fields, status=422)
+            if isinstance(exc, portal.FormError):
+                raise ApiError(exc.status, exc.message) from None
+            raise
+        return portal.result_page(claims=claims, summary=_summary(rec), package=_package(rec), result=result)
+
+    async def use_link_form(token: TokenPath, request: Request) -> Response:
+        """The portal's form posted back: the same decision as the JSON route, answered with a page."""
+        raw = await request.body()
+        return await run_in_threadpool(_use_link_form, token, raw)
+
+    # Registered before the JSON route: it claims form posts only (see _FormPostRoute).
+    app.router.add_api_route("/links/{token}", use_link_form, methods=["POST"], include_in_schema=False,
+                             route_class_override=_FormPostRoute, name="use_link_form")
+
+    @app.post("/links/{token}", response_model=DecisionResult, status_code=201, tags=["links"], responses={
+        200: {"model": DecisionResult, "description": "the same decision was already recorded by this advisor"},
+        201: {"model": DecisionResult, "description": "decision recorded"}, **_LINK_ERRORS, **_BAD_BODY})
+    def use_link(token: TokenPath, response: Response, body: LinkUse | None = None) -> DecisionResult:
+        """Perform the link's decision, as the link's advisor (recorded with via=link). Single use:
+        the link id is recorded in the decision's transaction; a used link answers 410."""
+        _, result = _use_link(_read_link(token), body or LinkUse(), clock())
         response.status_code = 201 if result.created else 200
         return result
 
@@ -447,6 +521,10 @@ def _summary(rec: Any) -> RecommendationSummary:
         delivery=rec["delivery"], status=rec["status"], trade_value=rec["trade_value"],
         clock_started_at=_utc(rec["clock_started_at"]), deferred_until=_utc(rec["deferred_until"]),
         escalated_at=_utc(rec["escalated_at"]))
+
+
+def _package(rec: Any) -> RecommendationPackage:
+    return RecommendationPackage.model_validate_json(rec["package"])
 
 
 def _decision(row: Any) -> Decision:
@@ -499,7 +577,7 @@ class _Guard:
                 except ValueError:
                     too_big = True
                 if too_big:
-                    response = _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+                    response = _error_for(scope, 413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
                     await response(scope, receive, send)
                     log.info("%s %s 413 request=%s", scope["method"], _route_of(scope), request_id)
                     return
@@ -516,8 +594,12 @@ class _Guard:
         except Exception as exc:
             _log_unhandled(exc, scope.get("method", "?"), _route_of(scope), f"request={request_id}")
             if state["status"] is None:
-                await _error(500, "internal error; nothing was recorded by this request",
-                             {"request_id": request_id})(scope, receive, send)
+                message, detail = "internal error; nothing was recorded by this request", {"request_id": request_id}
+                try:
+                    response = _error_for(scope, 500, message, detail)
+                except Exception:  # the error page itself failed: plain JSON
+                    response = _error(500, message, detail)
+                await response(scope, receive, send)
                 state["status"] = 500
         finally:
             log.info("%s %s %s %.0fms request=%s", scope.get("method"), _route_of(scope), state["status"],
