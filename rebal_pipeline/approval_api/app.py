@@ -12,6 +12,8 @@ The link URLs are also the approval portal (portal.py): a browser opening `/link
 HTML page with the recommendation and a form that posts back to the same URL (urlencoded, handled
 by a route left out of the OpenAPI document that shares the JSON route's decision code), and link
 errors as HTML pages with the same status and message. API clients see the JSON described above.
+The review link's page also offers a quantities form (when its advisor may decide): posted, it is a
+`modify` decision via the link, recorded once per review link (the link id in `used_links`).
 """
 
 
@@ -248,6 +250,10 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
             return True
         return user["role"] == "advisor" and lifecycle.may_act_for(conn, user, rec["advisor_id"])
 
+    def _decidable_statuses(user: dict) -> tuple[str, ...]:
+        """The statuses lifecycle.decide accepts a (non-escalate) decision on, for this user's role."""
+        return ("escalated",) if user["role"] == "compliance" else ("pending", "deferred", "escalated")
+
     def _check_may_decide(conn: Connection, user: dict, rec: dict, action: str) -> None:
         """lifecycle.decide's role rule, applied before the API computes anything from the package
         (a modification's errors and band report must not reach someone who may not decide)."""
@@ -446,12 +452,59 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
                              deferred_until=body.deferred_until, via="link")
         return rec, result
 
+    def _why_no_modify(conn: Connection, claims: LinkClaims, user: dict, rec: dict) -> str | None:
+        """Why the review link's page offers no quantities form (None: it does). The API's own
+        checks: who may decide (_check_may_decide), and the statuses a decision can be recorded on."""
+        if _is_used(conn, claims.link_id):
+            return "this link has already recorded a modification (each link records one)"
+        try:
+            _check_may_decide(conn, user, rec, "modify")
+        except DecisionError as exc:
+            return exc.message
+        if rec["status"] not in _decidable_statuses(user):
+            return f"the recommendation is already {rec['status'].replace('_', ' ')}"
+        if not _package(rec).trades:
+            return "no trades are proposed"
+        return None
+
     def _link_page(claims: LinkClaims, *, error: str | None = None, values: dict[str, str] | None = None,
-                   status: int = 200) -> Response:
+                   status: int = 200, errors: list[str] | None = None,
+                   wrong_fields: set[str] | None = None) -> Response:
         rec, user = _open_link(claims)
+        refused = None
+        if claims.action == "review":
+            with store.begin() as conn:
+                refused = _why_no_modify(conn, claims, user, rec)
         return portal.link_page(claims=claims, summary=_summary(rec), package=_package(rec),
                                 would=LINK_WOULD[claims.action], advisor_name=user.get("name"), now=clock(),
-                                error=error, values=values, status=status)
+                                error=error, values=values, status=status, errors=errors, modify_refused=refused,
+                                wrong_fields=wrong_fields or set())
+
+    def _modify_by_link(claims: LinkClaims, fields: dict[str, str], now: datetime) -> tuple[dict, DecisionResult]:
+        """The review page's quantities form: a modify decision as the link's advisor (via=link).
+        Each qty_<i> is the package's trade i (account, symbol, side from the package). The link id
+        is recorded in the decision's transaction: one modification per review link."""
+        body = portal.link_use(fields)
+        if body.deferred_until is not None:
+            raise ApiError(422, "deferred_until applies to defer links only")
+        reason = body.reason if body.reason and body.reason.strip() else None
+        with store.begin() as conn:
+            rec = _load(conn, claims.recommendation_id)
+            user = _link_user(conn, claims, rec)
+            _check_may_decide(conn, user, rec, "modify")
+            if _is_used(conn, claims.link_id):
+                raise ApiError(410, "this link has already been used")
+            changes = portal.trade_changes(fields, _package(rec))
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(used_links).values(link_id=claims.link_id, used_at=now,
+                                                           recommendation_id=claims.recommendation_id,
+                                                           action=claims.action))
+            except IntegrityError:
+                raise ApiError(410, "this link has already been used") from None
+            result = _decide(conn, user, claims.recommendation_id, "modify", now, reason=reason, trades=changes,
+                             via="link")
+        return rec, result
 
     @app.get("/links/{token}", response_model=LinkView, tags=["links"], responses=_LINK_ERRORS)
     def view_link(token: TokenPath, request: Request, response: Response) -> LinkView:
@@ -471,10 +524,21 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         fields: dict[str, str] = {}
         try:
             fields = portal.read_form(raw)
-            rec, result = _use_link(claims, portal.link_use(fields), clock())
+            if claims.action == "review":  # the quantities form
+                rec, result = _modify_by_link(claims, fields, clock())
+            else:
+                if portal.quantity_fields(fields):  # never approve other quantities than proposed
+                    raise portal.FormError(422, "quantities can be changed on the review page only; "
+                                                "this link decides the trades as proposed")
+                rec, result = _use_link(claims, portal.link_use(fields), clock())
         except (portal.FormError, ApiError, DecisionError) as exc:
-            if exc.status == 422 and claims.action != "review":  # the form again, with what is wrong
-                return _link_page(claims, error=exc.message, values=fields, status=422)
+            if exc.status == 422:  # the form again, with what is wrong
+                errors = (exc.errors if isinstance(exc, portal.FormError)
+                          else exc.detail.get("errors") if isinstance(exc, ApiError) and isinstance(exc.detail, dict)
+                          else None)
+                return _link_page(claims, error=exc.message, values=fields, status=422,
+                                  errors=[str(e) for e in errors or ()],
+                                  wrong_fields=exc.fields if isinstance(exc, portal.FormError) else None)
             if isinstance(exc, portal.FormError):
                 raise ApiError(exc.status, exc.message) from None
             raise

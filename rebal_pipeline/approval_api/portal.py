@@ -14,6 +14,12 @@ the email show the same numbers, with account numbers masked the same way (â€¢â€
 
 Dates of the defer form are New York days (the firm's market calendar): "defer until 25 Nov"
 means until the start of 25 Nov, New York time.
+
+The review link's page can also change the proposed quantities (when its advisor may decide the
+recommendation): one number field per proposed trade, named by the trade's index in the package
+(`qty_0`, `qty_1`, ...). The server maps each index back to the package's own trade (account,
+symbol, side), so a form cannot name any other account or security; the quantities are then a
+`modify` decision, re-validated like the API's.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ from pydantic import ValidationError
 from starlette.responses import HTMLResponse
 
 from rebal_pipeline.approval_api.links import LinkClaims
-from rebal_pipeline.approval_api.models import MAX_DEFERRAL, MAX_REASON, DecisionResult, LinkUse, RecommendationSummary
+from rebal_pipeline.approval_api.models import (
+    MAX_DEFERRAL, MAX_REASON, DecisionResult, LinkUse, Modification, RecommendationSummary,
+)
 from rebal_pipeline.comms import emails
+from rebal_pipeline.comms.chart import class_label
 from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
-from rebal_pipeline.workflow.package import RecommendationPackage
+from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage, TradeChange
 
 NEW_YORK = ZoneInfo("America/New_York")
 FORM_TYPE = "application/x-www-form-urlencoded"
-MAX_FORM_FIELDS = 20
+# The review page offers its quantities form for packages of up to this many trades (one field each).
+MAX_MODIFY_ROWS = 200
+MAX_FORM_FIELDS = MAX_MODIFY_ROWS + 20
+MAX_QUANTITY = 1e10  # TradeChange's bound
 
 SECURITY_HEADERS = {
     # Nothing but the page itself and its inline styles; forms post back to this origin only.
@@ -148,25 +160,83 @@ def html_for(scope: Mapping[str, Any]) -> bool:
 
 
 class FormError(Exception):
-    """A form that cannot be taken: 400 when it cannot be read at all, 422 when a field is wrong."""
+    """A form that cannot be taken: 400 when it cannot be read at all, 422 when a field is wrong
+    (errors: each problem, when there are several; fields: the names of the wrong fields)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, errors: list[str] | None = None,
+                 fields: set[str] | frozenset[str] = frozenset()):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.errors, self.fields = status, message, list(errors or ()), set(fields)
 
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FIELD_LABELS = {"reason": "Reason", "deferred_until": "Defer until"}
+QTY_PREFIX = "qty_"
+_QTY_FIELD = re.compile(r"^qty_(0|[1-9][0-9]{0,5})$")
+# A non-negative decimal (what a number field sends): 12, 12.5, .5, 1e3; no sign, no thousands separator.
+_QUANTITY = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?$")
 
 
 def read_form(raw: bytes) -> dict[str, str]:
-    """The fields of an urlencoded body (first value of each; unknown fields are ignored)."""
+    """The fields of an urlencoded body (first value of each): reason, deferred_until and the
+    review page's quantities (qty_<row>); other fields are ignored."""
     try:
         parsed = parse_qs(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False, encoding="utf-8",
                           errors="strict", max_num_fields=MAX_FORM_FIELDS)
     except (UnicodeDecodeError, ValueError):
         raise FormError(400, "the form could not be read (not UTF-8 form data)") from None
-    return {name: values[0] for name, values in parsed.items() if name in _FIELD_LABELS and values}
+    return {name: values[0] for name, values in parsed.items()
+            if (name in _FIELD_LABELS or name.startswith(QTY_PREFIX)) and values}
+
+
+def quantity_fields(fields: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in fields.items() if name.startswith(QTY_PREFIX)}
+
+
+def _trade_label(trade: PackageTrade, masked: Mapping[str, str]) -> str:
+    account = masked.get(trade.account_id, emails.mask_account(trade.account_id))
+    return f"{trade.side.capitalize()} {trade.symbol} ({account})"
+
+
+def trade_changes(fields: Mapping[str, str], package: RecommendationPackage) -> list[TradeChange]:
+    """The review form's quantities as a modification: qty_<i> is the package's trade i (its
+    account, symbol and side come from the package, never from the form). An unknown row, a value
+    that is not a non-negative number, or no quantity at all raise FormError(422)."""
+    masked = emails._accounts(package, None)
+    problems: list[str] = []
+    wrong: set[str] = set()
+    changes: list[tuple[int, TradeChange]] = []
+    for name, value in quantity_fields(fields).items():
+        match = _QTY_FIELD.match(name)
+        index = int(match[1]) if match else -1
+        if not 0 <= index < len(package.trades):
+            shown = name if len(name) <= 24 else name[:24] + "\u2026"
+            problems.append(f"field {shown}: not a trade of this recommendation (the form's rows only)")
+            continue
+        trade = package.trades[index]
+        label = _trade_label(trade, masked)
+        text = value.strip()
+        quantity = float(text) if _QUANTITY.match(text) else None
+        if quantity is None:
+            wrong.add(name)
+            if text.startswith("-") and _QUANTITY.match(text[1:]):
+                problems.append(f"{label}: the quantity cannot be negative (0 drops the trade)")
+            elif not text:
+                problems.append(f"{label}: enter a quantity (0 drops the trade)")
+            else:
+                problems.append(f"{label}: not a number (use digits and a decimal point, e.g. 12.5)")
+            continue
+        if quantity > MAX_QUANTITY:
+            wrong.add(name)
+            problems.append(f"{label}: the quantity is too large")
+            continue
+        changes.append((index, TradeChange(account_id=trade.account_id, symbol=trade.symbol, side=trade.side,
+                                           quantity=quantity)))
+    if problems:
+        raise FormError(422, "some quantities cannot be taken", problems, wrong)
+    if not changes:
+        raise FormError(422, "no quantities were sent: change them in the form, then press Record these quantities")
+    return [change for _, change in sorted(changes, key=lambda item: item[0])]
 
 
 def defer_bounds(now: datetime) -> tuple[date, date]:
@@ -281,19 +351,94 @@ def _for_people(message: str) -> str:
     return message.replace("deferred_until", "the defer-until day")
 
 
+def _masking(package: RecommendationPackage):
+    """A function masking the package's account ids in a message (the API's messages name them)."""
+    masked = emails._accounts(package, None)
+    if not masked:
+        return lambda text: text
+    pattern = re.compile(r"(?<![A-Za-z0-9._-])(" + "|".join(
+        re.escape(a) for a in sorted(masked, key=len, reverse=True)) + r")(?![A-Za-z0-9._-])")
+    return lambda text: pattern.sub(lambda m: masked[m[1]], str(text))
+
+
+_SIDE_ORDER = {"sell": 0, "buy": 1}
+
+
+def _plain_quantity(value: float) -> str:
+    """A quantity as a number field takes it: 1200, 12.5 (no thousands separator)."""
+    text = f"{float(value):.10f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def _quantity_rows(package: RecommendationPackage, values: Mapping[str, str], wrong: set[str]) -> list[dict]:
+    """The review form's rows, in the trades table's order; each named by its trade's package index."""
+    masked = emails._accounts(package, None)
+    ordered = sorted(enumerate(package.trades), key=lambda it: (it[1].account_id, _SIDE_ORDER[it[1].side],
+                                                                it[1].symbol))
+    rows = []
+    for index, t in ordered:
+        name = f"{QTY_PREFIX}{index}"
+        rows.append({
+            "name": name, "account": masked.get(t.account_id, emails.mask_account(t.account_id)),
+            "side": t.side.capitalize(), "symbol": t.symbol, "price": emails.money(t.est_price),
+            "proposed": emails.quantity(t.quantity), "value": values.get(name, _plain_quantity(t.quantity)),
+            "invalid": name in wrong, "label": _trade_label(t, masked),
+        })
+    return rows
+
+
 def link_page(*, claims: LinkClaims, summary: RecommendationSummary, package: RecommendationPackage, would: str,
               advisor_name: str | None, now: datetime, error: str | None = None,
-              values: Mapping[str, str] | None = None, status: int = 200) -> HTMLResponse:
-    """The link's page: the recommendation and, for a decision link, the form posting it back."""
+              values: Mapping[str, str] | None = None, status: int = 200, errors: list[str] | None = None,
+              modify_refused: str | None = None, wrong_fields: set[str] | frozenset[str] = frozenset()
+              ) -> HTMLResponse:
+    """The link's page: the recommendation and, for a decision link, the form posting it back.
+    A review link's page offers the quantities form unless modify_refused says why it cannot
+    (one line); errors lists the problems of a refused form (account ids masked)."""
     first, last = defer_bounds(now)
+    values = dict(values or {})
+    mask = _masking(package)
+    may_modify = claims.action == "review" and modify_refused is None
+    if claims.action == "review" and may_modify and len(package.trades) > MAX_MODIFY_ROWS:
+        may_modify, modify_refused = False, (f"this recommendation has {len(package.trades)} trades, more than this "
+                                             f"page can change ({MAX_MODIFY_ROWS}); modify it in the approval API")
     return _page(
         "link.html.j2", status,
         action=claims.action, title=_TITLES[claims.action], would=would, expires_at=local_moment(claims.expires_at),
         advisor_name=advisor_name, rec=_recommendation(summary, package),
-        error=_for_people(error) if error else None, values=dict(values or {}),
+        error=mask(_for_people(error)) if error else None, errors=[mask(e) for e in errors or ()], values=values,
         defer_min=first.isoformat(), defer_max=last.isoformat(), max_reason=MAX_REASON,
         default_defer_days=LifecyclePolicy().default_defer_days,
+        may_modify=may_modify, modify_refused=mask(modify_refused) if modify_refused else None,
+        quantity_rows=_quantity_rows(package, values, set(wrong_fields)) if may_modify else [],
     )
+
+
+def _modification_view(modification: Modification, package: RecommendationPackage) -> dict:
+    """The recorded trades next to the proposed ones (a dropped trade shows as 0), and the bands after."""
+    masked = emails._accounts(package, None)
+    recorded = {(t.account_id, t.symbol, t.side): t for t in modification.trades}
+    proposed = {(t.account_id, t.symbol, t.side): t for t in package.trades}
+    rows = []
+    for key in sorted(proposed.keys() | recorded.keys(), key=lambda k: (k[0], _SIDE_ORDER.get(k[2], 2), k[1])):
+        base, now = proposed.get(key), recorded.get(key)
+        price = (now or base).est_price
+        quantity = now.quantity if now else 0.0
+        rows.append({
+            "account": masked.get(key[0], emails.mask_account(key[0])), "side": key[2].capitalize(), "symbol": key[1],
+            "proposed": emails.quantity(base.quantity) if base else "\u2014", "quantity": emails.quantity(quantity),
+            "price": emails.money(price), "value": emails.money(now.est_value if now else 0.0),
+            "changed": base is None or abs(base.quantity - quantity) > 1e-9, "dropped": now is None,
+        })
+    bands = [{
+        "label": class_label(b.asset_class), "after": emails.percent(b.weight_after),
+        "target": emails.percent(b.target_weight), "drift": emails.signed_percent(b.weight_after - b.target_weight),
+        "band": emails.band_percent(b.band), "inside": b.inside,
+    } for b in modification.band_report]
+    return {"rows": rows, "trade_count": len(modification.trades), "bands": bands,
+            "inside_bands": modification.inside_bands,
+            "outside": [b["label"] for b in bands if not b["inside"]],
+            "trade_value": emails.money(sum(t.est_value for t in modification.trades))}
 
 
 def result_page(*, claims: LinkClaims, summary: RecommendationSummary, package: RecommendationPackage,
@@ -306,6 +451,8 @@ def result_page(*, claims: LinkClaims, summary: RecommendationSummary, package: 
         decision=decision, decided_at=local_moment(decision.created_at),
         deferred_until=local_moment(decision.payload.get("deferred_until")),
         rec=_recommendation(summary, package), recommendation_id=claims.recommendation_id,
+        link_action=claims.action,
+        modification=_modification_view(result.modification, package) if result.modification else None,
     )
 
 

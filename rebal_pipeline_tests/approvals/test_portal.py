@@ -9,6 +9,7 @@ to the confirmation page. Screenshots go to rebal_pipeline_tests/approvals/outpu
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import re
@@ -39,6 +40,8 @@ FORM = "application/x-www-form-urlencoded"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 APPROVED = ("Approved — the trades go to the approval gate, which re-checks today's positions before any ticket "
             "is prepared")
+MODIFIED = ("Modified — the changed trades go to the approval gate, which re-checks today's positions before any "
+            "ticket is prepared")
 
 
 def link(api, recommendation_id: str, action: str, advisor_id: str = "ADV-1") -> str:
@@ -238,15 +241,159 @@ def test_escalate_form(api):
     assert api.status_of("REC-4") == "escalated"
 
 
-def test_review_page_is_read_only(api):
+def qty_inputs(page: str) -> dict[str, str]:
+    """The review form's quantity fields: name -> value."""
+    return dict(re.findall(r'<input type="number" id="(qty_\d+)" name="\1" min="0" step="any"[^>]*? value="([^"]*)"',
+                           page))
+
+
+def test_review_page_offers_the_quantities_form(api):
+    token = link(api, "REC-1", "review")
+    before = api.audit_count()
+    page = browse(api, token)
+    text = page_text(page, 200, "Review the recommendation", "Proposed trades (2)", "Tax impact", "Change quantities",
+                     "Record these quantities", "what you changed and why", "0 drops a trade",
+                     "record them, once, as a modified approval",
+                     "What this link does: it opens the recommendation for review")
+    # One row per proposed trade, named by its index in the package, prefilled with the proposed quantity.
+    assert qty_inputs(page.text) == {"qty_0": "10", "qty_1": "20"}
+    rows = re.findall(r"<tr>\s*<td>(••••CC-1)</td>\s*<td>(Sell|Buy)</td>\s*<td><strong>(\w+)</strong></td>\s*"
+                      r"<td class=\"num\">([$\d,.]+)</td>\s*<td class=\"num\">([\d,.]+)</td>", page.text)
+    assert rows == [("••••CC-1", "Sell", "VTI", "$100.00", "10"), ("••••CC-1", "Buy", "BND", "$50.00", "20")]
+    assert page.text.count("<form") == 1 and " action=" not in page.text and token not in page.text
+    assert '<textarea id="reason" name="reason" maxlength="2000">' in page.text  # optional
+    assert page.text.count("<button") == 1 and "ACC-1" not in text
+    # Opening it changes nothing, and it opens again.
+    page_text(browse(api, token), 200, "Change quantities")
+    assert api.audit_count() == before and used_count(api) == 0 and api.status_of("REC-1") == "pending"
+    # The JSON API is as before: GET shows the package, a JSON POST records nothing (422).
+    with api.client() as c:
+        view = c.get(f"/links/{token}")
+        assert view.status_code == 200 and view.json()["package"]["recommendation_id"] == "REC-1"
+        assert view.json()["would"] == "nothing: this link opens the recommendation for review"
+        assert_error(c.post(f"/links/{token}", json={}), 422, "records no decision")
+    assert api.status_of("REC-1") == "pending" and used_count(api) == 0
+
+
+def test_review_form_records_a_modification_once(api):
+    token = link(api, "REC-1", "review")
+    done = submit(api, token, qty_0="8", qty_1="16", reason="Smaller step <for now>")
+    text = page_text(done, 201, MODIFIED, "Modified", "REC-1", "modified", "as ADV-1", "Smaller step <for now>",
+                     "Trades recorded (2)", "Bands after these trades", "Equity", "62.00%", "Fixed income", "38.00%",
+                     "Inside band", "every asset class ends inside its band", "it still opens the recommendation")
+    assert "Outside band" not in text and "already recorded" not in text and "ACC-1" not in text
+    assert "<for now>" not in done.text  # escaped
+    rows = re.findall(r"<tr>\s*<td>••••CC-1</td>\s*<td>(Sell|Buy)</td>\s*<td><strong>(\w+)</strong></td>\s*"
+                      r"<td class=\"num\">([\d,.]+)</td>\s*<td class=\"num\">([\d,.]+)</td>", done.text)
+    assert rows == [("Sell", "VTI", "10", "8"), ("Buy", "BND", "20", "16")]
+    assert api.status_of("REC-1") == "modified"
+    [row] = decision_rows(api, "REC-1")
+    assert (row["action"], row["actor_id"], row["via"], row["reason"]) == ("modify", "ADV-1", "link",
+                                                                           "Smaller step <for now>")
+    payload = json.loads(row["payload"])
+    assert sorted((t["account_id"], t["side"], t["symbol"], t["quantity"]) for t in payload["trades"]) == [
+        ("ACC-1", "buy", "BND", 16), ("ACC-1", "sell", "VTI", 8)]
+    assert payload["inside_bands"] is True
+    with api.store.begin() as conn:
+        assert audit.verify(conn).ok
+        [used] = conn.execute(select(used_links)).mappings().all()
+    assert (used["recommendation_id"], used["action"]) == ("REC-1", "review")
+    # One modification per review link: posting again is 410; reading it still works, without the form.
+    page_text(submit(api, token, qty_0="9", qty_1="18"), 410, "This link has already been used")
+    again = browse(api, token)
+    page_text(again, 200, "Review the recommendation", "modified",
+              "Quantities cannot be changed here: This link has already recorded a modification")
+    assert "<form" not in again.text
+    # Another review link (a later email) repeating the same quantities: recorded once, said so (200).
+    repeat = submit(api, link(api, "REC-1", "review"), qty_1="16", qty_0="8")
+    page_text(repeat, 200, MODIFIED, "already recorded this decision")
+    assert len(decision_rows(api, "REC-1")) == 1
+
+
+def test_review_form_fractional_and_dropped_trades_outside_the_bands(api):
+    done = submit(api, link(api, "REC-5", "review"), qty_0="2.5", qty_1="0", reason="")
+    text = page_text(done, 201, MODIFIED, "Trades recorded (1)", "Dropped", "2.5", "Outside band",
+                     "Not every class ends inside its band: Equity, Fixed income stay outside")
+    assert "Reason" not in text
+    [row] = decision_rows(api, "REC-5")
+    assert row["reason"] is None and row["via"] == "link"
+    assert [(t["symbol"], t["quantity"]) for t in json.loads(row["payload"])["trades"]] == [("VTI", 2.5)]
+
+
+def test_review_form_oversell_comes_back_with_the_errors(api):
+    token = link(api, "REC-1", "review")
+    refused = submit(api, token, qty_0="100", qty_1="20", reason="sell it all")
+    text = page_text(refused, 422, "Nothing was recorded", "The modified trades cannot be accepted.",
+                     "••••CC-1 sell VTI 100: only 70 held (no overselling)", "Change quantities")
+    assert "ACC-1" not in text  # the API's messages name the account: masked on the page
+    assert 'role="alert"' in refused.text
+    assert qty_inputs(refused.text) == {"qty_0": "100", "qty_1": "20"}  # what was typed is kept
+    assert ">sell it all</textarea>" in refused.text
+    # Buys the sells cannot pay for.
+    page_text(submit(api, token, qty_0="10", qty_1="30"), 422, "the buys need $500.00 more cash")
+    # Dropping everything is no modification.
+    page_text(submit(api, token, qty_0="0", qty_1="0"), 422, "The modification leaves no trade")
+    assert api.status_of("REC-1") == "pending" and used_count(api) == 0 and decision_rows(api, "REC-1") == []
+    # The link was not used up by the refusals.
+    page_text(submit(api, token, qty_0="10", qty_1="18"), 201, MODIFIED)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"qty_0": "8", "qty_2": "1"}, "Field qty_2: not a trade of this recommendation"),
+    ({"qty_0": "8", "qty_01": "1"}, "Field qty_01: not a trade of this recommendation"),
+    ({"qty_x": "1"}, "Field qty_x: not a trade of this recommendation"),
+    ({"qty_-1": "1"}, "Field qty_-1: not a trade of this recommendation"),
+    ({"qty_0": "-1", "qty_1": "20"}, "Sell VTI (••••CC-1): the quantity cannot be negative"),
+    ({"qty_0": "ten", "qty_1": "20"}, "Sell VTI (••••CC-1): not a number"),
+    ({"qty_0": "1,5"}, "Sell VTI (••••CC-1): not a number"),
+    ({"qty_0": "nan"}, "Sell VTI (••••CC-1): not a number"),
+    ({"qty_0": ""}, "Sell VTI (••••CC-1): enter a quantity"),
+    ({"qty_1": "1e99"}, "Buy BND (••••CC-1): the quantity is too large"),
+    ({}, "No quantities were sent"),
+    ({"reason": "x", "account_0": "ACC-9", "symbol_0": "GME"}, "No quantities were sent"),
+    ({"qty_0": "8", "deferred_until": "2026-11-25"}, "The defer-until day applies to defer links only"),
+])
+def test_review_form_refuses_unknown_rows_and_bad_numbers(api, fields, message):
+    token = link(api, "REC-1", "review")
+    refused = submit(api, token, **fields)
+    text = page_text(refused, 422, "Nothing was recorded", message, "Change quantities")
+    assert "<form" in refused.text and "ACC-1" not in text
+    assert api.status_of("REC-1") == "pending" and used_count(api) == 0 and decision_rows(api, "REC-1") == []
+
+
+def test_review_form_marks_the_wrong_field(api):
+    refused = submit(api, link(api, "REC-1", "review"), qty_0="abc", qty_1="16")
+    assert re.search(r'id="qty_0"[^>]*value="abc"[^>]*aria-invalid="true"', refused.text)
+    assert not re.search(r'id="qty_1"[^>]*aria-invalid', refused.text)
+
+
+def test_decision_links_take_no_quantities(api):
+    """An approve link decides the trades as proposed: quantities posted to it are refused, not ignored."""
+    token = link(api, "REC-1", "approve")
+    page_text(submit(api, token, qty_0="1"), 422, "Quantities can be changed on the review page only")
+    assert api.status_of("REC-1") == "pending" and used_count(api) == 0
+
+
+def test_review_link_shows_no_form_when_the_advisor_may_not_decide(api):
+    assert api.decide("ADV-1", "REC-1", action="approve").status_code == 201
     token = link(api, "REC-1", "review")
     page = browse(api, token)
-    page_text(page, 200, "Review the recommendation", "Proposed trades (2)", "Tax impact",
-              "The decision buttons are in the email", "or decide in the approval API")
-    assert "<form" not in page.text and "<button" not in page.text
-    page_text(submit(api, token), 422, "A review link opens the recommendation; it records no decision.")
-    page_text(browse(api, token), 200)  # reusable: it records nothing
-    assert api.status_of("REC-1") == "pending" and used_count(api) == 0
+    page_text(page, 200, "Review the recommendation", "This recommendation is already approved",
+              "Quantities cannot be changed here: The recommendation is already approved.",
+              "The decision buttons are in the email")
+    assert "<form" not in page.text and "<button" not in page.text and "<input" not in page.text
+    # Posted anyway: the lifecycle's conflict (409), nothing recorded, the link not used.
+    page_text(submit(api, token, qty_0="8", qty_1="16"), 409, "A decision is already recorded",
+              "Recommendation is approved; a modify cannot be recorded on it")
+    assert len(decision_rows(api, "REC-1")) == 1 and used_count(api) == 0
+    # Someone who may read but not decide (operations): the page, no form, and why; a post is 403.
+    ops = link(api, "REC-4", "review", advisor_id="OPS-1")
+    page = browse(api, ops)
+    page_text(page, 200, "Quantities cannot be changed here: You may act only on recommendations for your own "
+                         "clients.")
+    assert "<form" not in page.text
+    page_text(submit(api, ops, qty_0="8", qty_1="16"), 403, "You may act only on recommendations for your own clients")
+    assert api.status_of("REC-4") == "pending" and used_count(api) == 0
 
 
 def test_repeat_of_a_portal_decision(api):
@@ -514,6 +661,83 @@ def test_in_the_browser_defer_needs_a_reason(api, chromium):
         [row] = decision_rows(api, "REC-5")
         assert (row["action"], row["via"], row["reason"]) == ("defer", "link",
                                                               "Client travelling; revisit after the holiday")
+        assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_in_the_browser_modify_from_the_review_link(api, chromium):
+    from playwright.sync_api import expect
+
+    OUTPUT.mkdir(exist_ok=True)
+    context = chromium.new_context(viewport={"width": 1100, "height": 900}, locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        # The email's "Review or modify" button opens the review link.
+        page.set_content(_alert_email_html(api, "REC-1"))
+        watch = Watch(page)
+        with page.expect_navigation():
+            page.get_by_role("link", name="Review or modify").first.click()
+        review_url = page.url
+        assert review_url.startswith(f"{api.url}/links/")
+        expect(page.get_by_role("heading", name="Review the recommendation")).to_be_visible()
+        expect(page.get_by_role("heading", name="Change quantities")).to_be_visible()
+        sell = page.get_by_label("New quantity: Sell VTI")
+        buy = page.get_by_label("New quantity: Buy BND")
+        expect(sell).to_have_value("10")
+        expect(buy).to_have_value("20")
+        record = page.get_by_role("button", name="Record these quantities")
+
+        # A negative quantity: the browser refuses it itself (min 0), nothing is sent.
+        sell.fill("-3")
+        record.click()
+        assert sell.evaluate("i => i.validity.rangeUnderflow") is True
+        assert watch.posts() == 0
+
+        # An oversell: the server refuses it, the page comes back with the error and the typed values.
+        sell.fill("100")
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            record.click()
+        assert posted.value.status == 422
+        expect(page.get_by_role("alert")).to_contain_text("only 70 held (no overselling)")
+        expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("100")
+        assert api.status_of("REC-1") == "pending" and used_count(api) == 0
+
+        # Opened afresh from the email; one quantity changed: buy 16 BND instead of 20.
+        assert page.goto(review_url).status == 200
+        expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("10")
+        page.get_by_label("New quantity: Buy BND").fill("16")
+        page.get_by_label("Reason").fill("Keep $200 in cash for the client's withdrawal")
+        page.locator("#decision").scroll_into_view_if_needed()
+        page.screenshot(path=str(OUTPUT / "review_modify_page.png"), full_page=True)
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            page.get_by_role("button", name="Record these quantities").click()
+        assert posted.value.status == 201
+        expect(page.get_by_role("heading", name="Modified", exact=True)).to_be_visible()
+        expect(page.get_by_role("status")).to_have_text(MODIFIED + ".")
+        recorded = page.locator("#modified-trades + table tbody tr")
+        expect(recorded).to_have_count(2)
+        expect(recorded.nth(1)).to_contain_text("BND")
+        expect(recorded.nth(1)).to_contain_text("16")
+        expect(recorded.nth(1)).to_contain_text("Changed")
+        expect(page.locator("#band-report + table")).to_contain_text("Inside band")
+        page.screenshot(path=str(OUTPUT / "modify_confirmation.png"), full_page=True)
+        assert api.status_of("REC-1") == "modified"
+        [row] = decision_rows(api, "REC-1")
+        assert (row["action"], row["actor_id"], row["via"]) == ("modify", "ADV-1", "link")
+        assert sorted((t["symbol"], t["quantity"]) for t in json.loads(row["payload"])["trades"]) == [
+            ("BND", 16), ("VTI", 10)]
+
+        # The review link opens again (read-only now).
+        again = page.goto(review_url)
+        assert again.status == 200
+        expect(page.get_by_text("This link has already recorded a modification")).to_be_visible()
+        expect(page.get_by_role("button")).to_have_count(0)
+
+        assert all(url.startswith(api.url) for _, url in watch.requests if url.startswith("http")), watch.requests
+        assert watch.posts() == 2
         assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
     finally:
         context.close()
