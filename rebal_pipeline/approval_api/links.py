@@ -141,7 +141,7 @@ def read_link_token(secret: bytes, token: str, now: datetime) -> LinkClaims:
     if not ok or expires_at is None:
         raise invalid
     if _utc(now) >= expires_at:
-        raise LinkError(401, "this link has expired; open the recommendation in the portal instead")
+        raise LinkError(401, "this link has expired; use the links of a newer email about this recommendation, or the approval API")
     return LinkClaims(recommendation_id=rid, advisor_id=adv, action=action, expires_at=expires_at, link_id=lid)
 
 

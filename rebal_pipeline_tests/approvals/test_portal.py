@@ -423,7 +423,7 @@ def test_expired_and_forged_links(api):
     page_text(browse(api, "a" * 1025), 422, "The request is not valid")
     assert_error(api.get(None, f"/links/{forged}"), 401, "not valid")  # JSON for API clients, as before
     api.clock.advance(hours=72)
-    page_text(browse(api, token), 401, "This link has expired; open the recommendation in the portal instead.")
+    page_text(browse(api, token), 401, "This link has expired; use the links of a newer email about this recommendation, or the approval API.")
     page_text(submit(api, token), 401, "expired")
     assert_error(api.post(None, f"/links/{token}"), 401, "expired")
     assert api.status_of("REC-1") == "pending" and used_count(api) == 0
