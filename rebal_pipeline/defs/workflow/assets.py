@@ -47,12 +47,25 @@ order by r.recommendation_id
 """
 
 # The accounts of each recommendation: the account itself, or the household's tradeable members.
+# The accounts of each recommendation: its own account, or the members of its household. Written
+# as a union of plain equi-joins: a left join with `r.scope = 'household'` in its condition made
+# DuckDB compare every recommendation with every scanned account (99 s at 1M accounts; 1.3 s now).
 MEMBERS = """
-select r.recommendation_id, coalesce(s.account_id, r.scope_id) as account_id
-from trade_recommendations r
-left join int_scanned_accounts s on r.scope = 'household' and s.household_id = r.scope_id and s.as_of = $as_of
-     and s.aggregate_rebalancing and not s.suspended
-where r.as_of = $as_of
+with recs as (
+    select recommendation_id, scope, scope_id from trade_recommendations where as_of = $as_of
+),
+household_members as (
+    select r.recommendation_id, s.account_id
+    from recs r
+    join int_scanned_accounts s on s.household_id = r.scope_id
+    where r.scope = 'household' and s.as_of = $as_of and s.aggregate_rebalancing and not s.suspended
+)
+select recommendation_id, scope_id as account_id from recs where scope <> 'household'
+union all
+select recommendation_id, account_id from household_members
+union all
+select recommendation_id, scope_id from recs
+where scope = 'household' and recommendation_id not in (select recommendation_id from household_members)
 """
 
 TRADES = """select recommendation_id, account_id, symbol, asset_class, side, quantity, est_price, est_value, reason,
