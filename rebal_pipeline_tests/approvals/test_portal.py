@@ -528,6 +528,19 @@ def chromium():
             browser.close()
 
 
+@pytest.fixture
+def page(chromium):
+    """A fresh browser tab (its own context: no cookies or cache shared between tests)."""
+    OUTPUT.mkdir(exist_ok=True)
+    context = chromium.new_context(viewport={"width": 1100, "height": 900}, locale="en-US")
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
 class Watch:
     """What a page did: every request it made, and console errors (a CSP violation is one)."""
 
@@ -560,184 +573,163 @@ def _alert_email_html(api, recommendation_id: str) -> str:
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
-def test_in_the_browser_approve_from_the_email(api, chromium):
+def test_in_the_browser_approve_from_the_email(api, page):
     from playwright.sync_api import expect
 
-    OUTPUT.mkdir(exist_ok=True)
-    context = chromium.new_context(viewport={"width": 1100, "height": 900}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    try:
-        # The email, as the advisor's mail client shows it; they click Approve.
-        page.set_content(_alert_email_html(api, "REC-1"))
-        watch = Watch(page)
-        with page.expect_navigation():
-            page.get_by_role("link", name="Approve", exact=True).first.click()
-        approve_url = page.url
-        assert approve_url.startswith(f"{api.url}/links/")
-        expect(page.get_by_role("heading", name="Approve these trades?")).to_be_visible()
-        trades = page.locator("#trades + table tbody tr")
-        expect(trades).to_have_count(2)
-        expect(trades.nth(0)).to_contain_text("Sell")
-        expect(trades.nth(0)).to_contain_text("VTI")
-        expect(trades.nth(1)).to_contain_text("Buy")
-        expect(trades.nth(1)).to_contain_text("BND")
-        expect(page.get_by_text("Account ••••CC-1")).to_be_visible()
-        expect(page.locator("#drift + table")).to_contain_text("Outside band")
-        expect(page.locator("#tax + table")).to_contain_text("$20.00")
-        button = page.get_by_role("button", name="Approve these trades")
-        expect(button).to_be_visible()
-        # The inline styles apply under the page's CSP (green button), and nothing was refused.
-        assert button.evaluate("b => getComputedStyle(b).backgroundColor") == "rgb(26, 127, 55)"
-        page.screenshot(path=str(OUTPUT / "approve_page.png"), full_page=True)
-        assert api.status_of("REC-1") == "pending"  # opening it changed nothing
+    # The email, as the advisor's mail client shows it; they click Approve.
+    page.set_content(_alert_email_html(api, "REC-1"))
+    watch = Watch(page)
+    with page.expect_navigation():
+        page.get_by_role("link", name="Approve", exact=True).first.click()
+    approve_url = page.url
+    assert approve_url.startswith(f"{api.url}/links/")
+    expect(page.get_by_role("heading", name="Approve these trades?")).to_be_visible()
+    trades = page.locator("#trades + table tbody tr")
+    expect(trades).to_have_count(2)
+    expect(trades.nth(0)).to_contain_text("Sell")
+    expect(trades.nth(0)).to_contain_text("VTI")
+    expect(trades.nth(1)).to_contain_text("Buy")
+    expect(trades.nth(1)).to_contain_text("BND")
+    expect(page.get_by_text("Account ••••CC-1")).to_be_visible()
+    expect(page.locator("#drift + table")).to_contain_text("Outside band")
+    expect(page.locator("#tax + table")).to_contain_text("$20.00")
+    button = page.get_by_role("button", name="Approve these trades")
+    expect(button).to_be_visible()
+    # The inline styles apply under the page's CSP (green button), and nothing was refused.
+    assert button.evaluate("b => getComputedStyle(b).backgroundColor") == "rgb(26, 127, 55)"
+    page.screenshot(path=str(OUTPUT / "approve_page.png"), full_page=True)
+    assert api.status_of("REC-1") == "pending"  # opening it changed nothing
 
-        with page.expect_response(lambda r: r.request.method == "POST") as posted:
-            button.click()
-        assert posted.value.status == 201
-        expect(page.get_by_role("status")).to_have_text(APPROVED + ".")
-        expect(page.get_by_role("heading", name="Approved")).to_be_visible()
-        page.screenshot(path=str(OUTPUT / "approve_confirmation.png"), full_page=True)
-        assert api.status_of("REC-1") == "approved"
-        [row] = decision_rows(api, "REC-1")
-        assert (row["action"], row["actor_id"], row["via"]) == ("approve", "ADV-1", "link")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        button.click()
+    assert posted.value.status == 201
+    expect(page.get_by_role("status")).to_have_text(APPROVED + ".")
+    expect(page.get_by_role("heading", name="Approved")).to_be_visible()
+    page.screenshot(path=str(OUTPUT / "approve_confirmation.png"), full_page=True)
+    assert api.status_of("REC-1") == "approved"
+    [row] = decision_rows(api, "REC-1")
+    assert (row["action"], row["actor_id"], row["via"]) == ("approve", "ADV-1", "link")
 
-        # Opened again (or reloaded): already used.
-        again = page.goto(approve_url)
-        assert again.status == 410
-        expect(page.get_by_role("heading", name="This link has already been used")).to_be_visible()
-        expect(page.get_by_role("alert")).to_have_text("This link has already been used.")
-        page.screenshot(path=str(OUTPUT / "approve_link_already_used.png"), full_page=True)
-        assert len(decision_rows(api, "REC-1")) == 1
+    # Opened again (or reloaded): already used.
+    again = page.goto(approve_url)
+    assert again.status == 410
+    expect(page.get_by_role("heading", name="This link has already been used")).to_be_visible()
+    expect(page.get_by_role("alert")).to_have_text("This link has already been used.")
+    page.screenshot(path=str(OUTPUT / "approve_link_already_used.png"), full_page=True)
+    assert len(decision_rows(api, "REC-1")) == 1
 
-        assert all(url.startswith(api.url) for _, url in watch.requests if url.startswith("http")), watch.requests
-        assert watch.posts() == 1
-        assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
-    finally:
-        context.close()
+    assert all(url.startswith(api.url) for _, url in watch.requests if url.startswith("http")), watch.requests
+    assert watch.posts() == 1
+    assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
-def test_in_the_browser_defer_needs_a_reason(api, chromium):
+def test_in_the_browser_defer_needs_a_reason(api, page):
     from playwright.sync_api import expect
 
-    OUTPUT.mkdir(exist_ok=True)
-    context = chromium.new_context(viewport={"width": 1100, "height": 900}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    try:
-        watch = Watch(page)
-        opened = page.goto(f"{api.url}/links/{link(api, 'REC-5', 'defer')}")
-        assert opened.status == 200
-        expect(page.get_by_role("heading", name="Defer this recommendation")).to_be_visible()
-        reason = page.get_by_label("Reason")
-        defer = page.get_by_role("button", name="Defer")
+    watch = Watch(page)
+    opened = page.goto(f"{api.url}/links/{link(api, 'REC-5', 'defer')}")
+    assert opened.status == 200
+    expect(page.get_by_role("heading", name="Defer this recommendation")).to_be_visible()
+    reason = page.get_by_label("Reason")
+    defer = page.get_by_role("button", name="Defer")
 
-        # Empty: the browser itself refuses (required), nothing is sent.
+    # Empty: the browser itself refuses (required), nothing is sent.
+    defer.click()
+    assert reason.evaluate("t => t.validity.valueMissing") is True
+    assert watch.posts() == 0
+
+    # Blank (spaces pass `required`): the server refuses, the form comes back with the error.
+    reason.fill("   ")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
         defer.click()
-        assert reason.evaluate("t => t.validity.valueMissing") is True
-        assert watch.posts() == 0
+    assert posted.value.status == 422
+    expect(page.get_by_role("alert")).to_have_text("Defer needs a reason.")
+    expect(page.get_by_label("Reason")).to_have_attribute("aria-invalid", "true")
+    page.get_by_role("alert").scroll_into_view_if_needed()
+    page.screenshot(path=str(OUTPUT / "defer_error.png"), full_page=True)
+    assert api.status_of("REC-5") == "pending" and used_count(api) == 0
 
-        # Blank (spaces pass `required`): the server refuses, the form comes back with the error.
-        reason.fill("   ")
-        with page.expect_response(lambda r: r.request.method == "POST") as posted:
-            defer.click()
-        assert posted.value.status == 422
-        expect(page.get_by_role("alert")).to_have_text("Defer needs a reason.")
-        expect(page.get_by_label("Reason")).to_have_attribute("aria-invalid", "true")
-        page.get_by_role("alert").scroll_into_view_if_needed()
-        page.screenshot(path=str(OUTPUT / "defer_error.png"), full_page=True)
-        assert api.status_of("REC-5") == "pending" and used_count(api) == 0
-
-        page.get_by_label("Reason").fill("Client travelling; revisit after the holiday")
-        page.get_by_label("Defer until").fill("2026-11-25")
-        with page.expect_response(lambda r: r.request.method == "POST") as posted:
-            page.get_by_role("button", name="Defer").click()
-        assert posted.value.status == 201
-        expect(page.get_by_role("heading", name="Deferred until 25 Nov 2026 00:00 EST")).to_be_visible()
-        expect(page.get_by_text("Client travelling; revisit after the holiday")).to_be_visible()
-        page.screenshot(path=str(OUTPUT / "defer_confirmation.png"), full_page=True)
-        assert api.status_of("REC-5") == "deferred"
-        [row] = decision_rows(api, "REC-5")
-        assert (row["action"], row["via"], row["reason"]) == ("defer", "link",
-                                                              "Client travelling; revisit after the holiday")
-        assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
-    finally:
-        context.close()
+    page.get_by_label("Reason").fill("Client travelling; revisit after the holiday")
+    page.get_by_label("Defer until").fill("2026-11-25")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.get_by_role("button", name="Defer").click()
+    assert posted.value.status == 201
+    expect(page.get_by_role("heading", name="Deferred until 25 Nov 2026 00:00 EST")).to_be_visible()
+    expect(page.get_by_text("Client travelling; revisit after the holiday")).to_be_visible()
+    page.screenshot(path=str(OUTPUT / "defer_confirmation.png"), full_page=True)
+    assert api.status_of("REC-5") == "deferred"
+    [row] = decision_rows(api, "REC-5")
+    assert (row["action"], row["via"], row["reason"]) == ("defer", "link",
+                                                          "Client travelling; revisit after the holiday")
+    assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
-def test_in_the_browser_modify_from_the_review_link(api, chromium):
+def test_in_the_browser_modify_from_the_review_link(api, page):
     from playwright.sync_api import expect
 
-    OUTPUT.mkdir(exist_ok=True)
-    context = chromium.new_context(viewport={"width": 1100, "height": 900}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    try:
-        # The email's "Review or modify" button opens the review link.
-        page.set_content(_alert_email_html(api, "REC-1"))
-        watch = Watch(page)
-        with page.expect_navigation():
-            page.get_by_role("link", name="Review or modify").first.click()
-        review_url = page.url
-        assert review_url.startswith(f"{api.url}/links/")
-        expect(page.get_by_role("heading", name="Review the recommendation")).to_be_visible()
-        expect(page.get_by_role("heading", name="Change quantities")).to_be_visible()
-        sell = page.get_by_label("New quantity: Sell VTI")
-        buy = page.get_by_label("New quantity: Buy BND")
-        expect(sell).to_have_value("10")
-        expect(buy).to_have_value("20")
-        record = page.get_by_role("button", name="Record these quantities")
+    # The email's "Review or modify" button opens the review link.
+    page.set_content(_alert_email_html(api, "REC-1"))
+    watch = Watch(page)
+    with page.expect_navigation():
+        page.get_by_role("link", name="Review or modify").first.click()
+    review_url = page.url
+    assert review_url.startswith(f"{api.url}/links/")
+    expect(page.get_by_role("heading", name="Review the recommendation")).to_be_visible()
+    expect(page.get_by_role("heading", name="Change quantities")).to_be_visible()
+    sell = page.get_by_label("New quantity: Sell VTI")
+    buy = page.get_by_label("New quantity: Buy BND")
+    expect(sell).to_have_value("10")
+    expect(buy).to_have_value("20")
+    record = page.get_by_role("button", name="Record these quantities")
 
-        # A negative quantity: the browser refuses it itself (min 0), nothing is sent.
-        sell.fill("-3")
+    # A negative quantity: the browser refuses it itself (min 0), nothing is sent.
+    sell.fill("-3")
+    record.click()
+    assert sell.evaluate("i => i.validity.rangeUnderflow") is True
+    assert watch.posts() == 0
+
+    # An oversell: the server refuses it, the page comes back with the error and the typed values.
+    sell.fill("100")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
         record.click()
-        assert sell.evaluate("i => i.validity.rangeUnderflow") is True
-        assert watch.posts() == 0
+    assert posted.value.status == 422
+    expect(page.get_by_role("alert")).to_contain_text("only 70 held (no overselling)")
+    expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("100")
+    assert api.status_of("REC-1") == "pending" and used_count(api) == 0
 
-        # An oversell: the server refuses it, the page comes back with the error and the typed values.
-        sell.fill("100")
-        with page.expect_response(lambda r: r.request.method == "POST") as posted:
-            record.click()
-        assert posted.value.status == 422
-        expect(page.get_by_role("alert")).to_contain_text("only 70 held (no overselling)")
-        expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("100")
-        assert api.status_of("REC-1") == "pending" and used_count(api) == 0
+    # Opened afresh from the email; one quantity changed: buy 16 BND instead of 20.
+    assert page.goto(review_url).status == 200
+    expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("10")
+    page.get_by_label("New quantity: Buy BND").fill("16")
+    page.get_by_label("Reason").fill("Keep $200 in cash for the client's withdrawal")
+    page.locator("#decision").scroll_into_view_if_needed()
+    page.screenshot(path=str(OUTPUT / "review_modify_page.png"), full_page=True)
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.get_by_role("button", name="Record these quantities").click()
+    assert posted.value.status == 201
+    expect(page.get_by_role("heading", name="Modified", exact=True)).to_be_visible()
+    expect(page.get_by_role("status")).to_have_text(MODIFIED + ".")
+    recorded = page.locator("#modified-trades + table tbody tr")
+    expect(recorded).to_have_count(2)
+    expect(recorded.nth(1)).to_contain_text("BND")
+    expect(recorded.nth(1)).to_contain_text("16")
+    expect(recorded.nth(1)).to_contain_text("Changed")
+    expect(page.locator("#band-report + table")).to_contain_text("Inside band")
+    page.screenshot(path=str(OUTPUT / "modify_confirmation.png"), full_page=True)
+    assert api.status_of("REC-1") == "modified"
+    [row] = decision_rows(api, "REC-1")
+    assert (row["action"], row["actor_id"], row["via"]) == ("modify", "ADV-1", "link")
+    assert sorted((t["symbol"], t["quantity"]) for t in json.loads(row["payload"])["trades"]) == [
+        ("BND", 16), ("VTI", 10)]
 
-        # Opened afresh from the email; one quantity changed: buy 16 BND instead of 20.
-        assert page.goto(review_url).status == 200
-        expect(page.get_by_label("New quantity: Sell VTI")).to_have_value("10")
-        page.get_by_label("New quantity: Buy BND").fill("16")
-        page.get_by_label("Reason").fill("Keep $200 in cash for the client's withdrawal")
-        page.locator("#decision").scroll_into_view_if_needed()
-        page.screenshot(path=str(OUTPUT / "review_modify_page.png"), full_page=True)
-        with page.expect_response(lambda r: r.request.method == "POST") as posted:
-            page.get_by_role("button", name="Record these quantities").click()
-        assert posted.value.status == 201
-        expect(page.get_by_role("heading", name="Modified", exact=True)).to_be_visible()
-        expect(page.get_by_role("status")).to_have_text(MODIFIED + ".")
-        recorded = page.locator("#modified-trades + table tbody tr")
-        expect(recorded).to_have_count(2)
-        expect(recorded.nth(1)).to_contain_text("BND")
-        expect(recorded.nth(1)).to_contain_text("16")
-        expect(recorded.nth(1)).to_contain_text("Changed")
-        expect(page.locator("#band-report + table")).to_contain_text("Inside band")
-        page.screenshot(path=str(OUTPUT / "modify_confirmation.png"), full_page=True)
-        assert api.status_of("REC-1") == "modified"
-        [row] = decision_rows(api, "REC-1")
-        assert (row["action"], row["actor_id"], row["via"]) == ("modify", "ADV-1", "link")
-        assert sorted((t["symbol"], t["quantity"]) for t in json.loads(row["payload"])["trades"]) == [
-            ("BND", 16), ("VTI", 10)]
+    # The review link opens again (read-only now).
+    again = page.goto(review_url)
+    assert again.status == 200
+    expect(page.get_by_text("This link has already recorded a modification")).to_be_visible()
+    expect(page.get_by_role("button")).to_have_count(0)
 
-        # The review link opens again (read-only now).
-        again = page.goto(review_url)
-        assert again.status == 200
-        expect(page.get_by_text("This link has already recorded a modification")).to_be_visible()
-        expect(page.get_by_role("button")).to_have_count(0)
-
-        assert all(url.startswith(api.url) for _, url in watch.requests if url.startswith("http")), watch.requests
-        assert watch.posts() == 2
-        assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
-    finally:
-        context.close()
+    assert all(url.startswith(api.url) for _, url in watch.requests if url.startswith("http")), watch.requests
+    assert watch.posts() == 2
+    assert not [e for e in watch.errors if "Content Security Policy" in e or "Refused" in e], watch.errors
