@@ -339,12 +339,9 @@ def deliver_by_custodian(book_dir: Path, as_of: date, firm: str = "sandbox-ria")
                          f"{len(accounts_at.get(connection.custodian, ()))} accounts on "
                          f"sftp://127.0.0.1:{sftp_server.port}/{connection.sftp.remote_dir} (host key pinned)")
             for d in pull_and_convert(connection, settings.feed_root(), siblings):
-                lines.append(f"  pulled, archived, translated: {d.as_of} part in; "
-                             + (f"feed waits for {', '.join(d.assembly.waiting_for)}" if d.feed_dir is None
-                                else f"feed assembled → {d.feed_dir}"))
+                lines.append(f"  pulled, archived, translated: {d.as_of} part in; {d.assembly.describe()}")
         d = pull_from_api(api, as_of, settings.feed_root(), siblings)
         lines.append(f"{api.name}: {len(accounts_at.get('fidelity', ()))} accounts through the OAuth 2.0 API at "
                      f"{api_server.url} (authorization code → encrypted tokens; {len(d.raw_files)} pages archived)")
-        lines.append(f"  pulled: {d.as_of} part in; " + (f"feed waits for {', '.join(d.assembly.waiting_for)}"
-                                                         if d.feed_dir is None else f"feed assembled → {d.feed_dir}"))
+        lines.append(f"  pulled: {d.as_of} part in; {d.assembly.describe()}")
     return lines

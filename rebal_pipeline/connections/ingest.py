@@ -54,6 +54,11 @@ class Assembly:
     waiting_for: tuple[str, ...] = ()
     changed: bool = False            # the canonical folder was (re)written now
 
+    def describe(self) -> str:
+        if self.feed_dir is None:
+            return f"feed waits for {', '.join(self.waiting_for)}"
+        return f"feed {'assembled →' if self.changed else 'unchanged at'} {self.feed_dir}"
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -150,16 +155,12 @@ def pull_from_api(connection: Connection, as_of: dt.date, feed_root: Path,
     authorize rebal again (the caller raises the operations alert)."""
     from rebal_pipeline.connections.oauth_api import RAW_PAGES, CustodianApi, OAuthApiConfig, pull_day
 
+    # pull_day's folder is the part itself: it holds the four canonical files (plus the raw pages
+    # and its manifest) and is swapped in whole only once every page arrived.
     target = part_dir(connection, as_of)
-    pulled = target.parent / f".{as_of.isoformat()}.pull"
     with CustodianApi(OAuthApiConfig.from_connection(connection), **api_options) as api:
-        result = pull_day(api, as_of, pulled)
-    raw_files = {f"{p.name}": archive_raw(p, settings.archive_root())
-                 for p in sorted((pulled / RAW_PAGES).iterdir())}
-    with _staged_part(connection, as_of) as staging:
-        for name in dialects.CUSTODIAN_FILES:
-            shutil.copyfile(pulled / FEED_FILES[name].filename, staging / FEED_FILES[name].filename)
-        (staging / "pull_manifest.json").write_bytes((pulled / ".pull_manifest.json").read_bytes())
+        result = pull_day(api, as_of, target)
+    raw_files = {p.name: archive_raw(p, settings.archive_root()) for p in sorted((target / RAW_PAGES).iterdir())}
     return Delivery(connection.name, result.as_of, target, raw_files,
                     assemble_feed(siblings or [connection], as_of, feed_root))
 

@@ -45,16 +45,13 @@ from rebal_pipeline.connections.ingest import Delivery, part_is_complete, pull_a
 from rebal_pipeline.connections.oauth_api import ReauthorizationNeeded
 from rebal_pipeline.connections.sftp import list_remote, load_ledger
 from rebal_pipeline.core.feed_contract import FEED_FILES
+from rebal_pipeline.defs.comms.jobs import run_time, utc_now
 from rebal_pipeline.defs.drift.schedules import daily_drift_scan
 from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline.workflow.operations_alerts import raise_operations_alert
 from rebal_pipeline.workflow.schema import notifications
 
 Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def build_feed_deadlines_sensor(clock: Clock = utc_now):
@@ -91,12 +88,7 @@ def reauthorization_key(connection: str, as_of: date) -> str:
 
 
 def _describe(delivery: Delivery) -> str:
-    assembly = delivery.assembly
-    if assembly.feed_dir is None:
-        return (f"{delivery.connection}: {delivery.as_of} part in {delivery.part_dir}; the day's feed waits for "
-                f"{', '.join(assembly.waiting_for)}")
-    return (f"{delivery.connection}: {delivery.as_of} part in; the day's feed "
-            f"{'assembled into' if assembly.changed else 'unchanged at'} {assembly.feed_dir}")
+    return f"{delivery.connection}: {delivery.as_of} part in {delivery.part_dir}; {delivery.assembly.describe()}"
 
 
 @op(description="Pull a connection's new files (SFTP) or the day's pages (OAuth API), archive the raw input, "
@@ -109,11 +101,11 @@ def pull_connection(context: OpExecutionContext, config: PullConfig, workflow_st
     [connection] = matching
     siblings = connections.custodian_connections
     if connection.kind == "oauth_api":
-        as_of = date.fromisoformat(config.as_of) if config.as_of else expected_as_of(_run_time(config.now))
+        as_of = date.fromisoformat(config.as_of) if config.as_of else expected_as_of(run_time(config.now))
         try:
             deliveries = [pull_from_api(connection, as_of, settings.feed_root(), siblings)]
         except ReauthorizationNeeded as needed:
-            now = _run_time(config.now)
+            now = run_time(config.now)
             with workflow_store.open() as store, store.begin() as conn:
                 raised = raise_operations_alert(
                     conn, key=reauthorization_key(connection.name, as_of), alert="reauthorization_needed",
@@ -134,10 +126,6 @@ def pull_connection(context: OpExecutionContext, config: PullConfig, workflow_st
         "waiting_for": sorted({n for d in deliveries for n in d.assembly.waiting_for}),
     })
     return [d.as_of.isoformat() for d in deliveries]
-
-
-def _run_time(configured: str) -> datetime:
-    return datetime.fromisoformat(configured) if configured else utc_now()
 
 
 @job(description="Pull a custodian connection's data and assemble the day's canonical feed.")
