@@ -112,6 +112,10 @@ def _timed_pipeline(con, work: Path, timings: dict) -> None:
 
     stage_of = _stage_of_models()
     for model in load_project(settings.sql_dir()).values():
+        if model.name == "int_tlh_flags":  # reads rebal's basis ledger (defs/trades/basis.py), written first
+            from rebal_pipeline.defs.trades.basis import write_basis_ledger
+
+            write_basis_ledger(con, BENCH_AS_OF)
         t0 = time.perf_counter()
         materialize_model(con, model, BENCH_AS_OF)
         timings[stage_of[model.name]] += time.perf_counter() - t0

@@ -8,6 +8,7 @@ from datetime import date
 from pathlib import Path
 
 from rebal_pipeline import settings
+from rebal_pipeline.core.pii import mask_account  # account numbers in CLI output: last four only
 
 
 def _shock(text: str) -> dict[str, float]:
@@ -44,7 +45,7 @@ def cmd_sandbox(args) -> int:
     print(f"Wrote {report.feed_dir}: {report.households:,} households, {report.accounts:,} accounts, "
           f"{report.positions:,} positions, {report.lots:,} lots, {report.transactions:,} transactions")
     for defect in report.defects:
-        print(f"  injected defect {defect.kind}: {defect.file} [{defect.column}] account {defect.account_id}")
+        print(f"  injected defect {defect.kind}: {defect.file} [{defect.column}] account {mask_account(defect.account_id)}")
     return 0
 
 
@@ -117,33 +118,63 @@ def cmd_keep_washing_buy(args) -> int:
         return 2
     path = settings.wash_sale_overrides_path()
     record_override(path, override)
-    print(f"Recorded in {path}: {override.account_id} keeps its {override.symbol} buy on {override.as_of} "
+    print(f"Recorded in {path}: {mask_account(override.account_id)} keeps its {override.symbol} buy on {override.as_of} "
           f"({override.decided_by}). Re-run the day to update the proposals.")
     return 0
 
 
 def cmd_audit(args) -> int:
-    """Verify or export the audit chain of the workflow store."""
+    """Verify, anchor or export the audit record of the workflow store (workflow/audit.py)."""
+    from datetime import datetime, timezone
+
     from rebal_pipeline.workflow import audit
     from rebal_pipeline.workflow.store import WorkflowStore
 
     store = WorkflowStore.from_env()
-    store.migrate()
     try:
+        store.migrate()
         with store.begin() as conn:
             if args.audit_command == "verify":
                 result = audit.verify(conn)
                 print(result)
                 return 0 if result.ok else 1
-            try:
-                manifest = audit.export(conn, Path(args.out), date.today())
-            except ValueError as error:
-                print(f"rebal: not exported: {error}", file=sys.stderr)
-                return 1
-            print(f"Exported {manifest['events']} events to {manifest['folder']} (head {manifest['head_hash'][:16]}…)")
+            if args.audit_command == "anchor":
+                document = audit.anchor(conn, datetime.now(timezone.utc))
+                if document is None:
+                    print("The audit chain is empty: nothing to anchor.")
+                else:
+                    print(f"Anchored event {document['seq']} ({document['hash'][:16]}…, {document['events']} events) "
+                          f"in {document['file']}")
+                return 0
+            start = date.fromisoformat(args.date_from) if args.date_from else None
+            end = date.fromisoformat(args.date_to) if args.date_to else None
+            if start and end and start > end:
+                print(f"rebal: --from {start} is after --to {end}", file=sys.stderr)
+                return 2
+            manifest = audit.export(conn, Path(args.out), date.today(), start=start, end=end)
+            print(f"Exported {manifest['events']} events, {manifest['decisions']} decisions and "
+                  f"{manifest['packages']} packages to {manifest['folder']} "
+                  f"(head {manifest['head_hash'][:16]}…, manifest signed with key {manifest['key_id']})")
             return 0
+    except audit.AuditKeyError as error:
+        print(f"rebal: {error}", file=sys.stderr)
+        return 2
+    except audit.AuditBroken as error:
+        print(f"rebal: not {'anchored' if args.audit_command == 'anchor' else 'exported'}: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"rebal: cannot write {getattr(error, 'filename', '') or ''}: {error.strerror or error}", file=sys.stderr)
+        return 1
     finally:
         store.dispose()
+
+
+def _day(text: str) -> str:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+    return text
 
 
 def cmd_issue_token(args) -> int:
@@ -166,6 +197,66 @@ def cmd_issue_token(args) -> int:
     finally:
         store.dispose()
     print(token)
+    return 0
+
+
+def cmd_users_list(args) -> int:
+    """Everyone in the workflow store: role, active or not (when, by whom, why), team, token."""
+    from sqlalchemy import select
+
+    from rebal_pipeline.workflow.schema import advisor_team, users
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            rows = conn.execute(select(users).order_by(users.c.user_id)).mappings().all()
+            teams: dict[str, list[str]] = {}
+            for t in conn.execute(select(advisor_team).order_by(advisor_team.c.member_user_id)):
+                teams.setdefault(t.member_user_id, []).append(t.advisor_id)
+    finally:
+        store.dispose()
+    if not rows:
+        print("no users yet (they come from the feed's users.csv: run the day first)")
+        return 0
+    print(f"{'user':<16} {'role':<13} {'status':<9} {'team of':<16} {'team alerts':<11} {'token':<5} deactivated")
+    for u in rows:
+        gone = (f"{u['deactivated_at']:%Y-%m-%d %H:%M} by {u['deactivated_by']}: {u['deactivation_reason']}"
+                if u["deactivated_at"] else "")
+        print(f"{u['user_id']:<16} {u['role']:<13} {'active' if u['active'] else 'INACTIVE':<9} "
+              f"{','.join(teams.get(u['user_id'], [])) or '-':<16} "
+              f"{('on' if u['team_alerts'] else 'off') if u['role'] == 'advisor' else '-':<11} "
+              f"{'yes' if u['api_token_sha256'] else 'no':<5} {gone}".rstrip())
+    return 0
+
+
+def cmd_users_deactivate(args) -> int:
+    """Deactivate a user now, between feeds: their API token and links are refused at once."""
+    import getpass
+    from datetime import datetime, timezone
+
+    from rebal_pipeline.workflow import lifecycle
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    reason = (args.reason or "").strip()
+    if len(reason) < 10:
+        print("rebal: --reason must say why in at least 10 characters (it is kept in the audit trail)", file=sys.stderr)
+        return 2
+    store = WorkflowStore.from_env()
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            done = lifecycle.deactivate_user(conn, args.user_id, f"operations:{args.by or getpass.getuser()}", reason,
+                                             datetime.now(timezone.utc))
+    finally:
+        store.dispose()
+    if not done:
+        print(f"rebal: no active user {args.user_id} (see `rebal users list`)", file=sys.stderr)
+        return 1
+    print(f"{args.user_id} deactivated: API token and links refused from now on. It stays deactivated even while "
+          "users.csv lists it; its open recommendations go to the advisor of record in the next feed that names "
+          "another one.")
     return 0
 
 
@@ -229,6 +320,28 @@ def cmd_orders_executed(args) -> int:
     return 0
 
 
+def cmd_orders_cancel(args) -> int:
+    """The trading desk cancels a decision's staged orders: the account's ledger is released."""
+    from datetime import datetime, timezone
+
+    from rebal_pipeline.workflow.ledger import LedgerError, cancel
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    store = WorkflowStore.from_env()
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            count = cancel(conn, args.decision, args.by, args.reason, datetime.now(timezone.utc))
+    except LedgerError as error:
+        print(f"rebal: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    print(f"{count} orders of decision {args.decision} cancelled; the account's ledger is released" if count
+          else f"nothing left to cancel for decision {args.decision}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
@@ -274,9 +387,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("audit", help="verify or export the audit chain")
     audit_commands = p.add_subparsers(dest="audit_command", required=True)
-    audit_commands.add_parser("verify", help="recompute the hash chain; name the first broken event (exit 1)")
-    e = audit_commands.add_parser("export", help="write a dated archive (events + manifest of hashes)")
-    e.add_argument("--out", required=True, help="folder to write audit-<date>/ into")
+    audit_commands.add_parser("verify", help="check the keyed chain against its anchors, decisions and packages; "
+                              "name what is missing, altered or inserted (exit 1)")
+    audit_commands.add_parser("anchor", help="verify the chain and write its head to a write-once anchor file")
+    e = audit_commands.add_parser("export", help="write an examiner's archive: events, decisions, packages and a "
+                                  "signed manifest (docs/audit.md shows how to verify it without rebal)")
+    e.add_argument("--out", required=True, help="folder to write audit-<from>_<to>/ (or audit-<today>/) into")
+    e.add_argument("--from", dest="date_from", type=_day, help="first day YYYY-MM-DD (default: the first event)")
+    e.add_argument("--to", dest="date_to", type=_day, help="last day YYYY-MM-DD (default: the last event)")
     p.set_defaults(func=cmd_audit)
 
     p = commands.add_parser("api", help="serve the approval API (needs REBAL_LINK_SECRET, ≥ 32 bytes)")
@@ -289,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--by", required=True, help="the trading-desk user id")
     p.set_defaults(func=cmd_orders_executed)
 
+    p = commands.add_parser("orders-cancel", help="trading desk: cancel a decision's staged orders (releases the "
+                                                  "account for the next recommendation)")
+    p.add_argument("--decision", required=True)
+    p.add_argument("--by", required=True, help="the trading-desk or operations user id")
+    p.add_argument("--reason", required=True, help="why the orders are cancelled (recorded in the audit trail)")
+    p.set_defaults(func=cmd_orders_cancel)
+
     p = commands.add_parser("connections", help="custodian connections (connections.yaml)")
     connection_commands = p.add_subparsers(dest="connections_command", required=True)
     c = connection_commands.add_parser("authorize", help="authorize rebal at a custodian's OAuth API: without "
@@ -297,6 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--code", help="the code from the custodian's redirect")
     c.add_argument("--state", help="the state from the custodian's redirect")
     c.set_defaults(func=cmd_connections_authorize)
+
+    p = commands.add_parser("users", help="the people in the workflow store (from users.csv)")
+    users_commands = p.add_subparsers(dest="users_command", required=True)
+    u = users_commands.add_parser("list", help="everyone: role, active or not, team, token")
+    u.set_defaults(func=cmd_users_list)
+    u = users_commands.add_parser("deactivate", help="revoke a user at once (token and links refused), between feeds")
+    u.add_argument("user_id")
+    u.add_argument("--reason", required=True, help="why (at least 10 characters; kept in the audit trail)")
+    u.add_argument("--by", help="who is doing it (default: the login name)")
+    u.set_defaults(func=cmd_users_deactivate)
 
     p = commands.add_parser("issue-token", help="issue an approval-API token for a user (printed once)")
     p.add_argument("user_id")

@@ -10,13 +10,14 @@ from rebal_pipeline.defs.feed import assets as feed
 from rebal_pipeline.defs.trades import assets as trades
 from rebal_pipeline.defs.warehouse import assets as warehouse
 from rebal_pipeline.defs.workflow import assets as workflow
+from rebal_pipeline.defs.workflow import anchor as audit_record
 from rebal_pipeline.resources import local_resources
 
 
 def build_definitions() -> Definitions:
     """Definitions with resources read from the environment now (see settings.py)."""
     return Definitions(
-        assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets],
+        assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets, *audit_record.assets],
         jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs, *connections.jobs],
         schedules=[daily_drift_at_market_close],
         sensors=[*approvals.sensors, *comms.sensors, *connections.sensors],

@@ -15,6 +15,8 @@ from pathlib import Path
 import duckdb
 
 from rebal_pipeline import settings
+from rebal_pipeline.core.money import tax_effect_words
+from rebal_pipeline.core.pii import mask_account, masker
 
 LOCAL_INSTANCE_YAML = Path(__file__).resolve().parent / "instance" / "local_dagster.yaml"
 
@@ -22,10 +24,14 @@ LOCAL_INSTANCE_YAML = Path(__file__).resolve().parent / "instance" / "local_dags
 def prepare_local_instance() -> Path:
     """Point DAGSTER_HOME at the project-local embedded instance (created on first use)."""
     home = settings.dagster_home()
-    home.mkdir(parents=True, exist_ok=True)
+    from rebal_pipeline.core.private_files import private_dir
+    private_dir(home)  # run logs and event metadata hold client data: 0700 when created here
     if not (home / "dagster.yaml").exists():
         shutil.copyfile(LOCAL_INSTANCE_YAML, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
+    # The drill is a sandbox: without REBAL_AUDIT_KEY its audit chain is signed with the public
+    # sandbox key (workflow/audit.py), which production verification refuses.
+    os.environ.setdefault("REBAL_SANDBOX", "1")
     return home
 
 
@@ -89,6 +95,9 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
             [as_of, top],
         ).fetchall()
         rejects = q("select file, line, \"column\", value, reason from rejects where as_of = ? order by file, line, \"column\"")
+        # Every account number the summary could show (the book's and the rejected rows'): masked below.
+        accounts = [a for (a,) in con.execute("select account_id from stg_feed_accounts where as_of = $1 union "
+                                             "select account_id from rejects where as_of = $1", [as_of]).fetchall()]
         policy = q("select any_value(policy_version) from drift_policy where as_of = ?")[0][0]
         proposals = q(
             """select count(*), count(*) filter (where inside_bands), coalesce(sum(trade_count), 0),
@@ -98,9 +107,10 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         )[0]
         tax = q(
             """select coalesce(sum(st_gain), 0), coalesce(sum(lt_gain), 0), coalesce(sum(realized_loss), 0),
-                      coalesce(sum(est_tax), 0), coalesce(sum(trade_value), 0),
+                      coalesce(sum(est_tax_this_year), 0), coalesce(sum(trade_value), 0),
                       count(*) filter (where wait_for_long_term),
-                      coalesce(sum(tax_saved_by_waiting) filter (where wait_for_long_term), 0)
+                      coalesce(sum(tax_saved_by_waiting) filter (where wait_for_long_term), 0),
+                      coalesce(sum(loss_carryforward), 0)
                from recommendation_summary where as_of = ? and kind = 'rebalance'"""
         )[0]
         harvests = q(
@@ -110,11 +120,13 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
                       count(*) filter (where wash_sale_conflict)
                from tlh_candidates where as_of = ?"""
         )[0]
+        # A day without any wash sale writes wash_sales with only as_of and sale_id: nothing to count.
+        wash_columns = {row[0] for row in con.execute("describe wash_sales").fetchall()}
         washes = q(
             """select "when", count(*), coalesce(sum(disallowed_loss), 0),
                       count(*) filter (where loss_lost_permanently), count(*) filter (where disallowed_loss is null)
                from wash_sales where as_of = ? group by all order by all"""
-        )
+        ) if "when" in wash_columns else []
         substituted = q(
             "select count(*) from trade_proposals where as_of = ? and reason = 'substitute' and replaces_symbol is not null"
         )[0][0]
@@ -140,7 +152,7 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
     lines.append(f"  {'scope':<10}{'id':<14}{'advisor':<10}{'tier':<10}{'max drift':>10}  {'market value':>14}  breached classes")
     for scope, scope_id, advisor, tier, _urgency, max_drift, classes, mv in top_rows:
         lines.append(
-            f"  {scope:<10}{scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
+            f"  {scope:<10}{mask_account(scope_id) if scope == 'account' else scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
         )
     recs, inside, trade_count, reviews, households = proposals
     lines += [
@@ -150,13 +162,16 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         f"{inside:,} back inside every band after whole-share rounding, {recs - inside:,} explain the band "
         f"they cannot reach; {reviews:,} flagged for compliance review",
     ]
-    st, lt, loss, est_tax, traded, waits, saved = tax
+    st, lt, loss, est_tax, traded, waits, saved, carried = tax
     lots_proposed, lots_found, harvest_loss, harvest_recs, conflicts = harvests
     lines += [
         "",
         f"Tax impact of the rebalancing sells: short-term gain ${st:,.0f}, long-term gain ${lt:,.0f}, "
-        f"losses ${loss:,.0f}; estimated tax ${est_tax:,.0f} ({(est_tax / traded * 100) if traded else 0:.2f}% of "
-        f"${traded:,.0f} traded)",
+        # A saving is worded as one (core/money.py), never "$-121"; net losses beyond the IRC
+        # §1211(b) limit are carried forward (§1212(b)), not counted as this year's saving.
+        f"losses ${loss:,.0f}; {tax_effect_words(est_tax, places=0)} this year "
+        f"({(abs(est_tax) / traded * 100) if traded else 0:.2f}% of ${traded:,.0f} traded)"
+        + (f"; ${carried:,.0f} of net capital losses carried forward (IRC §1211(b) limit)" if carried >= 0.5 else ""),
         f"  wait for long-term advised on {waits:,} recommendations (about ${saved:,.0f} of tax saved by waiting)",
     ]
     for scope_id, reason in wait_examples:
@@ -178,7 +193,8 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         lines.append(f"  {file}:{line} [{column}] {value!r}: {reason}")
     if len(rejects) > 15:
         lines.append(f"  … {len(rejects) - 15} more in table rejects")
-    return DaySummary("\n".join(lines), alerts, len(rejects))
+    # Account numbers leave the warehouse as ••••1234 (core/pii.py); household ids stay as they are.
+    return DaySummary(masker(accounts)("\n".join(lines)), alerts, len(rejects))
 
 
 def workflow_summary(as_of: date) -> str:

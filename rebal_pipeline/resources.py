@@ -19,21 +19,52 @@ if TYPE_CHECKING:
     from rebal_pipeline.workflow.store import WorkflowStore
 
 
+# The Dagster concurrency pool of every step that opens the warehouse read-write: the daily
+# scan's assets (feed, warehouse, trades, workflow) and the approval run's warehouse reads
+# (`approval_gate`, `build_order_tickets`). dagster.yaml and instance/local_dagster.yaml limit
+# it to one run at a time (`concurrency: pools: granularity: run, default_limit: 1`).
+WAREHOUSE_POOL = "rebal_warehouse"
+
+
 class Warehouse(ConfigurableResource):
-    """The DuckDB warehouse file. Only Dagster runs write it (one writer process at a time)."""
+    """The DuckDB warehouse file. DuckDB lets one process open a file read-write (then no other
+    process may open it at all) or several processes read-only. Runs that open it read-write are
+    serialised by Dagster, not by retrying on the lock: their steps are in the `WAREHOUSE_POOL`
+    concurrency pool, which the shipped instance configs limit to one run at a time, and the
+    run queue (QueuedRunCoordinator, run by dagster-daemon) starts a queued run only when the
+    pool is free. So a backfill of many sessions runs them one after another, and the approval
+    gate's read waits in the queue until the daily run is done, then sees a finished day.
+
+    Why a run-level pool and not a read-only connection with a bounded wait, or a snapshot copy:
+    DuckDB refuses a read-only open while a writer holds the file, so a reader would have to
+    sleep and retry (which the issue rules out) or read a copy that is stale by construction and
+    doubles the disk at 1M accounts. An op-level pool would let two runs interleave their steps,
+    so the gate could read holdings half-way through a day's run; a run-level one cannot.
+
+    `read_only=True` is for readers outside the pool (the mailer's client contacts): they may
+    run side by side, and fail fast while a pooled run writes (their callers retry through the
+    outbox, comms/outbound.py)."""
 
     database: str
     # DuckDB's own cap (it spills to disk beyond it); keeps a 1M-account day within ~6 GB.
     memory_limit: str = "4GB"
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(self.database, config={"memory_limit": self.memory_limit})
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        from rebal_pipeline.core.private_files import make_private, private_dir
+
+        created = not Path(self.database).exists()
+        if not read_only:
+            private_dir(Path(self.database).parent)
+        con = duckdb.connect(self.database, read_only=read_only, config={"memory_limit": self.memory_limit})
+        if created and not read_only:
+            make_private(self.database)  # client names and emails: 0600 when rebal creates it
         try:
             yield con
         finally:
             con.close()
+            if created and not read_only:
+                make_private(self.database, f"{self.database}.wal")
 
 
 class FeedLocation(ConfigurableResource):

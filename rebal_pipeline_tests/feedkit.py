@@ -20,7 +20,7 @@ from dagster import DagsterInstance, materialize
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.feed.assets import assets as feed_assets
 from rebal_pipeline.defs.trades.assets import assets as trade_assets
-from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
+from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy, feed_data_quality_alert
 from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
 from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
 
@@ -138,7 +138,7 @@ class Workspace:
     def run_day(self, as_of: date = AS_OF, instance: DagsterInstance | None = None,
                 policy_file: Path | None = None, raise_on_error: bool = True):
         return materialize(
-            [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets],
+            [*feed_assets, drift_policy, *build_sql_assets(), feed_data_quality_alert, *trade_assets, *workflow_assets],
             partition_key=as_of.isoformat(),
             resources=self.resources(policy_file),
             instance=instance,

@@ -15,19 +15,27 @@ raw_rows as (
     where as_of = $as_of
       and _line in (select line from rule_violations where file = {{ literal(f.filename) }})
     {% endfor %}
+),
+all_problems as (
+    select as_of, file, line, "column", value, reason,
+           account_id, household_id, model_id, symbol, scope, scope_id
+    from {{ ref('feed_type_errors') }}
+    where as_of = $as_of
+    union all
+    select as_of, file, line, "column", value, reason,
+           account_id, household_id, model_id, symbol, scope, scope_id
+    from {{ ref('int_feed_duplicate_keys') }}
+    where as_of = $as_of
+    union all
+    select v.as_of, v.file, v.line, v."column",
+           coalesce(json_extract_string(r.raw, '$."' || v."column" || '"'), v.value) as value,
+           v.reason, v.account_id, v.household_id, v.model_id, v.symbol, v.scope, v.scope_id
+    from rule_violations v
+    left join raw_rows r using (file, line)
 )
+-- `value` stays exactly as written; the ids that say whom a problem affects are the ids they
+-- resolve to without leading/trailing whitespace ('ACC-1 ' affects account ACC-1: it is held
+-- out rather than scanned without the rejected row).
 select as_of, file, line, "column", value, reason,
-       account_id, household_id, model_id, symbol, scope, scope_id
-from {{ ref('feed_type_errors') }}
-where as_of = $as_of
-union all
-select as_of, file, line, "column", value, reason,
-       account_id, household_id, model_id, symbol, scope, scope_id
-from {{ ref('int_feed_duplicate_keys') }}
-where as_of = $as_of
-union all
-select v.as_of, v.file, v.line, v."column",
-       coalesce(json_extract_string(r.raw, '$."' || v."column" || '"'), v.value) as value,
-       v.reason, v.account_id, v.household_id, v.model_id, v.symbol, v.scope, v.scope_id
-from rule_violations v
-left join raw_rows r using (file, line)
+       {% for c in reference_columns %}nullif(regexp_replace({{ quote(c) }}, '^\s+|\s+$', '', 'g'), '') as {{ quote(c) }}{% if not loop.last %}, {% endif %}{% endfor %}
+from all_problems

@@ -200,6 +200,71 @@ violations as (
     select 'transactions.csv', _line, 'acquired_date', acquired_date::varchar,
         'shares acquired after the date they were sold', account_id, null, null, symbol, null, null
     from transactions where acquired_date > trade_date
+    union all
+    -- A transaction of an account the feed does not have: its wash-sale history would be lost
+    -- without anyone knowing (it used to be ignored silently).
+    select 'transactions.csv', t._line, 'account_id', t.account_id, 'unknown account_id (not in accounts.csv)',
+        t.account_id, null, null, t.symbol, null, null
+    from transactions t anti join accounts a using (account_id)
+    union all
+    -- Plausibility limits (docs/feed_contract.md, core/feed_contract.py PlausibilityLimits): values
+    -- the decimal format admits but no real feed has. Rejected like any bad row, so the account is
+    -- held out with the reason and the rest of the book is sized, taxed and published as usual.
+    select 'positions.csv', _line, 'quantity', quantity::varchar,
+        'quantity above the plausibility limit of {{ limits.max_quantity }}', account_id, null, null, symbol, null, null
+    from positions where quantity > {{ limits.max_quantity }}
+    union all
+    select 'lots.csv', _line, 'quantity', quantity::varchar,
+        'lot quantity above the plausibility limit of {{ limits.max_quantity }}', account_id, null, null, symbol, null, null
+    from lots where quantity > {{ limits.max_quantity }}
+    union all
+    select 'lots.csv', _line, 'cost_basis', cost_basis::varchar,
+        'cost basis above the plausibility limit of ${{ limits.max_cost_basis }}', account_id, null, null, symbol, null, null
+    from lots where cost_basis > {{ limits.max_cost_basis }}
+    union all
+    select 'transactions.csv', _line, 'quantity', quantity::varchar,
+        'quantity above the plausibility limit of {{ limits.max_quantity }}', account_id, null, null, symbol, null, null
+    from transactions where quantity > {{ limits.max_quantity }}
+    union all
+    select 'transactions.csv', _line, 'price', price::varchar,
+        'price above the plausibility limit of ${{ limits.max_price }}', account_id, null, null, symbol, null, null
+    from transactions where price > {{ limits.max_price }}
+    union all
+    select 'transactions.csv', _line, 'quantity', quantity::varchar,
+        'transaction value ' || printf('$%.2f', quantity::double * price::double)
+            || ' above the plausibility limit of ${{ limits.max_account_value }}', account_id, null, null, symbol, null, null
+    from transactions
+    where quantity::double * price::double > {{ limits.max_account_value }}
+      and quantity <= {{ limits.max_quantity }} and price <= {{ limits.max_price }}
+    union all
+    select 'transactions.csv', _line, 'cost_basis', cost_basis::varchar,
+        'cost basis above the plausibility limit of ${{ limits.max_cost_basis }}', account_id, null, null, symbol, null, null
+    from transactions where cost_basis > {{ limits.max_cost_basis }}
+    union all
+    select 'prices.csv', _line, 'close', close::varchar,
+        'price above the plausibility limit of ${{ limits.max_price }}', null, null, null, symbol, null, null
+    from prices where close > {{ limits.max_price }}
+    union all
+    select 'prices.csv', pr._line, 'close', pr.close::varchar,
+        'price below the plausibility limit of ${{ limits.min_price }} (rebal does not size trades in sub-penny prices)',
+        null, null, null, pr.symbol, null, null
+    from prices pr
+    anti join (select symbol from securities where security_type = 'cash') c using (symbol)
+    where pr.close > 0 and pr.close < {{ limits.min_price }}
+    union all
+    -- One account's market value, reported on its largest position.
+    select 'positions.csv', line, 'quantity', quantity::varchar,
+        'account market value ' || printf('$%.2f', account_value)
+            || ' above the plausibility limit of ${{ limits.max_account_value }}',
+        account_id, null, null, symbol, null, null
+    from (
+        select p._line as line, p.quantity, p.account_id, p.symbol,
+               sum(p.quantity::double * pr.close::double) over (partition by p.account_id) as account_value,
+               row_number() over (partition by p.account_id
+                                  order by p.quantity::double * pr.close::double desc, p._line) as rank
+        from positions p join prices pr using (symbol)
+    )
+    where rank = 1 and account_value > {{ limits.max_account_value }}
 )
 
 select $as_of::date as as_of, *

@@ -1,12 +1,14 @@
 -- Accounts held out of today's recommendations because of a data-quality problem: never
 -- silently dropped, always with the reason. A problem reaches an account directly (its own
 -- rows), through a household, model or symbol it depends on, or through an aggregated
--- household (which is rebalanced as one, so one bad account holds out all of it).
+-- household (which is rebalanced as one, so one bad account holds out all of it). Ids are the
+-- ones the problem resolves to (int_feed_problems trims whitespace: 'ACC-1 ' holds out ACC-1).
 with
 problems as (select * from {{ ref('int_feed_problems') }} where as_of = $as_of),
 accounts as (select * from {{ ref('stg_feed_accounts') }} where as_of = $as_of),
 households as (select * from {{ ref('stg_feed_households') }} where as_of = $as_of),
 positions as (select * from {{ ref('stg_feed_positions') }} where as_of = $as_of),
+models as (select * from {{ ref('stg_feed_models') }} where as_of = $as_of),
 problem_text as (
     select *, file || ' line ' || line::varchar || ' ' || "column" || ': ' || reason as detail
     from problems
@@ -30,6 +32,13 @@ direct as (
     union all
     select pos.account_id, p.detail
     from problem_text p join positions pos on pos.symbol = p.symbol
+    where p.file in ('securities.csv', 'prices.csv')
+    union all
+    -- ... and the accounts whose model would buy it (sized on a bad price, a trade would be absurd)
+    select a.account_id, p.detail
+    from problem_text p
+    join models m on m.symbol = p.symbol
+    join accounts a on a.model_id = m.model_id
     where p.file in ('securities.csv', 'prices.csv')
 ),
 held as (

@@ -2,8 +2,9 @@
 -- of the previous as-of date (the latest earlier partition of stg_feed_positions), explained by
 -- today's feed's transactions dated after that date and up to today (buy, reinvest, transfer_in
 -- add; sell, transfer_out subtract). A change the transactions do not explain, beyond 1e-6
--- shares, is a break. No previous partition (first day): no rows. Not reconciled: CASH (the feed
--- has no cash ledger: dividends, fees, interest and deposits are not transactions), accounts not
+-- shares, is a break. No previous partition (first day): no rows. Not reconciled: CASH amounts (the
+-- feed has no cash ledger: dividends, fees, interest and deposits are not transactions; only a cash
+-- position that vanishes without any transaction is a break, below), accounts not
 -- in both days' accounts.csv (opened or closed), and account/symbols whose positions or
 -- transactions rows were rejected (they already have a data-quality alert).
 with
@@ -87,6 +88,31 @@ reconciled as (
           select 1 from rejected r
           where r.account_id = k.account_id and (r.symbol is null or r.symbol = k.symbol)
       )
+),
+-- Cash is not reconciled by amount (see above), but a cash position that was there on the
+-- previous day and is gone today, in an account with no transaction at all since then, is a
+-- break: a missing CASH row would otherwise scan the account as fully invested.
+vanished_cash as (
+    select p.account_id, 'CASH' as symbol, d.previous_as_of, sum(p.quantity) as previous_quantity
+    from {{ ref('stg_feed_positions') }} p
+    join previous_day d on p.as_of = d.previous_as_of
+    where p.symbol = 'CASH'
+    group by all
+    having sum(p.quantity) <> 0
+),
+cash_breaks as (
+    select v.*
+    from vanished_cash v
+    where v.account_id in (select account_id from accounts_both_days)
+      and v.account_id not in (
+          select account_id from {{ ref('stg_feed_positions') }} where as_of = $as_of and symbol = 'CASH')
+      and v.account_id not in (
+          select t.account_id from {{ ref('stg_feed_transactions') }} t join previous_day d on t.trade_date > d.previous_as_of
+          where t.as_of = $as_of and t.trade_date <= $as_of)
+      and not exists (
+          select 1 from rejected r
+          where r.account_id = v.account_id and (r.symbol is null or r.symbol = 'CASH')
+      )
 )
 select
     $as_of::date as as_of,
@@ -102,3 +128,6 @@ select
     quantity - previous_quantity - explained_change as unexplained_change
 from reconciled
 where abs(quantity - previous_quantity - explained_change) > 0.000001
+union all
+select $as_of::date, account_id, symbol, previous_as_of, true, false, previous_quantity, 0, 0, 0, -previous_quantity
+from cash_breaks

@@ -19,6 +19,13 @@ select
     b.unexplained_change,
     b.transaction_count,
     case
+        when b.symbol = 'CASH' then
+            'Cash position disappeared: ' || b.account_id || ' held $' || {{ num('b.previous_quantity') }}
+            || ' in cash on ' || strftime(b.previous_as_of, '%Y-%m-%d') || ' and has no CASH row on '
+            || strftime($as_of::date, '%Y-%m-%d') || ', with no transaction recorded between the two dates; '
+            || 'the account would be scanned as if it held no cash.'
+        else
+    case
         when b.held_before and not b.held_now then 'Position disappeared: '
         when not b.held_before and b.held_now then 'New position: '
         when not b.held_before and not b.held_now then 'Transactions without a position: '
@@ -32,7 +39,8 @@ select
         else 'the ' || b.transaction_count::varchar || ' transaction(s) recorded between the two dates explain '
              || {{ signed('b.explained_change') }} || ' shares'
     end
-    || ', so ' || {{ signed('b.unexplained_change') }} || ' shares are unexplained.' as reason
+    || ', so ' || {{ signed('b.unexplained_change') }} || ' shares are unexplained.'
+    end as reason
 from {{ ref('int_reconciliation_breaks') }} b
 left join accounts a using (account_id)
 left join households hh using (household_id)

@@ -6,6 +6,8 @@ select
     name,
     email,
     role,
-    nullif(team_of, '') as team_of
+    nullif(team_of, '') as team_of,
+    -- On an advisor's row: their team (team_of) receives copies of their alerts (empty: not set).
+    case team_alerts when 'true' then true when 'false' then false end as team_alerts
 from {{ source('users') }}
 where as_of = $as_of and _type_ok

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Connection, insert, or_, select, text
+from sqlalchemy import Connection, case, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,12 +42,15 @@ from rebal_pipeline import settings
 from rebal_pipeline.approval_api import portal
 from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.approval_api.links import ID_PATTERN, LinkClaims, LinkError
+from rebal_pipeline.approval_api.request_body import (
+    MAX_BODY_BYTES, BodyRefused, StrictJSONRoute, declared_too_large, limited_receive, too_large,
+)
 from rebal_pipeline.approval_api.models import (
     MAX_DEFERRAL, BatchItemResult, BatchRequest, BatchResponse, Decision, DecisionRequest, DecisionResult, ErrorBody,
     Health, LinkUse, LinkView, ListQuery, Modification, RecommendationDetail, RecommendationList,
     RecommendationSummary,
 )
-from rebal_pipeline.workflow import lifecycle
+from rebal_pipeline.workflow import authority, ledger, lifecycle
 from rebal_pipeline.workflow.lifecycle import DecisionError
 from rebal_pipeline.workflow.package import RecommendationPackage, TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import ROLES, advisor_team, decisions, recommendations, used_links, users
@@ -55,7 +58,6 @@ from rebal_pipeline.workflow.store import WorkflowStore
 
 log = logging.getLogger("rebal.approval_api")
 
-MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_API_TOKEN_CHARS = 512
 READ_ONLY_ROLES = ("operations", "trading_desk")
 
@@ -115,15 +117,22 @@ _UNAUTHORISED = {401: {**_E, "description": "no API token, or an unknown one"}}
 _READ_ERRORS = {**_UNAUTHORISED, 403: {**_E, "description": "not one of your recommendations"},
                 404: {**_E, "description": "no such recommendation"},
                 422: {**_E, "description": "the request is not valid"}}
-_BAD_BODY = {400: {**_E, "description": "the body could not be read (not UTF-8 JSON)"}}
+# Every operation with a body: it is read (request_body.py) before authentication, so these
+# come before a 401, and nothing is recorded on any of them.
+_BAD_BODY = {400: {**_E, "description": "the body could not be read: it is not UTF-8 JSON (another encoding such "
+                                        "as UTF-16, a byte order mark, or bytes that are not UTF-8)"},
+             413: {**_E, "description": f"the body is larger than {MAX_BODY_BYTES} bytes (2 MiB), declared or "
+                                        "streamed; the connection is closed"}}
+_BAD_JSON = "malformed JSON, a key repeated in one object, NaN or Infinity"
 _DECIDE_ERRORS = {**_READ_ERRORS, **_BAD_BODY, 409: {**_E, "description": "a different decision is already recorded"},
-                  422: {**_E, "description": "the request is not valid, or the modified trades do not fit "
-                                              "(detail.errors lists why)"}}
+                  422: {**_E, "description": f"the request is not valid ({_BAD_JSON}, or not the schema), or the "
+                                              "modified trades do not fit (detail.errors lists why)"}}
 _LINK_ERRORS = {401: {**_E, "description": "the link is not genuine, or has expired"},
                 403: {**_E, "description": "the link's advisor may no longer act on this recommendation"},
                 404: {**_E, "description": "the recommendation no longer exists"},
                 410: {**_E, "description": "the link was already used (links are single-use)"},
-                422: {**_E, "description": "the request is not valid (e.g. a defer link without a reason)"}}
+                422: {**_E, "description": f"the request is not valid (e.g. a defer link without a reason; "
+                                            f"{_BAD_JSON})"}}
 LINK_WOULD = {
     "approve": "approve the proposed trades",
     "defer": "defer the recommendation (a reason is required)",
@@ -161,6 +170,7 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         ),
         default_response_class=AsciiJSONResponse,
     )
+    app.router.route_class = StrictJSONRoute  # JSON bodies read strictly (request_body.read_json)
     app.state.store = store
     app.state.clock = clock
     app.state.link_ttl = link_ttl
@@ -185,6 +195,10 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     @app.exception_handler(LinkError)
     async def _link_error(request: Request, exc: LinkError):
         return _error_for(request.scope, exc.status, exc.message)
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused):
+        return _error_for(request.scope, exc.status_code, exc.message, exc.body_detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -244,24 +258,18 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
             raise ApiError(404, f"no recommendation {recommendation_id}")
         return dict(rec)
 
+    # Who may do what: workflow/authority.py, the one rule the API, the portal, the lifecycle and
+    # the gate share. These wrappers only turn its refusals into this API's errors.
     def _may_read(conn: Connection, user: dict, rec: dict) -> bool:
-        # Compliance supervises everything; operations and the trading desk read, never decide.
-        if user["role"] in ("compliance", *READ_ONLY_ROLES):
-            return True
-        return user["role"] == "advisor" and lifecycle.may_act_for(conn, user, rec["advisor_id"])
-
-    def _decidable_statuses(user: dict) -> tuple[str, ...]:
-        """The statuses lifecycle.decide accepts a (non-escalate) decision on, for this user's role."""
-        return ("escalated",) if user["role"] == "compliance" else ("pending", "deferred", "escalated")
+        return authority.may_read(conn, user, rec)
 
     def _check_may_decide(conn: Connection, user: dict, rec: dict, action: str) -> None:
-        """lifecycle.decide's role rule, applied before the API computes anything from the package
-        (a modification's errors and band report must not reach someone who may not decide)."""
-        if user["role"] == "compliance":
-            if rec["status"] != "escalated" and action != "escalate":
-                raise DecisionError(403, "compliance decides escalated recommendations only")
-        elif user["role"] != "advisor" or not lifecycle.may_act_for(conn, user, rec["advisor_id"]):
-            raise DecisionError(403, "you may act only on recommendations for your own clients")
+        """authority's rule, applied before the API computes anything from the package (a
+        modification's errors and band report must not reach someone who may not decide)."""
+        refused = authority.refusal(conn, user, rec, action)
+        # A state conflict (409) is lifecycle.decide's to answer: it knows an idempotent repeat.
+        if refused is not None and refused.status != 409:
+            raise DecisionError(refused.status, refused.message)
 
     # -----------------------------------------------------------------------------------------
     # Deciding (shared by the single, batch and link endpoints)
@@ -275,7 +283,10 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         if action == "modify":
             rec = _load(conn, recommendation_id)
             _check_may_decide(conn, user, rec, action)
-            check = apply_modification(RecommendationPackage.model_validate_json(rec["package"]), list(trades or ()))
+            # The one validation of a trade list (package.validate_trades), as the gate applies it: the
+            # package's holdings net of what the accounts' open orders already claim (issue 12).
+            pkg = RecommendationPackage.model_validate_json(rec["package"])
+            check = apply_modification(pkg, list(trades or ()), ledger.reserved(conn, pkg.account_ids))
             if check.errors:
                 raise ApiError(422, "the modified trades cannot be accepted", {"errors": check.errors})
             payload = {"trades": [t.model_dump(mode="json") for t in check.trades],
@@ -326,9 +337,11 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     @app.get("/recommendations", response_model=RecommendationList, tags=["recommendations"],
              responses={**_UNAUTHORISED, 422: _READ_ERRORS[422]})
     def list_recommendations(user: User, q: Annotated[ListQuery, Query()]) -> RecommendationList:
+        """The caller's queue: summaries (no packages; GET /recommendations/{id} has the package),
+        most urgent first (high, medium, low), then oldest first (the escalation clock)."""
         status, limit, offset = q.status, q.limit, q.offset
         r = recommendations.c
-        query = select(recommendations)
+        query = select(*_SUMMARY_COLUMNS)
         wanted = status
         if user["role"] == "advisor":
             teams = select(advisor_team.c.advisor_id).where(advisor_team.c.member_user_id == user["user_id"])
@@ -336,7 +349,7 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         elif user["role"] == "compliance":
             wanted = "escalated" if status == "pending" else status
             query = query.where(r.escalated_at.is_not(None))
-        query = query.where(r.status == wanted).order_by(r.clock_started_at, r.recommendation_id)
+        query = query.where(r.status == wanted).order_by(_URGENCY_RANK, r.clock_started_at, r.recommendation_id)
         with store.begin() as conn:
             rows = conn.execute(query.limit(limit + 1).offset(offset)).mappings().all()
         more = len(rows) > limit
@@ -352,12 +365,13 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
                 raise ApiError(403, "not one of your recommendations")
             rows = conn.execute(select(decisions).where(decisions.c.recommendation_id == recommendation_id)
                                 .order_by(decisions.c.decision_seq)).mappings().all()
+            refusal = lifecycle.last_gate_refusal(conn, recommendation_id)
         return RecommendationDetail(
             recommendation_id=rec["recommendation_id"], status=rec["status"], advisor_id=rec["advisor_id"],
             clock_started_at=_utc(rec["clock_started_at"]), deferred_until=_utc(rec["deferred_until"]),
             escalated_at=_utc(rec["escalated_at"]), escalated_to=rec["escalated_to"], supersedes=rec["supersedes"],
             superseded_by=rec["superseded_by"], package=RecommendationPackage.model_validate_json(rec["package"]),
-            decisions=[_decision(d) for d in rows])
+            decisions=[_decision(d) for d in rows], last_gate_refusal=refusal)
 
     @app.post("/recommendations/{recommendation_id}/decisions", status_code=201, response_model=DecisionResult,
               tags=["decisions"], responses={
@@ -372,8 +386,9 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         return result
 
     @app.post("/decisions/batch", response_model=BatchResponse, tags=["decisions"], responses={
-        **_UNAUTHORISED, **_BAD_BODY, 422: {**_E, "description": "the document is malformed (nothing was recorded); a "
-                                                     "decision refused on its merits is reported in its item"}})
+        **_UNAUTHORISED, **_BAD_BODY, 422: {**_E, "description": f"the document is malformed ({_BAD_JSON}, or not the "
+                                                     "schema; nothing was recorded); a decision refused on its merits "
+                                                     "is reported in its item"}})
     def post_batch(body: BatchRequest, user: User) -> BatchResponse:
         results = []
         for index, item in enumerate(body.items):
@@ -411,7 +426,9 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     def _link_user(conn: Connection, claims: LinkClaims, rec: dict) -> dict:
         row = conn.execute(select(users).where(users.c.user_id == claims.advisor_id)).mappings().first()
         if row is None or not row["active"]:
-            raise ApiError(403, "the advisor of this link may no longer act on recommendations")
+            now_with = f" it is now with {rec['advisor_id']}" if rec["advisor_id"] != claims.advisor_id else ""
+            raise ApiError(403, f"this link was sent to {claims.advisor_id}, who is no longer an active user: it "
+                                f"cannot be used any more{';' if now_with else ''}{now_with}")
         user = dict(row)
         if claims.action != "review":
             _check_may_decide(conn, user, rec, claims.action)
@@ -457,12 +474,10 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
         checks: who may decide (_check_may_decide), and the statuses a decision can be recorded on."""
         if _is_used(conn, claims.link_id):
             return "this link has already recorded a modification (each link records one)"
-        try:
-            _check_may_decide(conn, user, rec, "modify")
-        except DecisionError as exc:
-            return exc.message
-        if rec["status"] not in _decidable_statuses(user):
-            return f"the recommendation is already {rec['status'].replace('_', ' ')}"
+        refused = authority.refusal(conn, user, rec, "modify")
+        if refused is not None:
+            return (f"the recommendation is already {rec['status'].replace('_', ' ')}" if refused.status == 409
+                    else refused.message)
         if not _package(rec).trades:
             return "no trades are proposed"
         return None
@@ -472,13 +487,16 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
                    wrong_fields: set[str] | None = None) -> Response:
         rec, user = _open_link(claims)
         refused = None
-        if claims.action == "review":
-            with store.begin() as conn:
+        with store.begin() as conn:
+            if claims.action == "review":
                 refused = _why_no_modify(conn, claims, user, rec)
+            gate_refusal = (lifecycle.last_gate_refusal(conn, claims.recommendation_id)
+                            if rec["status"] in lifecycle.OPEN else None)
         return portal.link_page(claims=claims, summary=_summary(rec), package=_package(rec),
                                 would=LINK_WOULD[claims.action], advisor_name=user.get("name"), now=clock(),
                                 error=error, values=values, status=status, errors=errors, modify_refused=refused,
-                                wrong_fields=wrong_fields or set())
+                                wrong_fields=wrong_fields or set(),
+                                gate_refusal=gate_refusal["reason"] if gate_refusal else None)
 
     def _modify_by_link(claims: LinkClaims, fields: dict[str, str], now: datetime) -> tuple[dict, DecisionResult]:
         """The review page's quantities form: a modify decision as the link's advisor (via=link).
@@ -578,6 +596,11 @@ def _methods_for(request: Request) -> list[str]:
     return sorted(methods)
 
 
+# The queue reads the summary's columns only: never the package (large JSON, per row).
+_SUMMARY_COLUMNS = [recommendations.c[name] for name in RecommendationSummary.model_fields]
+_URGENCY_RANK = case({"high": 0, "medium": 1, "low": 2}, value=recommendations.c.urgency, else_=3)
+
+
 def _summary(rec: Any) -> RecommendationSummary:
     return RecommendationSummary(
         recommendation_id=rec["recommendation_id"], advisor_id=rec["advisor_id"], as_of=rec["as_of"],
@@ -622,7 +645,10 @@ def _log_unhandled(exc: BaseException, method: str, route: str, where: str = "")
 
 
 class _Guard:
-    """Pure ASGI middleware around the routes (inside Starlette's error middleware)."""
+    """Pure ASGI middleware around the routes (inside Starlette's error middleware): the body
+    limit (request_body.py: a declared Content-Length above it is refused unread, a stream is
+    counted as it arrives and refused at the limit; both before routing and authentication), a
+    request id, the access log without secrets, last-resort errors."""
 
     def __init__(self, app):
         self.app = app
@@ -633,18 +659,7 @@ class _Guard:
             return
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:12]
-        state = {"status": None}
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > MAX_BODY_BYTES
-                except ValueError:
-                    too_big = True
-                if too_big:
-                    response = _error_for(scope, 413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-                    await response(scope, receive, send)
-                    log.info("%s %s 413 request=%s", scope["method"], _route_of(scope), request_id)
-                    return
+        state = {"status": None, "too_large": False}
 
         async def _send(message):
             if message["type"] == "http.response.start":
@@ -654,7 +669,15 @@ class _Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, _send)
+            if declared_too_large(scope.get("headers", ())):
+                state["too_large"], refused = True, too_large()
+                response = _error_for(scope, 413, refused.message, refused.body_detail, refused.headers)
+                await response(scope, receive, _send)
+                return
+            await self.app(scope, limited_receive(receive, state), _send)
+        except BodyRefused as exc:  # the limit crossed outside FastAPI's handlers (none today)
+            if state["status"] is None:
+                await _error_for(scope, exc.status_code, exc.message, exc.body_detail, exc.headers)(scope, receive, _send)
         except Exception as exc:
             _log_unhandled(exc, scope.get("method", "?"), _route_of(scope), f"request={request_id}")
             if state["status"] is None:
@@ -666,8 +689,9 @@ class _Guard:
                 await response(scope, receive, send)
                 state["status"] = 500
         finally:
-            log.info("%s %s %s %.0fms request=%s", scope.get("method"), _route_of(scope), state["status"],
-                     (time.perf_counter() - started) * 1000, request_id)
+            log.info("%s %s %s %.0fms request=%s%s", scope.get("method"), _route_of(scope), state["status"],
+                     (time.perf_counter() - started) * 1000, request_id,
+                     " (body over the limit)" if state["too_large"] else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from rebal_pipeline.approval_api.links import ID_PATTERN, LINK_ACTIONS
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage, TradeChange
 
 STATUSES = ("pending", "approved", "modified", "deferred", "escalated", "auto_approved", "executed",
-            "refused_by_gate", "superseded", "resolved_by_market")
+            "partially_executed", "cancelled", "refused_by_gate", "superseded", "resolved_by_market",
+            "blocked_by_open_orders", "historical")
 MAX_REASON = 2000
 MAX_TRADES = 200
 MAX_BATCH = 200
@@ -98,7 +99,23 @@ class EscalateRequest(_In):
     reason: RequiredReason
 
 
-DecisionRequest = Annotated[Union[ApproveRequest, ModifyRequest, DeferRequest, EscalateRequest],
+class ReturnToAdvisorRequest(_In):
+    """Compliance hands an escalated recommendation back to the advisor (back to pending)."""
+
+    action: Literal["return_to_advisor"]
+    reason: RequiredReason
+
+
+class CommentRequest(_In):
+    """A note on the recommendation (the advisor, their team, compliance): recorded and audited,
+    it changes nothing — e.g. the advisor's word on one they escalated."""
+
+    action: Literal["comment"]
+    reason: RequiredReason = Field(description="the comment")
+
+
+DecisionRequest = Annotated[Union[ApproveRequest, ModifyRequest, DeferRequest, EscalateRequest,
+                                  ReturnToAdvisorRequest, CommentRequest],
                             Field(discriminator="action")]
 
 
@@ -118,7 +135,16 @@ class BatchEscalate(EscalateRequest):
     recommendation_id: Id
 
 
-BatchItem = Annotated[Union[BatchApprove, BatchModify, BatchDefer, BatchEscalate], Field(discriminator="action")]
+class BatchReturnToAdvisor(ReturnToAdvisorRequest):
+    recommendation_id: Id
+
+
+class BatchComment(CommentRequest):
+    recommendation_id: Id
+
+
+BatchItem = Annotated[Union[BatchApprove, BatchModify, BatchDefer, BatchEscalate, BatchReturnToAdvisor, BatchComment],
+                      Field(discriminator="action")]
 
 
 class BatchRequest(_In):
@@ -184,7 +210,8 @@ class BatchResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 ListStatus = Literal["pending", "approved", "modified", "deferred", "escalated", "auto_approved", "executed",
-                     "refused_by_gate", "superseded", "resolved_by_market"]
+                     "partially_executed", "cancelled", "refused_by_gate", "superseded", "resolved_by_market",
+                     "blocked_by_open_orders", "historical"]
 
 
 class ListQuery(_In):
@@ -220,6 +247,14 @@ class RecommendationList(BaseModel):
     next_offset: int | None = Field(description="offset of the next page, if there may be one")
 
 
+class GateRefusal(BaseModel):
+    decision_id: str
+    action: str
+    actor_id: str
+    reason: str | None
+    checked_at: datetime | None
+
+
 class RecommendationDetail(BaseModel):
     recommendation_id: str
     status: str
@@ -232,6 +267,9 @@ class RecommendationDetail(BaseModel):
     superseded_by: str | None
     package: RecommendationPackage
     decisions: list[Decision]
+    # Issue 12: why the approval gate last refused a decision on it (None: never), so whoever
+    # decides it now sees why the previous approval did not execute.
+    last_gate_refusal: GateRefusal | None = None
 
 
 # ---------------------------------------------------------------------------------------------

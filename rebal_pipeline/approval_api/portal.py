@@ -40,6 +40,7 @@ from rebal_pipeline.approval_api.models import (
 )
 from rebal_pipeline.comms import emails
 from rebal_pipeline.comms.chart import class_label
+from rebal_pipeline.core.pii import mask_account
 from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage, TradeChange
 
@@ -194,7 +195,7 @@ def quantity_fields(fields: Mapping[str, str]) -> dict[str, str]:
 
 
 def _trade_label(trade: PackageTrade, masked: Mapping[str, str]) -> str:
-    account = masked.get(trade.account_id, emails.mask_account(trade.account_id))
+    account = masked.get(trade.account_id, mask_account(trade.account_id))
     return f"{trade.side.capitalize()} {trade.symbol} ({account})"
 
 
@@ -379,7 +380,7 @@ def _quantity_rows(package: RecommendationPackage, values: Mapping[str, str], wr
     for index, t in ordered:
         name = f"{QTY_PREFIX}{index}"
         rows.append({
-            "name": name, "account": masked.get(t.account_id, emails.mask_account(t.account_id)),
+            "name": name, "account": masked.get(t.account_id, mask_account(t.account_id)),
             "side": t.side.capitalize(), "symbol": t.symbol, "price": emails.money(t.est_price),
             "proposed": emails.quantity(t.quantity), "value": values.get(name, _plain_quantity(t.quantity)),
             "invalid": name in wrong, "label": _trade_label(t, masked),
@@ -390,8 +391,8 @@ def _quantity_rows(package: RecommendationPackage, values: Mapping[str, str], wr
 def link_page(*, claims: LinkClaims, summary: RecommendationSummary, package: RecommendationPackage, would: str,
               advisor_name: str | None, now: datetime, error: str | None = None,
               values: Mapping[str, str] | None = None, status: int = 200, errors: list[str] | None = None,
-              modify_refused: str | None = None, wrong_fields: set[str] | frozenset[str] = frozenset()
-              ) -> HTMLResponse:
+              modify_refused: str | None = None, wrong_fields: set[str] | frozenset[str] = frozenset(),
+              gate_refusal: str | None = None) -> HTMLResponse:
     """The link's page: the recommendation and, for a decision link, the form posting it back.
     A review link's page offers the quantities form unless modify_refused says why it cannot
     (one line); errors lists the problems of a refused form (account ids masked)."""
@@ -411,6 +412,8 @@ def link_page(*, claims: LinkClaims, summary: RecommendationSummary, package: Re
         default_defer_days=LifecyclePolicy().default_defer_days,
         may_modify=may_modify, modify_refused=mask(modify_refused) if modify_refused else None,
         quantity_rows=_quantity_rows(package, values, set(wrong_fields)) if may_modify else [],
+        # Issue 12: why the approval gate refused the last approval (the recommendation is back).
+        gate_refusal=mask(gate_refusal) if gate_refusal else None,
     )
 
 
@@ -425,7 +428,7 @@ def _modification_view(modification: Modification, package: RecommendationPackag
         price = (now or base).est_price
         quantity = now.quantity if now else 0.0
         rows.append({
-            "account": masked.get(key[0], emails.mask_account(key[0])), "side": key[2].capitalize(), "symbol": key[1],
+            "account": masked.get(key[0], mask_account(key[0])), "side": key[2].capitalize(), "symbol": key[1],
             "proposed": emails.quantity(base.quantity) if base else "\u2014", "quantity": emails.quantity(quantity),
             "price": emails.money(price), "value": emails.money(now.est_value if now else 0.0),
             "changed": base is None or abs(base.quantity - quantity) > 1e-9, "dropped": now is None,

@@ -46,6 +46,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from rebal_pipeline.comms import chart as drift_chart_module
 from rebal_pipeline.comms.chart import DISPLAY_HEIGHT_PX, DISPLAY_WIDTH_PX, class_label, is_outside
+from rebal_pipeline.core.money import carryforward_words, tax_effect, tax_effect_words
+from rebal_pipeline.core.pii import mask_account
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage
 
 log = logging.getLogger("rebal.comms.emails")
@@ -54,7 +56,6 @@ ALERT_ACTIONS = ("approve", "review", "defer", "escalate")
 ConfirmationStyle = Literal["simple", "detailed"]
 SIMPLE_CONFIRMATION = "Your portfolio has been rebalanced to align with your investment plan."
 
-_MASK = "\u2022" * 4  # ••••
 
 # ---------------------------------------------------------------------------------------------
 # Number and text formatting (the template filters)
@@ -113,11 +114,7 @@ def quantity(value) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def mask_account(number: str) -> str:
-    """••••1234: the last four characters only when the number is longer than four (a short
-    number is masked whole), nothing else of it ever reaches an email."""
-    digits = str(number).strip()
-    return _MASK + (digits[-4:] if len(digits) > 4 else "")
+# mask_account (••••1234) lives in core/pii.py: emails, logs, metadata and the CLI mask alike.
 
 
 def day(value) -> str:
@@ -283,7 +280,14 @@ def _tax_view(package: RecommendationPackage) -> dict:
         return _number(tax.get(key)) or 0.0
 
     trade_value = amount("trade_value") or sum(t.est_value for t in package.trades)
-    est_tax = amount("est_tax")
+    # This year's figure (net capital loss limited by IRC §1211(b)); packages published before it
+    # existed carry only est_tax. A saving is worded as one (core/money.py), never as a negative tax.
+    est_tax = amount("est_tax_this_year") if tax.get("est_tax_this_year") is not None else amount("est_tax")
+    effect = tax_effect(est_tax)
+    household = _number(tax.get("household_est_tax_this_year"))
+    household_carry = amount("household_loss_carryforward")
+    show_household = package.scope != "household" and household is not None and (
+        round(household, 2) != round(est_tax, 2) or round(household_carry, 2) != round(amount("loss_carryforward"), 2))
     return {
         "known": bool(tax),
         "trade_value": money(trade_value),
@@ -292,9 +296,16 @@ def _tax_view(package: RecommendationPackage) -> dict:
         "realized_loss": money(amount("realized_loss")),
         "wash_sale_disallowed": money(amount("wash_sale_disallowed")),
         "has_disallowed": amount("wash_sale_disallowed") > 0,
-        "est_tax": money(est_tax), "saving": est_tax < 0,
-        "net_tax_pct": percent(tax["net_tax_pct"]) if tax.get("net_tax_pct") is not None
-        else percent(est_tax / trade_value if trade_value else 0.0),
+        "est_tax": effect.amount, "saving": effect.saving,
+        "est_tax_label": effect.label.capitalize() + " this year",
+        "est_tax_words": effect.words,
+        "est_tax_cell": ("saving " if effect.saving else "") + effect.amount,
+        "carryforward": carryforward_words(amount("loss_carryforward")),
+        "household_tax": (tax_effect_words(household) + " this year for the household (all of today's "
+                          "recommendations)" + (f"; {carryforward_words(household_carry)}" if household_carry > 0
+                                                 else "")) if show_household else None,
+        "net_tax_pct": percent(abs(_number(tax["net_tax_pct"]) or 0.0)) if tax.get("net_tax_pct") is not None
+        else percent(abs(est_tax / trade_value) if trade_value else 0.0),
         "wait": bool(tax.get("wait_for_long_term")),
         "wait_until": day(tax.get("wait_until")) if tax.get("wait_until") else None,
         "tax_saved_by_waiting": money(tax["tax_saved_by_waiting"]) if tax.get("tax_saved_by_waiting") else None,

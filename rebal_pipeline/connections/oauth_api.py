@@ -226,7 +226,9 @@ class OAuthApiConfig:
     backoff_max: float = 60.0
     max_retry_after: float = 300.0
     timeout: float = 30.0
-    transactions_lookback_days: int = 45  # the contract asks for at least 31
+    # The contract asks for at least the last 61 days (issue 14): a loss sold 30 days ago is
+    # washed by a purchase up to 30 days before that sale (IRC §1091(a)).
+    transactions_lookback_days: int = 61
 
     @classmethod
     def from_connection(cls, connection, *, environ=os.environ, **overrides) -> "OAuthApiConfig":

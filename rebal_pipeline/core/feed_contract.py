@@ -21,6 +21,24 @@ BOOL_VALUES = ("true", "false")
 
 
 @dataclass(frozen=True)
+class PlausibilityLimits:
+    """Values the decimal format admits but no real feed has (docs/feed_contract.md, "Plausibility
+    limits"). A row beyond them is a data-quality reject like any other: its account is held out
+    of the day with the reason, and the rest of the book is scanned, sized and published. They
+    keep every downstream step inside what its arithmetic can represent (trade quantities are
+    sized as integer hundred-millionths of a share, at most 9.2e10 shares)."""
+
+    max_quantity: int = 1_000_000_000  # shares (units) in one position, lot or transaction
+    min_price: str = "0.01"  # dollars: a close under one cent (not CASH) is not a price rebal trades at
+    max_price: int = 1_000_000  # dollars per share (the dearest listed share is under $1M)
+    max_account_value: int = 500_000_000  # dollars: one account's market value; also one transaction's value
+    max_cost_basis: int = 1_000_000_000  # dollars: one lot's (or one sale's) total cost basis
+
+
+PLAUSIBILITY = PlausibilityLimits()
+
+
+@dataclass(frozen=True)
 class Column:
     name: str
     kind: ColumnKind
@@ -78,6 +96,9 @@ FEED_FILES: dict[str, FeedFile] = {
                 # Optional team routing: this user works on (is notified of, may decide for)
                 # the named advisor's clients.
                 Column("team_of", "id", required=False, nullable=True),
+                # Optional, on an advisor's row: their team members (team_of) also receive the
+                # advisor's alert emails (each with their own links). Empty or absent = false.
+                Column("team_alerts", "bool", required=False, nullable=True),
             ),
             key=("user_id",),
             doc="Advisors, compliance officers, trading desk and operations staff.",
@@ -205,7 +226,8 @@ FEED_FILES: dict[str, FeedFile] = {
                 Column("acquired_date", "date", required=False, nullable=True),
             ),
             key=(),
-            doc="At least the last 31 days (the wash-sale look-back).",
+            doc="At least the last 61 days (the wash-sale look-back: a loss sold 30 days ago is washed by a "
+                "purchase up to 30 days before that sale, IRC §1091(a)).",
         ),
     )
 }

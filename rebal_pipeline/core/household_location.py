@@ -12,6 +12,7 @@ dollars bought / sold and x = current + b - s the dollars held after rebalancing
     sum_a x[a,c] = target_weight[h,c] * household value   (the household hits its targets)
     s[a,c] <= current[a,c]                                (so x >= 0)
     b[a,c] = s[a,c] = 0 for a barred (account, class)     (frozen, as the sizing core does)
+    sum_{a,c} s[a,c] <= max_turnover_fraction * household value   (policy cap, when set)
     minimise  sum location_penalty[type(a), c] * x[a,c]
             + gain_penalty * max(gain_ratio[a,c], 0) * s[a,c]   (taxable accounts only)
             + turnover_penalty * (b[a,c] + s[a,c])
@@ -22,6 +23,25 @@ what the household no longer wants in that account).
 Units: each household block is solved in fractions of its own value (dollars / household value);
 dividing a block's rows and objective by a positive constant does not change its optimum, and it
 keeps HiGHS's absolute tolerances (1e-7) meaningful for $10k and $100M households alike.
+
+Turnover cap (policy `household_location.max_turnover_fraction`): a household whose targets need
+more sales than the cap moves as far toward them as the cap allows (the class rows' elastic slack
+below absorbs the rest; account rows' slack costs more, so every account keeps its value) and its
+status says so: "turnover cap: reaching the household's targets would sell more than 25% of its
+value ...; $X is sold now and the rest waits for a later rebalance (<class> would be $Y over its
+target; ...)". The caller shows that status in the recommendation's `unresolved`.
+
+No gain realised for nothing in a taxable account. The LP works on classes: a taxable cell it
+leaves unchanged has b = s = 0 (both cost turnover). But the sizing core then splits each class
+target over the model's securities, so a taxable account whose equity is all VTI, under a model
+of VTI + VXUS, would sell VTI (realising its gain) to buy VXUS although its class mix is
+unchanged — the $4.6K of gains of issue 14. `hold_taxable_classes` (the unpack step) gives the
+sizer, for each class of a taxable household account, security weights that keep what is held:
+a class the LP leaves or reduces keeps its securities in their current proportions (a reduction
+is sold cheapest-tax first by the sizer's rule 3t), and a class the LP increases keeps every
+holding and spreads only the increase over the model's securities of the class. Drift of
+securities inside a class is thus never traded in a taxable account of an aggregated household;
+harvesting losses is the tax engine's separate pass.
 
 Infeasibility (design choice): every equality row gets a pair of elastic slack variables with a
 large cost M, so the stacked LP is always feasible and one solve suffices. M is chosen above any
@@ -50,6 +70,10 @@ from scipy.optimize import linprog
 from rebal_pipeline.core.frames import conform
 
 STATUS_OPTIMAL = "optimal"
+# The status of a household the turnover cap held back (it moves part of the way).
+STATUS_TURNOVER_CAP = "turnover cap"
+# Account rows' elastic slack costs this many times the class rows' (see the LP).
+_ACCOUNT_SLACK_WEIGHT = 100.0
 
 # A household whose elastic slack exceeds this fraction of its value cannot reach its targets.
 _SLACK_TOL = 1e-6
@@ -105,6 +129,11 @@ class LocationPolicy:
         1.0  # cost per $ of unrealised gain realised by selling in a taxable account
     )
     turnover_penalty: float = 0.01  # cost per $ bought or sold in any account
+    # Policy cap (drift_policy.yaml household_location.max_turnover_fraction): a household's
+    # asset-class sales in one rebalance, summed over its accounts, are at most this fraction of
+    # its value (the optimiser's moves; a tax-advantaged account's switch between securities of
+    # one class, made by the sizer to follow the model, is not counted). None: no cap.
+    max_turnover_fraction: float | None = None
 
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {
@@ -346,7 +375,11 @@ def locate_households(
             + ok_classes.group_by("household_id").len()["len"].max()
         )
         big_m = 10.0 * (max_cost + 1.0) * (rows_per_hh + 1)
-        c = np.concatenate([cost_b, cost_s, np.full(2 * m, big_m)])
+        # Account rows' slack (money appearing in one account and leaving another) costs more than
+        # class rows' slack, so a household held back by the turnover cap misses a class target
+        # (reported) rather than an account's value (a mix the sizer could not trade to).
+        slack_cost = np.concatenate([np.full(n_acc, _ACCOUNT_SLACK_WEIGHT * big_m), np.full(n_cls, big_m)])
+        c = np.concatenate([cost_b, cost_s, slack_cost, slack_cost])
 
         cells_idx = np.arange(n)
         rows = np.concatenate(
@@ -377,7 +410,16 @@ def locate_households(
             ]
         )
         bounds = np.column_stack([np.zeros_like(ub), ub])
-        res = linprog(c, A_eq=a_eq, b_eq=rhs, bounds=bounds, method="highs")
+        # Turnover cap: Σ s over a household's cells ≤ cap (already in fractions of its value;
+        # an account's buys equal its sales, so this caps one-way turnover).
+        hh_row = ok.select(pl.col("household_id").rank("dense").cast(pl.Int64) - 1).to_series().to_numpy()
+        n_hh = int(hh_row.max()) + 1
+        cap = policy.max_turnover_fraction
+        a_ub = b_ub = None
+        if cap is not None:
+            a_ub = sp.csr_array((np.ones(n), (hh_row, n + cells_idx)), shape=(n_hh, 2 * n + 2 * m))
+            b_ub = np.full(n_hh, float(cap))
+        res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=rhs, bounds=bounds, method="highs")
 
         hh_ids = ok_classes["household_id"]
         if res.status == 0:
@@ -418,17 +460,59 @@ def locate_households(
                     "msg"
                 ),
             )
-            lp_status = (
+            # The cap binds where its constraint has a non-zero dual (more turnover would lower
+            # the objective: a class target missed, or a location improvement left undone).
+            binding = (
+                np.asarray(res.ineqlin.marginals) < -1e-9 if cap is not None else np.zeros(n_hh, dtype=bool)
+            )
+            capped = pl.DataFrame(
+                {
+                    "household_id": ok.select("household_id").unique().sort("household_id").to_series(),
+                    "sold": np.bincount(hh_row, weights=z[n : 2 * n], minlength=n_hh),
+                    "binding": binding,
+                }
+            ).join(reasons.select("household_id", "hh_value"), on="household_id", how="left")
+            missed = (
                 pl.concat([bad_cls, bad_acc])
                 .group_by("household_id")
-                .agg(pl.col("msg").sort().str.join("; "))
+                .agg(pl.col("msg").sort().str.join("; "), pl.col("msg").str.starts_with("account ").any().alias("acc"))
+            )
+            sold_text = pl.format("${}", (pl.col("sold") * pl.col("hh_value")).round(2))
+            cap_text = pl.lit(f"{100.0 * float(cap or 0.0):g}%")
+            lp_status = (
+                capped.join(missed, on="household_id", how="left")
+                .filter(pl.col("binding") | pl.col("msg").is_not_null())
                 .select(
                     "household_id",
-                    pl.format(
-                        "infeasible: household targets cannot be reached without trading a barred "
-                        "asset class, which stays as it is ({}); current mix kept",
-                        pl.col("msg"),
-                    ).alias("lp_reason"),
+                    # The cap binds and the targets are missed: the household moves as far toward
+                    # them as the cap allows (every account keeps its value) and says why it stops.
+                    pl.when(pl.col("binding") & pl.col("msg").is_not_null() & ~pl.col("acc").fill_null(False))
+                    .then(
+                        pl.format(
+                            "{}: reaching the household's targets would sell more than {} of its value "
+                            "(policy household_location.max_turnover_fraction); {} is sold now and the rest "
+                            "waits for a later rebalance ({})",
+                            pl.lit(STATUS_TURNOVER_CAP), cap_text, sold_text, pl.col("msg"),
+                        )
+                    )
+                    .when(pl.col("msg").is_not_null())
+                    .then(
+                        pl.format(
+                            "infeasible: household targets cannot be reached without trading a barred "
+                            "asset class, which stays as it is ({}); current mix kept",
+                            pl.col("msg"),
+                        )
+                    )
+                    # The cap binds but the targets are met: only asset location is held back.
+                    .otherwise(
+                        pl.format(
+                            "{}: sales held to {} of the household's value ({}, policy "
+                            "household_location.max_turnover_fraction); its targets are met, asset location "
+                            "is improved only as far as the cap allows",
+                            pl.lit(STATUS_TURNOVER_CAP), cap_text, sold_text,
+                        )
+                    )
+                    .alias("lp_reason"),
                 )
             )
         else:
@@ -445,7 +529,7 @@ def locate_households(
             pl.Series("x", x_after if x_after is not None else ok["cur"].to_numpy())
         ).join(lp_status, on="household_id", how="left")
         ok = ok.with_columns(
-            pl.when(pl.col("lp_reason").is_null())
+            pl.when(pl.col("lp_reason").is_null() | pl.col("lp_reason").str.starts_with(STATUS_TURNOVER_CAP))
             .then(pl.col("x"))
             .otherwise(pl.col("cur"))
             .alias("x"),
@@ -481,3 +565,72 @@ def locate_households(
         .cast(OUTPUT_SCHEMA)
         .sort(["household_id", "account_id", "asset_class"])
     )
+
+
+def hold_taxable_classes(
+    located: pl.DataFrame,
+    holdings: pl.DataFrame,
+    model_weights: pl.DataFrame,
+    accounts: pl.DataFrame,
+    securities: pl.DataFrame,
+) -> pl.DataFrame:
+    """The security weights to size a household's accounts with (the unpack step of the module
+    docstring): `model_weights` (account_id, symbol, weight) unchanged for tax-advantaged
+    accounts and for the cash class; for every other class of a taxable account, one weight per
+    security of the class, in dollars (the sizer normalises weights within each class):
+        held_i + max(target − held, 0) × (model weight of i / the model's weight in the class)
+    where held_i is the account's current value in security i and target the LP's target value
+    for the class. So a class the LP leaves unchanged or reduces keeps its securities in their
+    current proportions (nothing is sold in one security of the class to buy another: no gain is
+    realised for an unchanged class mix), and an increase is bought in the model's securities. A
+    class with neither holdings nor model securities gets no rows (the sizer's fallbacks apply).
+
+    located: account_id, asset_class, target_value (locate_households' output). holdings:
+    account_id, symbol, market_value. accounts: account_id, account_type. securities: symbol,
+    asset_class. Vectorised: joins and window sums, no per-account loop."""
+    cls = securities.select("symbol", "asset_class").unique("symbol", keep="first")
+    taxable = accounts.filter(pl.col("account_type") == "taxable").select("account_id").unique()
+    held = (
+        holdings.join(taxable, on="account_id", how="semi")
+        .filter(pl.col("symbol") != "CASH")
+        .join(cls, on="symbol", how="inner")
+        .group_by("account_id", "asset_class", "symbol")
+        .agg(pl.col("market_value").sum().alias("held"))
+    )
+    model = (
+        model_weights.join(taxable, on="account_id", how="semi")
+        .join(cls, on="symbol", how="inner")
+        .filter((pl.col("weight") > 0) & (pl.col("asset_class") != "cash"))
+        .group_by("account_id", "asset_class", "symbol")
+        .agg(pl.col("weight").sum())
+        .with_columns((pl.col("weight") / pl.col("weight").sum().over("account_id", "asset_class")).alias("m"))
+        .select("account_id", "asset_class", "symbol", "m")
+    )
+    cells = (
+        pl.concat([held.select("account_id", "asset_class", "symbol"), model.select("account_id", "asset_class", "symbol")])
+        .unique()
+        .filter(pl.col("asset_class") != "cash")
+        .join(held, on=["account_id", "asset_class", "symbol"], how="left")
+        .join(model, on=["account_id", "asset_class", "symbol"], how="left")
+        .join(located.select("account_id", "asset_class", "target_value"), on=["account_id", "asset_class"], how="left")
+        .with_columns(pl.col("held").fill_null(0.0), pl.col("m").fill_null(0.0), pl.col("target_value").fill_null(0.0))
+        .with_columns(pl.col("held").sum().over("account_id", "asset_class").alias("class_held"),
+                      pl.col("m").sum().over("account_id", "asset_class").alias("class_m"))
+        .with_columns(
+            # With no model security in the class an increase follows the holdings (value-weighted).
+            pl.when(pl.col("class_m") > 0).then(pl.col("m"))
+            .otherwise(pl.col("held") / pl.col("class_held")).alias("spread"),
+            (pl.col("target_value") - pl.col("class_held")).clip(lower_bound=0.0).alias("increase"),
+        )
+        .with_columns((pl.col("held") + pl.col("increase") * pl.col("spread").fill_nan(0.0)).alias("weight"))
+        .filter(pl.col("weight") > 0)
+    )
+    replaced = cells.select("account_id", "asset_class").unique()
+    kept = (
+        model_weights.join(cls, on="symbol", how="left")
+        .with_columns(pl.when(pl.col("symbol") == "CASH").then(pl.lit("cash")).otherwise(pl.col("asset_class"))
+                      .alias("asset_class"))
+        .join(replaced, on=["account_id", "asset_class"], how="anti")
+        .select("account_id", "symbol", pl.col("weight").cast(pl.Float64))
+    )
+    return pl.concat([kept, cells.select("account_id", "symbol", "weight")]).sort("account_id", "symbol")

@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "drift_policy.yaml"
 
+# Tax-loss harvesting (issue 14, one rule for the drift alerts' TLH flag in int_tlh_flags.sql and
+# for tlh_candidates in core/tax_lots.harvest_candidates): a lot is a candidate when its loss over
+# its wash-adjusted basis is at least tlh_loss_threshold − TLH_LOSS_TOLERANCE. The threshold is
+# inclusive, and a lot down exactly 10% computes as 0.09999999999999985 in binary floating point;
+# the tolerance (far below a cent on any real lot) absorbs that, nothing more.
+TLH_LOSS_TOLERANCE = 1e-9
+
 Urgency = Literal["high", "medium", "low"]
 Delivery = Literal["same_day", "within_48h", "weekly_batch"]
 
@@ -70,6 +77,15 @@ class TaxRule(_Strict):
     wait_for_long_term: WaitForLongTermRule = WaitForLongTermRule()
 
 
+class HouseholdLocationRule(_Strict):
+    """The household asset-location optimiser (core/household_location.py) — issue 14."""
+
+    # A household's sales in one rebalance, summed over its accounts, are at most this fraction
+    # of its value; when the cap binds the household moves part of the way and the
+    # recommendation says why. 1 = no practical cap.
+    max_turnover_fraction: Decimal = Field(default=Decimal("0.5"), gt=0, le=1)
+
+
 class ApprovalRule(_Strict):
     """The approval workflow's clock and the discretionary micro-trade rule."""
 
@@ -96,6 +112,7 @@ class DriftPolicy(_Strict):
     relative_band: Decimal | None = Field(default=None, gt=0, lt=1)
     trade_sizing: TradeSizingRule = TradeSizingRule()
     tax: TaxRule = TaxRule()
+    household_location: HouseholdLocationRule = HouseholdLocationRule()
     approval: ApprovalRule = ApprovalRule()
     content_sha256: str = ""
 
@@ -146,6 +163,8 @@ class DriftPolicy(_Strict):
         return pl.DataFrame(rows).with_columns(
             pl.lit(self.version_id).alias("policy_version"),
             pl.lit(float(self.tlh_loss_threshold)).alias("tlh_loss_threshold"),
+            pl.lit(TLH_LOSS_TOLERANCE).alias("tlh_loss_tolerance"),
+            pl.lit(float(self.tax.tlh_min_loss)).alias("tlh_min_loss"),
             pl.lit(None if self.relative_band is None else float(self.relative_band), pl.Float64).alias(
                 "relative_band"
             ),

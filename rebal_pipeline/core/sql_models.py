@@ -5,6 +5,7 @@ Templates are rendered by jinja2 and may only produce *identifiers*:
   {{ ref('holdings') }}          another model (a dependency, drawn as lineage in Dagster)
   {{ source('positions') }}      a landed feed file (table landing_positions)
   {{ feed_files }}               the feed contract, for models that check every file alike
+  {{ limits.max_quantity }}      a plausibility limit of the contract (a numeric code constant)
 Values are never rendered into SQL: the as-of date is the bound parameter `$as_of`.
 
 Materialising a model for a date deletes that date's rows and inserts the new ones inside one
@@ -24,7 +25,7 @@ import duckdb
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from rebal_pipeline.core.feed_contract import FEED_FILES
+from rebal_pipeline.core.feed_contract import FEED_FILES, PLAUSIBILITY
 from rebal_pipeline.core.landing import REFERENCE_COLUMNS, landing_table
 
 LAYERS = ("staging", "intermediate", "marts")
@@ -87,6 +88,8 @@ def _environment(on_ref=None, on_source=None) -> SandboxedEnvironment:
         reference_columns=REFERENCE_COLUMNS,
         quote=quote_identifier,
         literal=contract_literal,
+        # Plausibility limits: numeric code constants of the contract, never data.
+        limits=PLAUSIBILITY,
     )
     return env
 
@@ -136,7 +139,7 @@ def load_project(sql_dir: Path) -> dict[str, SqlModel]:
 
 
 # Tables written by Python assets that SQL models may ref() (e.g. the drift policy).
-EXTERNAL_REFS: set[str] = {"drift_policy", "feed_type_errors", "feed_manifest"}
+EXTERNAL_REFS: set[str] = {"drift_policy", "feed_type_errors", "feed_manifest", "basis_adjustments"}
 
 
 def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:

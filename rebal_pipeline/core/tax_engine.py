@@ -23,7 +23,7 @@ Order of work, and why:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import polars as pl
@@ -32,7 +32,16 @@ from rebal_pipeline.core.tax_lots import (
     TaxPolicy, adjust_lots_for_wash_sales, estimate_lot_tax, harvest_candidates, net_capital_gains, relieve_lots,
     wait_for_long_term, with_terms,
 )
-from rebal_pipeline.core.wash_sales import LOSS_SALES_SCHEMA, WASH_WINDOW_DAYS, match_wash_sales
+from rebal_pipeline.core.basis_ledger import SELLS_SCHEMA as LEDGER_SELLS_SCHEMA
+from rebal_pipeline.core.basis_ledger import (
+    RECONCILIATION_SCHEMA, carried_rows, consume, empty_ledger, keep_prior_identity, link_purchases_to_lots,
+    parts_from_matches, reconcile, settle,
+)
+from rebal_pipeline.core.wash_sales import (
+    ACQUIRED_PURCHASE_IDS, ALREADY_REPLACED_SCHEMA, LOSS_SALES_SCHEMA, PURCHASES_SCHEMA, TAX_ADVANTAGED,
+    WASH_WINDOW_DAYS, match_wash_sales,
+)
+from rebal_pipeline.core.money import tax_effect_words
 
 _PURCHASE_TYPES = ("buy", "reinvest")
 
@@ -43,6 +52,15 @@ class PastWashSales:
     loss_sales: pl.DataFrame  # past loss sales with a known basis (wash_sales.LOSS_SALES_SCHEMA)
     purchases: pl.DataFrame  # past purchases (wash_sales.PURCHASES_SCHEMA)
     events: pl.DataFrame  # one row per washed past sale, and per sale that could not be checked
+    # rebal's basis ledger for the day (core.basis_ledger.LEDGER_SCHEMA): what basis_adjustments holds.
+    ledger: pl.DataFrame = field(default_factory=empty_ledger)
+    # Lots the custodian marks wash_sale_adjusted, against rebal's figure (basis_ledger.RECONCILIATION_SCHEMA).
+    reconciliation: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=RECONCILIATION_SCHEMA))
+    # purchase_id → lot_id: which lot each past purchase opened (basis_ledger.link_purchases_to_lots).
+    lot_links: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema={"purchase_id": pl.String,
+                                                                                 "lot_id": pl.String}))
+    # Shares of past purchases taken by ledger rows carried from earlier sessions (purchase_id, quantity).
+    already_replaced: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ALREADY_REPLACED_SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -63,81 +81,236 @@ def _group_of(securities: pl.DataFrame) -> pl.DataFrame:
     return securities.select("symbol", "wash_group")
 
 
+# A chain (a loss washed into shares that are sold at a loss and washed again, ...) is resolved
+# one link per round; a longer chain in one look-back than this is not credible data.
+_MAX_CHAIN_LINKS = 8
+
+
+def transaction_ids(transactions: pl.DataFrame) -> pl.DataFrame:
+    """Adds transaction_id: account, symbol, trade date, type and the transaction's sequence among
+    that day's transactions of the same account, symbol and type (in file order, `_line`). The
+    same transaction keeps its id from one day's file to the next (the look-back rolls, lines
+    move), which the basis ledger relies on; two purchases of one security on one day in one
+    account are told apart."""
+    day = ["account_id", "symbol", "trade_date", "transaction_type"]
+    return transactions.with_columns(
+        pl.format("T:{}|{}|{}|{}|{}", "account_id", "symbol", "trade_date", "transaction_type",
+                  pl.col("_line").rank("ordinal").over(day).cast(pl.String).str.zfill(3)).alias("transaction_id")
+    )
+
+
+def _creating_purchases(sells: pl.DataFrame, purchases: pl.DataFrame) -> pl.DataFrame:
+    """sale_id → acquired_purchase_ids: the purchase(s) that created the shares each sell sold
+    (Rev. Rul. 56-602 excludes exactly these, and the rest of their shares). Purchases of the
+    account and symbol on the acquisition date — on the sale's own day only those before the sale
+    in the file — hold the day's shares in transaction order, and the sells of shares acquired
+    that day take them in date and transaction order."""
+    day = ["account_id", "symbol", "acquired_date"]
+    selling = sells.filter(pl.col("acquired_date").is_not_null()).select(
+        "sale_id", "account_id", "symbol", "acquired_date", "trade_date", "_line", "quantity",
+    ).sort("trade_date", "_line").with_columns(
+        (pl.col("quantity").cum_sum().over(day) - pl.col("quantity")).alias("_s0"),
+        pl.col("quantity").cum_sum().over(day).alias("_s1"),
+    )
+    bought = purchases.select("purchase_id", "account_id", "symbol", pl.col("trade_date").alias("acquired_date"),
+                              pl.col("_line").alias("_bought_line"), pl.col("quantity").alias("_q"))
+    candidates = selling.join(bought, on=day).filter(
+        (pl.col("acquired_date") < pl.col("trade_date")) | (pl.col("_bought_line") < pl.col("_line")))
+    ordered = candidates.sort("purchase_id").with_columns(
+        (pl.col("_q").cum_sum().over("sale_id") - pl.col("_q")).alias("_p0"),
+        pl.col("_q").cum_sum().over("sale_id").alias("_p1"),
+        pl.col("_q").sum().over("sale_id").alias("_day_total"),
+    )
+    # The sale's shares [s0, s1) of the day's shares overlap the purchase's [p0, p1); a sale
+    # beyond the day's visible purchases (some bought earlier the same day off the file) takes
+    # the last one.
+    overlapping = ordered.filter(
+        ((pl.col("_p0") < pl.col("_s1")) & (pl.col("_s0") < pl.col("_p1")))
+        | ((pl.col("_s0") >= pl.col("_day_total")) & (pl.col("_p1") == pl.col("_day_total")))
+    )
+    found = overlapping.group_by("sale_id").agg(pl.col("purchase_id").sort().alias(ACQUIRED_PURCHASE_IDS))
+    return sells.select("sale_id").join(found, on="sale_id", how="left").with_columns(
+        pl.col(ACQUIRED_PURCHASE_IDS).fill_null(pl.lit([], pl.List(pl.String))))
+
+
 def past_wash_sales(lots: pl.DataFrame, transactions: pl.DataFrame, accounts: pl.DataFrame,
-                    securities: pl.DataFrame) -> PastWashSales:
-    """Past loss sales (sells with a reported basis above their proceeds) matched to the
-    household's purchases (buys and dividend reinvestments) of the same wash group; the
-    replacement lots' basis and holding period adjusted (IRC §1091(d), §1223(3)).
+                    securities: pl.DataFrame, prior_ledger: pl.DataFrame | None = None,
+                    prior_as_of: date | None = None, as_of: date | None = None,
+                    lots_complete: bool = False) -> PastWashSales:
+    """Past loss sales matched to the household's purchases (buys and dividend reinvestments) of
+    the same wash group, share by share (core.wash_sales); the basis ledger for the day
+    (core.basis_ledger); the lots with the ledger applied (IRC §1091(d), §1223(3)).
+
+    Loss sales: sells in taxable accounts (a sale inside an IRA, 401(k), 529 or ERISA account
+    realises no loss, IRC §408(e)) whose basis — the custodian's, plus what rebal's ledger adds for
+    replacement shares sold (a chain) — is above their proceeds. A sell with a basis but no
+    acquisition date, or with no basis, is not checkable: reported with the reason when a purchase
+    of its group in the household falls within its window, never disallowed by guess.
+
+    prior_ledger / prior_as_of: the previous session's basis_adjustments rows and date (none on
+    the first day). as_of: the day (stamps first_recorded). lots_complete: `lots` is every lot of
+    the book (the basis asset) rather than the day's subset (propose_trades).
 
     lots: account_id, symbol, lot_id, open_date, quantity, cost_basis, wash_sale_adjusted.
     transactions: _line, account_id, symbol, trade_date, transaction_type, quantity, price,
     cost_basis, acquired_date. accounts: account_id, household_id, account_type, taxable."""
+    as_of = as_of or (transactions["trade_date"].max() if transactions.height else date.today())
     who = accounts.select("account_id", "household_id", "account_type")
-    tx = transactions.join(who, on="account_id").join(_group_of(securities), on="symbol")
+    tx = transaction_ids(transactions).join(who, on="account_id").join(_group_of(securities), on="symbol")
     sells = tx.filter(pl.col("transaction_type") == "sell").with_columns(
         (pl.col("quantity") * pl.col("price")).alias("proceeds"),
-        pl.format("T:{}:{}", pl.col("account_id"), pl.col("_line")).alias("sale_id"),
+        pl.col("transaction_id").alias("sale_id"),
     )
-    loss_sales = sells.filter(pl.col("cost_basis").is_not_null() & (pl.col("proceeds") < pl.col("cost_basis"))).select(
-        "sale_id", "household_id", "wash_group", "account_id", "symbol",
-        pl.col("trade_date").alias("sale_date"), "quantity",
-        (pl.col("cost_basis") - pl.col("proceeds")).round(2).alias("loss"),
-        "acquired_date",
-        (pl.col("trade_date") - pl.col("acquired_date")).dt.total_days().alias("holding_days"),
+    purchases_full = tx.filter(pl.col("transaction_type").is_in(_PURCHASE_TYPES)).select(
+        pl.col("transaction_id").alias("purchase_id"),
+        "household_id", "wash_group", "account_id", "account_type", "symbol", "trade_date", "quantity", "price",
+        "_line",
     )
-    purchases = tx.filter(pl.col("transaction_type").is_in(_PURCHASE_TYPES)).select(
-        pl.format("T:{}:{}", pl.col("account_id"), pl.col("_line")).alias("purchase_id"),
-        "household_id", "wash_group", "account_id", "account_type", "symbol", "trade_date", "quantity",
-    )
-    matches = match_wash_sales(loss_sales, purchases)
-    custodian_adjusted = lots.filter(pl.col("wash_sale_adjusted")).select("account_id", "lot_id")
-    adjusted = adjust_lots_for_wash_sales(lots, matches, custodian_adjusted).join(
+    purchases = purchases_full.select(list(PURCHASES_SCHEMA))
+    sells = sells.join(_creating_purchases(sells, purchases_full), on="sale_id", how="left")
+    links = link_purchases_to_lots(purchases, lots)
+    flags = lots.select("account_id", "lot_id", pl.col("wash_sale_adjusted").fill_null(False).alias("_flagged"))
+    carried = carried_rows(prior_ledger, sells["sale_id"])
+    already = carried.select("purchase_id", pl.col("replaced_quantity").alias("quantity"))
+    # IRC §408(e): no loss is realised inside a tax-advantaged account, so §1091 has nothing there.
+    taxable_sells = sells.filter(~pl.col("account_type").is_in(TAX_ADVANTAGED))
+    consumers = taxable_sells.select(*LEDGER_SELLS_SCHEMA, ACQUIRED_PURCHASE_IDS)
+    extra = pl.DataFrame(schema={"sale_id": pl.String, "extra_basis": pl.Float64, "replacement_quantity": pl.Float64,
+                                 "replacement_holding_from": pl.Date})
+    for _ in range(_MAX_CHAIN_LINKS):
+        priced = taxable_sells.join(extra, on="sale_id", how="left").with_columns(
+            pl.col("extra_basis").fill_null(0.0),
+            (pl.col("cost_basis") + pl.col("extra_basis").fill_null(0.0)).alias("adjusted_basis"),
+        )
+        loss_sales = priced.filter(
+            pl.col("cost_basis").is_not_null() & pl.col("acquired_date").is_not_null()
+            & (pl.col("proceeds") < pl.col("adjusted_basis"))
+        ).select(
+            "sale_id", "household_id", "wash_group", "account_id", "symbol",
+            pl.col("trade_date").alias("sale_date"), "quantity",
+            (pl.col("adjusted_basis") - pl.col("proceeds")).round(2).alias("loss"),
+            "acquired_date",
+            # IRC §1223(3): shares that were all replacement shares carry their tacked period on.
+            (pl.col("trade_date") - pl.when(pl.col("replacement_quantity").fill_null(0) >= pl.col("quantity") - 1e-9)
+             .then(pl.col("replacement_holding_from")).otherwise(pl.col("acquired_date"))).dt.total_days()
+            .alias("holding_days"),
+            ACQUIRED_PURCHASE_IDS, "extra_basis", pl.col("cost_basis").alias("custodian_basis"),
+        )
+        matches = match_wash_sales(loss_sales, purchases, already)
+        parts = keep_prior_identity(parts_from_matches(matches, links, loss_sales), prior_ledger).with_columns(
+            pl.lit(False).alias("carried"))
+        parts = pl.concat([parts, carried]).join(flags, on=["account_id", "lot_id"], how="left").with_columns(
+            (pl.col("custodian_adjusted") | pl.col("_flagged").fill_null(False)).alias("custodian_adjusted")
+        ).drop("_flagged")
+        consumed, new_extra = consume(parts, consumers, prior_as_of)
+        if new_extra.sort("sale_id").equals(extra.sort("sale_id")):
+            break
+        extra = new_extra
+    ledger = settle(consumed.drop("carried"), lots, as_of, lots_complete)
+    adjusted = adjust_lots_for_wash_sales(lots, ledger=ledger).join(
         accounts.select("account_id", "taxable"), on="account_id", how="left"
     ).with_columns(pl.col("taxable").fill_null(False))
-    # A sell without a reported basis cannot be checked: say so when a purchase of its group in
-    # the household falls in its window (never guess a basis).
-    unknown = sells.filter(pl.col("cost_basis").is_null()).join(
+    reconciliation = reconcile(lots, ledger, purchases_full.select("purchase_id", "price"), links)
+    events = _with_event_columns(pl.concat([
+        _washed_events(matches, loss_sales, ledger).with_columns(pl.lit("past").alias("when")),
+        _not_checkable(taxable_sells, purchases),
+    ], how="diagonal_relaxed"))
+    return PastWashSales(adjusted, loss_sales, purchases, events, ledger, reconciliation, links, already)
+
+
+# The wash_sales table's columns (docs/feed_contract.md), present even on a day without a wash.
+WASH_EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "when": pl.String(), "status": pl.String(), "sale_id": pl.String(), "account_id": pl.String(),
+    "symbol": pl.String(), "sale_date": pl.Date(), "quantity": pl.Float64(), "loss": pl.Float64(),
+    "basis_from_earlier_wash_sales": pl.Float64(), "purchase_id": pl.String(), "purchase_account_id": pl.String(),
+    "purchase_symbol": pl.String(), "purchase_date": pl.Date(), "replacement_lot_id": pl.String(),
+    "replacement_lot_part": pl.String(), "replaced_quantity": pl.Float64(), "disallowed_loss": pl.Float64(),
+    "loss_lost_permanently": pl.Boolean(), "tacked_holding_days": pl.Int64(), "treatment": pl.String(),
+    "not_checkable_reason": pl.String(),
+}
+
+
+def _with_event_columns(events: pl.DataFrame) -> pl.DataFrame:
+    missing = [pl.lit(None, dtype).alias(name) for name, dtype in WASH_EVENT_SCHEMA.items() if name not in events.columns]
+    return events.with_columns(missing) if missing else events
+
+
+def _not_checkable(sells: pl.DataFrame, purchases: pl.DataFrame) -> pl.DataFrame:
+    """Sells whose wash-sale status cannot be decided, when a purchase of their group in the
+    household falls within their window (otherwise there is nothing to decide): no basis (no loss
+    can be known), or a basis but no acquisition date (which purchase created the shares, and so
+    which purchases may replace them, cannot be told — Rev. Rul. 56-602)."""
+    unknown = sells.filter(pl.col("cost_basis").is_null() | pl.col("acquired_date").is_null()).join(
         purchases.select("household_id", "wash_group", pl.col("trade_date").alias("bought")),
         on=["household_id", "wash_group"],
     ).filter((pl.col("bought") - pl.col("trade_date")).dt.total_days().abs() <= WASH_WINDOW_DAYS).unique("sale_id")
-    events = pl.concat([
-        _washed_events(matches, loss_sales, custodian_adjusted, lots).with_columns(pl.lit("past").alias("when")),
-        unknown.select(
-            "sale_id", "account_id", "symbol", pl.col("trade_date").alias("sale_date"),
-            pl.col("quantity").cast(pl.Float64), pl.lit(None, pl.Float64).alias("loss"),
-            pl.lit(None, pl.String).alias("purchase_account_id"), pl.lit(None, pl.String).alias("purchase_symbol"),
-            pl.lit(None, pl.Date).alias("purchase_date"), pl.lit(None, pl.Float64).alias("replaced_quantity"),
-            pl.lit(None, pl.Float64).alias("disallowed_loss"), pl.lit(None, pl.Boolean).alias("loss_lost_permanently"),
-            pl.lit("not checked: the sale has no cost basis in transactions.csv and the household bought the same "
-                   "wash group within 30 days").alias("treatment"),
-            pl.lit("past").alias("when"),
-        ),
-    ], how="diagonal_relaxed")
-    return PastWashSales(adjusted, loss_sales, purchases, events)
+    reason = (
+        pl.when(pl.col("cost_basis").is_null())
+        .then(pl.lit("the sale has no cost basis in transactions.csv, so its loss cannot be known, and the household "
+                     "bought the same wash group within 30 days"))
+        .otherwise(pl.lit("the sale has a cost basis but no acquired_date in transactions.csv: which purchase created "
+                          "the shares sold, and so which purchases could replace them, cannot be told (Rev. Rul. "
+                          "56-602); the household bought the same wash group within 30 days"))
+    )
+    return unknown.select(
+        "sale_id", "account_id", "symbol", pl.col("trade_date").alias("sale_date"),
+        pl.col("quantity").cast(pl.Float64),
+        pl.when(pl.col("cost_basis").is_not_null()).then((pl.col("cost_basis") - pl.col("proceeds")).round(2))
+        .otherwise(None).alias("loss"),
+        pl.lit(None, pl.String).alias("purchase_account_id"), pl.lit(None, pl.String).alias("purchase_symbol"),
+        pl.lit(None, pl.Date).alias("purchase_date"), pl.lit(None, pl.Float64).alias("replaced_quantity"),
+        pl.lit(None, pl.Float64).alias("disallowed_loss"), pl.lit(None, pl.Boolean).alias("loss_lost_permanently"),
+        pl.lit("not_checkable").alias("status"), reason.alias("not_checkable_reason"),
+        pl.format("not checked: {}", reason).alias("treatment"),
+        pl.lit("past").alias("when"),
+    ).sort("sale_id")
 
 
-def _washed_events(matches: pl.DataFrame, sales: pl.DataFrame, custodian_adjusted: pl.DataFrame | None,
-                   lots: pl.DataFrame | None) -> pl.DataFrame:
-    """One row per (loss sale, replacement purchase), with what happened to the loss in words."""
+def _washed_events(matches: pl.DataFrame, sales: pl.DataFrame, ledger: pl.DataFrame | None) -> pl.DataFrame:
+    """One row per (loss sale, replacement purchase), with what happened to the loss in words:
+    lost in a tax-advantaged account; added by the custodian; or added by rebal's basis ledger —
+    with why the custodian does not (another account: IRC §6045(g)), and whether the replacement
+    shares have been sold since (then the deferred loss went into that sale's basis)."""
     if matches.height == 0:
         return pl.DataFrame()
-    out = matches.join(sales.select("sale_id", "account_id", "symbol", "sale_date", "quantity", "loss"), on="sale_id")
-    adjusted_by_custodian = pl.lit(False)
-    if custodian_adjusted is not None and lots is not None and custodian_adjusted.height:
-        flagged = lots.filter(pl.col("wash_sale_adjusted")).select(
-            pl.col("account_id").alias("purchase_account_id"), pl.col("symbol").alias("purchase_symbol"),
-            pl.col("open_date").alias("purchase_date"), pl.lit(True).alias("custodian_adjusted"),
-        ).unique()
-        out = out.join(flagged, on=["purchase_account_id", "purchase_symbol", "purchase_date"], how="left")
-        adjusted_by_custodian = pl.col("custodian_adjusted").fill_null(False)
+    columns = ["sale_id", "account_id", "symbol", "sale_date", "quantity", "loss"]
+    columns += [c for c in ("extra_basis", "custodian_basis") if c in sales.columns]
+    out = matches.join(sales.select(columns), on="sale_id")
+    if ledger is not None and ledger.height:
+        out = out.join(ledger.select("sale_id", "purchase_id", pl.col("lot_id").alias("replacement_lot_id"),
+                                     pl.col("lot_part").alias("replacement_lot_part"), "held_quantity",
+                                     "custodian_adjusted"),
+                       on=["sale_id", "purchase_id"], how="left")
+    for name, dtype in (("replacement_lot_id", pl.String), ("replacement_lot_part", pl.String),
+                        ("held_quantity", pl.Float64), ("custodian_adjusted", pl.Boolean),
+                        ("extra_basis", pl.Float64), ("custodian_basis", pl.Float64)):
+        if name not in out.columns:
+            out = out.with_columns(pl.lit(None, dtype).alias(name))
+    sold_since = (pl.col("replaced_quantity") - pl.col("held_quantity").fill_null(pl.col("replaced_quantity"))).round(8)
+    ledger_words = pl.format(
+        "added to the replacement shares' basis by rebal's basis ledger (IRC §1091(d)); holding period tacked "
+        "(§1223(3)){}{}",
+        pl.when(pl.col("purchase_account_id") != pl.col("account_id"))
+        .then(pl.lit("; bought in another account, whose custodian does not adjust for it (brokers adjust only "
+                     "within one account, IRC §6045(g))"))
+        .otherwise(pl.lit("")),
+        pl.when(sold_since > 1e-9)
+        .then(pl.format("; {} of those shares sold since: their sale's basis includes it",
+                        pl.when(sold_since == sold_since.round(0)).then(sold_since.cast(pl.Int64).cast(pl.String))
+                        .otherwise(sold_since.cast(pl.String))))
+        .otherwise(pl.lit("")),
+    )
     return out.with_columns(
+        pl.lit("wash_sale").alias("status"),
+        pl.lit(None, pl.String).alias("not_checkable_reason"),
+        pl.col("extra_basis").fill_null(0.0).alias("basis_from_earlier_wash_sales"),
         pl.when(pl.col("loss_lost_permanently"))
         .then(pl.lit("loss lost permanently: replacement bought in a tax-advantaged account (Rev. Rul. 2008-5)"))
-        .when(adjusted_by_custodian)
+        .when(pl.col("custodian_adjusted").fill_null(False))
         .then(pl.lit("added to the replacement lot's basis by the custodian (IRC §1091(d))"))
-        .otherwise(pl.lit("added to the replacement lot's basis; holding period tacked (IRC §1091(d), §1223(3))"))
-        .alias("treatment")
-    ).drop("custodian_adjusted", strict=False)
+        .otherwise(ledger_words)
+        .alias("treatment"),
+    ).drop("custodian_adjusted", "held_quantity", "extra_basis", "custodian_basis")
 
 
 def sell_tax_cost(lots: pl.DataFrame, prices: pl.DataFrame, rates: pl.DataFrame, as_of: date) -> pl.DataFrame:
@@ -156,16 +329,23 @@ def sell_tax_cost(lots: pl.DataFrame, prices: pl.DataFrame, rates: pl.DataFrame,
 
 
 def _proposed_loss_sales(relieved: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
-                         as_of: date) -> pl.DataFrame:
+                         as_of: date, lot_links: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Today's proposed sells at a loss (taxable accounts only, IRC §408(e)), one per lot part
+    relieved, with the purchase(s) that opened the lot (`lot_links`): only those are excluded as
+    replacements (Rev. Rul. 56-602)."""
+    links = lot_links if lot_links is not None else pl.DataFrame(schema={"purchase_id": pl.String, "lot_id": pl.String})
+    created_by = links.group_by("lot_id").agg(pl.col("purchase_id").sort().alias(ACQUIRED_PURCHASE_IDS))
     return relieved.filter(pl.col("taxable") & (pl.col("gain") < 0)).join(
         accounts.select("account_id", "household_id"), on="account_id"
-    ).join(_group_of(securities), on="symbol").select(
+    ).join(_group_of(securities), on="symbol").join(created_by, on="lot_id", how="left").select(
         pl.format("S:{}:{}:{}:{}", "recommendation_id", "account_id", "lot_id", "lot_part").alias("sale_id"),
         "household_id", "wash_group", "account_id", "symbol",
         pl.lit(as_of).alias("sale_date"), "quantity", (-pl.col("gain")).alias("loss"),
         "acquired_date",
         (pl.lit(as_of) - pl.col("holding_from")).dt.total_days().alias("holding_days"),
         "recommendation_id", "lot_id", "lot_part",
+        # A lot whose purchase is older than the look-back: no purchase in view created it.
+        pl.col(ACQUIRED_PURCHASE_IDS).fill_null(pl.lit([], pl.List(pl.String))),
     )
 
 
@@ -184,7 +364,9 @@ def _relieve(trades: pl.DataFrame, lots: pl.DataFrame, accounts: pl.DataFrame, a
     sells = trades.filter(pl.col("side") == "sell").join(
         accounts.select("account_id", "lot_relief_method"), on="account_id", how="left"
     )
-    relieved = relieve_lots(sells, lots, as_of)
+    # tax_min orders lots by tax per share at the household's rates (accounts carries them).
+    rates = accounts.select("account_id", "taxable", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate")
+    relieved = relieve_lots(sells, lots, as_of, rates)
     return relieved.join(accounts.select("account_id", "taxable"), on="account_id", how="left").with_columns(
         pl.col("taxable").fill_null(False)
     )
@@ -275,7 +457,8 @@ def _substitute_washing_buys(trades: pl.DataFrame, loss_groups: pl.DataFrame, ac
 def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
               restrictions: pl.DataFrame, past_purchases: pl.DataFrame, proposed_buys: pl.DataFrame,
               loss_groups: pl.DataFrame, as_of: date, policy: TaxPolicy, min_trade_value: float,
-              policy_version: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+              policy_version: str, lot_links: pl.DataFrame | None = None,
+              ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Tax-loss harvests: (tlh_candidates, trades, recommendations). A harvest is proposed only
     when nothing would wash its loss and its substitute would not wash another loss of the
     household (one sold in the last 30 days, by today's rebalancing, or by another harvest)."""
@@ -293,15 +476,26 @@ def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame
     # would wash the harvested loss.
     since = as_of - timedelta(days=WASH_WINDOW_DAYS)
     recent = past_purchases.filter(pl.col("trade_date") >= since).select(
-        "household_id", "wash_group", pl.col("account_id").alias("buyer"), pl.col("symbol").alias("bought"),
-        "trade_date")
-    today = proposed_buys.select("household_id", "wash_group", pl.col("account_id").alias("buyer"),
+        "purchase_id", "household_id", "wash_group", pl.col("account_id").alias("buyer"),
+        pl.col("symbol").alias("bought"), "trade_date")
+    today = proposed_buys.select("purchase_id", "household_id", "wash_group", pl.col("account_id").alias("buyer"),
                                  pl.col("symbol").alias("bought"), "trade_date")
+    if lot_links is not None:
+        # The lot's own purchase, by identity: another purchase the same day still washes.
+        created = lot_links.select("purchase_id", pl.col("lot_id").alias("_created_lot"), pl.lit(True).alias("_own"))
+        own = (pl.col("_own").fill_null(False) & (pl.col("buyer") == pl.col("account_id")))
+    else:
+        created = None
+        own = ((pl.col("buyer") == pl.col("account_id")) & (pl.col("bought") == pl.col("symbol"))
+               & (pl.col("trade_date") == pl.col("acquired_date")))
+    paired = found.select("account_id", "symbol", "lot_id", "lot_part", "household_id", "wash_group",
+                          "acquired_date").join(pl.concat([recent, today]), on=["household_id", "wash_group"])
+    if created is not None:
+        paired = paired.join(created, left_on=["purchase_id", "lot_id"], right_on=["purchase_id", "_created_lot"],
+                             how="left")
     conflicts = (
-        found.select("account_id", "symbol", "lot_id", "lot_part", "household_id", "wash_group", "acquired_date")
-        .join(pl.concat([recent, today]), on=["household_id", "wash_group"])
-        .filter(~((pl.col("buyer") == pl.col("account_id")) & (pl.col("bought") == pl.col("symbol"))
-                  & (pl.col("trade_date") == pl.col("acquired_date"))))
+        paired
+        .filter(~own)
         .group_by("account_id", "lot_id", "lot_part")
         .agg(
             pl.format("{} bought in {} on {}", "bought", "buyer", "trade_date").sort().str.join("; ")
@@ -402,8 +596,11 @@ def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame
 
 
 def _all_sales(past: PastWashSales, proposed: pl.DataFrame) -> pl.DataFrame:
-    columns = list(LOSS_SALES_SCHEMA)
-    return pl.concat([past.loss_sales.select(columns), proposed.select(columns)], how="diagonal_relaxed")
+    columns = [*LOSS_SALES_SCHEMA, ACQUIRED_PURCHASE_IDS]
+    earlier = past.loss_sales
+    if ACQUIRED_PURCHASE_IDS not in earlier.columns:
+        earlier = earlier.with_columns(pl.lit(None, pl.List(pl.String)).alias(ACQUIRED_PURCHASE_IDS))
+    return pl.concat([earlier.select(columns), proposed.select(columns)], how="diagonal_relaxed")
 
 
 def apply_tax_engine(
@@ -421,7 +618,7 @@ def apply_tax_engine(
     lots = past.lots
     # Step 3: loss sells of today × purchases (past 30 days and today's buys).
     relieved = _relieve(trades, lots, accounts, as_of)
-    loss_groups = _loss_groups(past, _proposed_loss_sales(relieved, accounts, securities, as_of), as_of)
+    loss_groups = _loss_groups(past, _proposed_loss_sales(relieved, accounts, securities, as_of, past.lot_links), as_of)
     trades = _substitute_washing_buys(trades, loss_groups, accounts, securities, restrictions, overrides, policy)
     # A substitution changes the trades, so it changes the recommendation's identity.
     changed = trades.filter(pl.col("replaces_symbol").is_not_null()).group_by("recommendation_id").agg(
@@ -444,7 +641,7 @@ def apply_tax_engine(
     proposed_buys = _proposed_purchases(trades, accounts, securities, as_of)
     candidates, harvest_trades, harvest_recs = _harvests(
         lots, relieved, accounts, securities, restrictions, past.purchases, proposed_buys, loss_groups, as_of,
-        policy, min_trade_value, policy_version,
+        policy, min_trade_value, policy_version, past.lot_links,
     )
     harvest_relieved = candidates.filter(pl.col("status") == "proposed").join(
         lots.select("account_id", "lot_id", "lot_part", "acquired_date", "holding_from", "quantity", "cost_basis"),
@@ -462,10 +659,12 @@ def apply_tax_engine(
     all_relieved = pl.concat([relieved, harvest_relieved.select(relieved.columns)])
 
     # Step 5: the final wash-sale match over everything proposed.
-    proposed_sales = _proposed_loss_sales(all_relieved, accounts, securities, as_of)
+    proposed_sales = _proposed_loss_sales(all_relieved, accounts, securities, as_of, past.lot_links)
     final = match_wash_sales(
         _all_sales(past, proposed_sales),
-        pl.concat([past.purchases, _proposed_purchases(all_trades, accounts, securities, as_of)], how="diagonal_relaxed"),
+        pl.concat([past.purchases.select(list(PURCHASES_SCHEMA)),
+                   _proposed_purchases(all_trades, accounts, securities, as_of)], how="diagonal_relaxed"),
+        past.already_replaced,
     )
     per_sale = final.group_by("sale_id").agg(pl.col("disallowed_loss").sum().alias("wash_sale_disallowed"),
                                              pl.col("loss_lost_permanently").any().alias("loss_lost_permanently"))
@@ -506,7 +705,7 @@ def apply_tax_engine(
     ).sort("recommendation_id", "account_id", "symbol", "lot_id", "lot_part")
     wash_events = pl.concat([
         past.events,
-        _washed_events(final.filter(pl.col("sale_id").str.starts_with("S:")), proposed_sales, None, None)
+        _washed_events(final.filter(pl.col("sale_id").str.starts_with("S:")), proposed_sales, None)
         .with_columns(pl.lit("proposed").alias("when")),
     ], how="diagonal_relaxed")
     if wash_events.height:
@@ -516,12 +715,26 @@ def apply_tax_engine(
 
 def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, severity: pl.DataFrame,
              accounts: pl.DataFrame, securities: pl.DataFrame, as_of: date, policy: TaxPolicy) -> pl.DataFrame:
+    """One row per recommendation: values, gains, est_tax (§1222 netting, a net loss valued at its
+    term's rate), this year's figures with the §1211(b) limit (est_tax_this_year,
+    loss_carryforward, tax_effect_words) and the same for the household over all of today's
+    recommendations of its accounts (household_est_tax_this_year, household_loss_carryforward):
+    the limit is per taxpayer, so the household figure applies it once, not once per
+    recommendation. net_tax_pct is this year's figure over the trade value."""
     values = trades.group_by("recommendation_id").agg(
         pl.col("est_value").sum().round(2).alias("trade_value"),
         pl.col("est_value").filter(pl.col("side") == "sell").sum().round(2).alias("sell_value"),
     )
+    # A filing status the feed may one day carry (married filing separately: $1,500, §1211(b)).
+    if "capital_loss_limit" in accounts.columns and "capital_loss_limit" not in per_lot.columns:
+        per_lot = per_lot.join(accounts.select("account_id", "capital_loss_limit"), on="account_id", how="left")
     gains = net_capital_gains(per_lot, ["recommendation_id"]) if per_lot.height else pl.DataFrame(
         schema={"recommendation_id": pl.String})
+    households = net_capital_gains(
+        per_lot.join(accounts.select("account_id", "household_id"), on="account_id", how="left"), ["household_id"]
+    ).select("household_id", pl.col("est_tax_this_year").alias("household_est_tax_this_year"),
+             pl.col("loss_carryforward").alias("household_loss_carryforward")) if per_lot.height else pl.DataFrame(
+        schema={"household_id": pl.String})
     waits = wait_for_long_term(per_lot, severity, policy) if per_lot.height else pl.DataFrame(
         schema={"recommendation_id": pl.String})
     # After a loss sale, a purchase of the same wash group in any household account within 30
@@ -535,8 +748,15 @@ def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, se
     out = recs.select("recommendation_id", "scope", "scope_id", "kind").join(values, on="recommendation_id", how="left")
     for frame in (gains, waits, watch):
         out = out.join(frame, on="recommendation_id", how="left")
+    out = out.join(accounts.select(pl.col("account_id").alias("scope_id"), pl.col("household_id").alias("_hh")),
+                   on="scope_id", how="left").with_columns(
+        pl.when(pl.col("scope") == "household").then(pl.col("scope_id")).otherwise(pl.col("_hh")).alias("household_id")
+    ).drop("_hh")
+    out = out.join(households, on="household_id", how="left")
     for column, dtype in (("st_gain", pl.Float64), ("lt_gain", pl.Float64), ("realized_loss", pl.Float64),
                           ("wash_sale_disallowed", pl.Float64), ("est_tax", pl.Float64),
+                          ("est_tax_this_year", pl.Float64), ("loss_carryforward", pl.Float64),
+                          ("household_est_tax_this_year", pl.Float64), ("household_loss_carryforward", pl.Float64),
                           ("wait_for_long_term", pl.Boolean), ("wait_reason", pl.String),
                           ("wait_until", pl.Date), ("tax_saved_by_waiting", pl.Float64),
                           ("wash_sale_watch", pl.String)):
@@ -545,14 +765,20 @@ def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, se
     return out.with_columns(
         pl.lit(as_of).alias("as_of"),
         *(pl.col(c).fill_null(0.0) for c in ("trade_value", "sell_value", "st_gain", "lt_gain", "realized_loss",
-                                             "wash_sale_disallowed", "est_tax")),
+                                             "wash_sale_disallowed", "est_tax", "est_tax_this_year",
+                                             "loss_carryforward", "household_est_tax_this_year",
+                                             "household_loss_carryforward")),
         pl.col("wait_for_long_term").fill_null(False),
     ).with_columns(
-        pl.when(pl.col("trade_value") > 0).then((pl.col("est_tax") / pl.col("trade_value")).round(6))
+        pl.when(pl.col("trade_value") > 0).then((pl.col("est_tax_this_year") / pl.col("trade_value")).round(6))
         .otherwise(0.0).alias("net_tax_pct"),
+        # The words every surface shows (core/money.py): a saving is called a saving.
+        pl.col("est_tax_this_year").map_elements(tax_effect_words, return_dtype=pl.String).alias("tax_effect_words"),
     ).select(
         "as_of", "recommendation_id", "scope", "scope_id", "kind", "trade_value", "sell_value", "st_gain", "lt_gain",
         "realized_loss", "wash_sale_disallowed", "est_tax", "net_tax_pct", "wait_for_long_term", "wait_until",
         "tax_saved_by_waiting", "wait_reason", "wash_sale_watch",
+        "est_tax_this_year", "loss_carryforward", "tax_effect_words", "household_id",
+        "household_est_tax_this_year", "household_loss_carryforward",
     ).sort("recommendation_id")
 

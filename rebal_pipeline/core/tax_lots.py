@@ -16,6 +16,7 @@ from datetime import date, timedelta
 import polars as pl
 
 from rebal_pipeline.core.frames import conform
+from rebal_pipeline.core.policy import TLH_LOSS_TOLERANCE
 from rebal_pipeline.core.wash_sales import match_wash_sales
 
 LOT_RELIEF_METHODS = ("fifo", "hifo", "tax_min")
@@ -30,6 +31,8 @@ class TaxPolicy:
     # and by at least this many dollars (a $3 harvest is not worth a trade).
     tlh_loss_threshold: float = 0.10
     tlh_min_loss: float = 0.0
+    # One rule with the drift alerts' TLH flag (int_tlh_flags.sql): see core.policy.TLH_LOSS_TOLERANCE.
+    tlh_loss_tolerance: float = TLH_LOSS_TOLERANCE
     # "Rebalance now or wait for long-term": wait when short-term gain would be realised on lots
     # that turn long-term within this many days, the drift is below severe_drift_multiple × its
     # band, and waiting saves more than wait_min_tax_saved dollars.
@@ -96,15 +99,24 @@ def with_terms(lots: pl.DataFrame, sale_date: date) -> pl.DataFrame:
 
 
 def adjust_lots_for_wash_sales(
-    lots: pl.DataFrame, matches: pl.DataFrame, custodian_adjusted: pl.DataFrame | None = None
+    lots: pl.DataFrame, matches: pl.DataFrame | None = None, custodian_adjusted: pl.DataFrame | None = None,
+    *, ledger: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Apply past wash sales to the replacement lots (a lot of the buying account and symbol
-    opened on the purchase date). IRC §1091(d): the disallowed loss is added to the basis of the
-    replacement shares; IRC §1223(3): their holding period includes that of the shares sold. Only
-    the replacing shares change, so a lot that is partly replacement is split into its plain part
-    and its 'replacement' part (same lot_id). A loss washed into a tax-advantaged account is gone
-    and changes no lot. Lots the custodian reports as already adjusted (`custodian_adjusted`:
-    account_id, lot_id) are left as reported.
+    """Apply past wash sales to the replacement lots. IRC §1091(d): the disallowed loss is added to
+    the basis of the replacement shares; IRC §1223(3): their holding period includes that of the
+    shares sold. Only the replacing shares change: a lot that is partly replacement is split into
+    its plain part ("") and one part per wash sale it replaced (`replacement`, `replacement-002`,
+    ... same lot_id, each with its own basis and tacked holding period: one purchase of 200 that
+    replaced two 100-share loss sales is two parts of 100). A loss washed into a tax-advantaged
+    account is gone and changes no lot (Rev. Rul. 2008-5). Lots the custodian reports as already
+    adjusted are left as reported (the custodian's figure wins; core.basis_ledger.reconcile says
+    where it differs).
+
+    `ledger` (core.basis_ledger.LEDGER_SCHEMA, what the tax engine passes): the parts with
+    applied_to_lot are applied as they are. Without it, `matches` (core.wash_sales.MATCHES_SCHEMA)
+    are turned into parts here, each purchase linked to the lot(s) of its account, symbol and
+    day (core.basis_ledger.link_purchases_to_lots) and no share sold since; `custodian_adjusted`
+    (account_id, lot_id) names the lots the custodian adjusted.
 
     lots: account_id, symbol, lot_id, open_date, quantity, cost_basis. Returns LOTS_SCHEMA."""
     base = lots.select(
@@ -115,65 +127,57 @@ def adjust_lots_for_wash_sales(
         pl.col("quantity").cast(pl.Float64),
         pl.col("cost_basis").cast(pl.Float64),
     )
-    deferred = matches.filter(~pl.col("loss_lost_permanently"))
-    if deferred.height == 0:
+    if ledger is None:
+        ledger = _ledger_from_matches(lots, matches, custodian_adjusted)
+    applied = ledger.filter(pl.col("applied_to_lot")).select(
+        "account_id", "lot_id", pl.col("lot_part").alias("_part"), "held_quantity", "basis_added_held",
+        pl.col("holding_from").alias("_tacked_from"),
+    )
+    if applied.height == 0:
         return base
-    # Spread each purchase's replaced shares over the lots it opened (lot_id order).
-    candidates = base.join(
-        deferred.select(
-            pl.col("purchase_account_id").alias("account_id"), pl.col("purchase_symbol").alias("symbol"),
-            pl.col("purchase_date").alias("acquired_date"), "purchase_id", "replaced_quantity",
-            "disallowed_loss", "tacked_holding_days",
-        ),
-        on=["account_id", "symbol", "acquired_date"],
+    touched = base.join(applied, on=["account_id", "lot_id"])
+    replacement_parts = touched.select(
+        "account_id", "symbol", "lot_id", pl.col("_part").alias("lot_part"), "acquired_date",
+        pl.col("_tacked_from").alias("holding_from"),
+        pl.col("held_quantity").alias("quantity"),
+        (pl.col("cost_basis") * pl.col("held_quantity") / pl.col("quantity") + pl.col("basis_added_held"))
+        .alias("cost_basis"),
     )
-    if custodian_adjusted is not None and custodian_adjusted.height:
-        candidates = candidates.join(custodian_adjusted.select("account_id", "lot_id"), on=["account_id", "lot_id"],
-                                     how="anti")
-    per_lot = (
-        candidates.sort("account_id", "symbol", "acquired_date", "purchase_id", "lot_id")
-        .with_columns(
-            (pl.col("quantity").cum_sum().over("purchase_id") - pl.col("quantity")).alias("before")
-        )
-        .with_columns(
-            pl.min_horizontal(pl.col("quantity"), (pl.col("replaced_quantity") - pl.col("before")).clip(0))
-            .alias("replacing")
-        )
-        .filter(pl.col("replacing") > 0)
-        .with_columns(
-            (pl.col("disallowed_loss") * pl.col("replacing") / pl.col("replaced_quantity")).alias("basis_added"),
-            (pl.col("acquired_date") - pl.duration(days=pl.col("tacked_holding_days").fill_null(0)))
-            .alias("tacked_from"),
-        )
-        .group_by("account_id", "lot_id")
-        .agg(
-            pl.col("replacing").sum(),
-            pl.col("basis_added").sum(),
-            # Several washed sales into one lot: the shortest tacked period (conservative: never
-            # calls a gain long-term too early).
-            pl.col("tacked_from").max(),
-        )
-    )
-    if per_lot.height == 0:
-        return base
-    touched = base.join(per_lot, on=["account_id", "lot_id"])
-    replacing = pl.min_horizontal("replacing", "quantity")
-    replacement_part = touched.select(
-        "account_id", "symbol", "lot_id", pl.lit("replacement").alias("lot_part"), "acquired_date",
-        pl.col("tacked_from").alias("holding_from"),
-        replacing.alias("quantity"),
-        (pl.col("cost_basis") * replacing / pl.col("quantity") + pl.col("basis_added")).alias("cost_basis"),
-    )
-    plain_part = touched.select(
+    held = applied.group_by("account_id", "lot_id").agg(pl.col("held_quantity").sum().alias("_held"))
+    plain_part = base.join(held, on=["account_id", "lot_id"]).select(
         "account_id", "symbol", "lot_id", "lot_part", "acquired_date", "holding_from",
-        (pl.col("quantity") - replacing).alias("quantity"),
-        (pl.col("cost_basis") * (pl.col("quantity") - replacing) / pl.col("quantity")).alias("cost_basis"),
+        (pl.col("quantity") - pl.col("_held")).round(8).alias("quantity"),
+        (pl.col("cost_basis") * (pl.col("quantity") - pl.col("_held")) / pl.col("quantity")).alias("cost_basis"),
     ).filter(pl.col("quantity") > 1e-9)
     return pl.concat([
-        base.join(per_lot.select("account_id", "lot_id"), on=["account_id", "lot_id"], how="anti"),
-        replacement_part,
+        base.join(held, on=["account_id", "lot_id"], how="anti"),
+        replacement_parts,
         plain_part,
     ]).sort("account_id", "symbol", "acquired_date", "lot_id", "lot_part")
+
+
+def _ledger_from_matches(lots: pl.DataFrame, matches: pl.DataFrame | None,
+                         custodian_adjusted: pl.DataFrame | None) -> pl.DataFrame:
+    """Parts for adjust_lots_for_wash_sales called with bare matches: each purchase as large as
+    the shares matched to it, nothing sold since."""
+    from rebal_pipeline.core.basis_ledger import empty_ledger, link_purchases_to_lots, parts_from_matches, settle
+
+    if matches is None or matches.height == 0:
+        return empty_ledger()
+    purchases = matches.group_by("purchase_id").agg(
+        pl.col("purchase_account_id").first().alias("account_id"), pl.col("purchase_symbol").first().alias("symbol"),
+        pl.col("purchase_date").first().alias("trade_date"),
+        (pl.col("purchase_offset") + pl.col("replaced_quantity")).max().alias("quantity"),
+    )
+    flagged = lots.select("account_id", "lot_id", "quantity", pl.lit(False).alias("wash_sale_adjusted"))
+    if custodian_adjusted is not None and custodian_adjusted.height:
+        flagged = flagged.join(custodian_adjusted.select("account_id", "lot_id", pl.lit(True).alias("_c")),
+                               on=["account_id", "lot_id"], how="left").with_columns(
+            pl.col("_c").fill_null(False).alias("wash_sale_adjusted")).drop("_c")
+    no_sales = pl.DataFrame(schema={"sale_id": pl.String, "account_id": pl.String, "symbol": pl.String,
+                                    "sale_date": pl.Date})
+    parts = parts_from_matches(matches, link_purchases_to_lots(purchases, lots), no_sales)
+    return settle(parts, flagged, date(1970, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,38 +185,67 @@ def adjust_lots_for_wash_sales(
 # ---------------------------------------------------------------------------------------------
 
 
-def relieve_lots(sells: pl.DataFrame, lots: pl.DataFrame, sale_date: date) -> pl.DataFrame:
+def relieve_lots(sells: pl.DataFrame, lots: pl.DataFrame, sale_date: date,
+                 rates: pl.DataFrame | None = None) -> pl.DataFrame:
     """Which lots each proposed sell relieves, by the account's method:
     - fifo: first acquired first (Treas. Reg. §1.1012-1(c)(1), the default);
     - hifo: highest cost per share first;
-    - tax_min (specific identification, §1.1012-1(c)(2)): losses first (largest loss per share
-      first), then long-term gains, then short-term gains last, highest cost per share first
-      within each.
+    - tax_min (specific identification, §1.1012-1(c)(2)): ascending estimated tax per share at
+      the household's rates (`rates`, RATES_SCHEMA): (price − basis per share) × (federal
+      ordinary + state rate) for a short-term lot, × (federal LTCG + state rate) for a long-term
+      one (IRC §1(h), §1222). So the losses saving the most tax per share go first, then the
+      cheapest gains whatever their term: a short-term lot costing $1.85/share of tax is sold
+      before a long-term lot costing $10/share.
     Ties: earlier acquisition, then lot_id. Returns one row per relieved lot (part) with quantity,
-    proceeds, cost_basis, gain, term, long_term_from, days_to_long_term."""
+    proceeds, cost_basis, gain, term, long_term_from, days_to_long_term.
+
+    Why tax_min is optimal for one sale (an exchange argument). Assume the rates are flat for this
+    sale (no bracket effects: the marginal rate of the next dollar is the rate of the last) and
+    that a loss is worth the rate of its term, i.e. of the gains it offsets (§1222 netting within
+    the term; the $3,000 ordinary-income limit of §1211(b) and cross-term netting are ignored for
+    the ordering — the figures reported later apply them). Then selling q shares costs
+    Σ t_i·x_i, the sum over shares of each share's tax t_i, with Σ x_i = q and 0 ≤ x_i ≤ held_i.
+    Take any relief that sells some of lot j while leaving some of a lot i with t_i < t_j unsold:
+    moving ε shares from j to i keeps the quantity and changes the tax by ε·(t_i − t_j) < 0, so
+    it was not minimal. The only relief with no such pair fills lots in ascending t — this
+    order (ties cost the same either way). It is a fractional-knapsack greedy, exact because the
+    tax is linear in the shares sold.
+
+    A tax_min sell whose account has no rates row (or null rates) is ordered by gain per share,
+    the order any single flat rate gives; in a tax-advantaged account (taxable false) every share
+    costs 0 and the lots go first in, first out. Vectorised: one sort key per (sell, lot)."""
     sells = conform(sells, SELLS_SCHEMA, "sells").filter(pl.col("quantity") > 0)
     lots = conform(lots, LOTS_SCHEMA, "lots")
     unknown = sells.filter(~pl.col("lot_relief_method").is_in(LOT_RELIEF_METHODS))
     if unknown.height:
         raise ValueError(f"unknown lot relief method(s): {sorted(set(unknown['lot_relief_method']))}")
+    if rates is None:
+        rates = pl.DataFrame(schema=RATES_SCHEMA)
+    rates = conform(rates, RATES_SCHEMA, "rates").unique("account_id", keep="first").rename(
+        {c: f"_{c}" for c in RATES_SCHEMA if c != "account_id"})
     per_share_basis = pl.col("cost_basis") / pl.col("quantity_lot")
     gain_per_share = pl.col("est_price") - per_share_basis
-    category = (
-        pl.when(pl.col("lot_relief_method") != "tax_min").then(0)
-        .when(gain_per_share < 0).then(0)
-        .when(pl.col("term") == "long").then(1)
-        .otherwise(2)
+    term_rate = (
+        pl.when(pl.col("term") == "long").then(pl.col("_federal_ltcg_rate")).otherwise(pl.col("_federal_ordinary_rate"))
+        + pl.col("_state_rate")
+    )
+    tax_per_share = (
+        pl.when(pl.col("_taxable").not_()).then(0.0)  # null (no rates row) falls through
+        .when(term_rate.is_not_null()).then(gain_per_share * term_rate)
+        .otherwise(gain_per_share)
+    )
+    sort_key = (
+        pl.when(pl.col("lot_relief_method") == "fifo").then(0.0)
+        .when(pl.col("lot_relief_method") == "hifo").then(-per_share_basis)
+        .otherwise(tax_per_share)
     )
     ordered = (
         with_terms(lots, sale_date)
         .rename({"quantity": "quantity_lot"})
         .join(sells, on=["account_id", "symbol"])
-        .with_columns(
-            category.alias("_category"),
-            pl.when(pl.col("lot_relief_method") == "fifo").then(0.0).otherwise(-per_share_basis).alias("_basis_key"),
-        )
-        .sort("recommendation_id", "account_id", "symbol", "_category", "_basis_key", "acquired_date", "lot_id",
-              "lot_part")
+        .join(rates, on="account_id", how="left")
+        .with_columns(sort_key.alias("_key"))
+        .sort("recommendation_id", "account_id", "symbol", "_key", "acquired_date", "lot_id", "lot_part")
         .with_columns(
             (pl.col("quantity_lot").cum_sum().over("recommendation_id", "account_id", "symbol")
              - pl.col("quantity_lot")).alias("_before")
@@ -274,14 +307,33 @@ def estimate_lot_tax(relieved: pl.DataFrame, rates: pl.DataFrame, disallowed: pl
     )
 
 
+# IRC §1211(b): a net capital loss offsets at most $3,000 of ordinary income a year ($1,500 for a
+# married individual filing separately); §1212(b): the rest carries forward to later years,
+# keeping its character. The feed carries no filing status, so every household gets $3,000 unless
+# the frame passed in has a `capital_loss_limit` column (e.g. 1500 for married filing separately).
+CAPITAL_LOSS_LIMIT = 3000.0
+CAPITAL_LOSS_LIMIT_MFS = 1500.0
+
+
 def net_capital_gains(per_lot: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     """Per group: st_gain, lt_gain (gains, ≥ 0), realized_loss (deductible losses, ≥ 0, after wash
     sales), wash_sale_disallowed, and est_tax with the netting of IRC §1222: short-term losses
     first offset short-term gains and long-term losses long-term gains; a net loss of one term
     then offsets the net gain of the other; what is left is taxed at its term's rate (a net loss
-    overall is a saving at that rate). Only taxable accounts count."""
+    overall is a saving at that rate, as if it offset other gains of its term). Only taxable
+    accounts count.
+
+    And the figures for this year's return: est_tax_this_year and loss_carryforward. A net gain
+    is taxed as in est_tax. A net capital loss offsets ordinary income only up to the limit of
+    IRC §1211(b) ($3,000; $1,500 married filing separately: a `capital_loss_limit` column, one
+    value per group, overrides CAPITAL_LOSS_LIMIT), saving that amount × (federal ordinary +
+    state rate) this year — the state assumed to follow the federal limit — and the rest is
+    loss_carryforward (IRC §1212(b)), shown, not counted as this year's saving. The group is taken
+    as the whole year's realised gains (other sales of the year are not known to rebal)."""
     taxable = pl.col("taxable")
     deductible = pl.when(taxable).then(pl.col("gain") + pl.col("wash_sale_disallowed")).otherwise(0.0)
+    limit = (pl.col("capital_loss_limit").drop_nulls().min() if "capital_loss_limit" in per_lot.columns
+             else pl.lit(None, pl.Float64))
     sums = per_lot.group_by(by).agg(
         deductible.filter((pl.col("term") == "short") & (deductible > 0)).sum().alias("st_gain"),
         deductible.filter((pl.col("term") == "long") & (deductible > 0)).sum().alias("lt_gain"),
@@ -292,9 +344,16 @@ def net_capital_gains(per_lot: pl.DataFrame, by: list[str]) -> pl.DataFrame:
         .alias("st_rate"),
         (pl.col("federal_ltcg_rate").filter(taxable).first() + pl.col("state_rate").filter(taxable).first())
         .alias("lt_rate"),
+        limit.alias("_limit"),
     )
     net_st = pl.col("st_gain") - pl.col("st_loss")
     net_lt = pl.col("lt_gain") - pl.col("lt_loss")
+    st_left = pl.col("_netted").struct.field("st")
+    lt_left = pl.col("_netted").struct.field("lt")
+    # After netting no term is left with a gain while the other has a loss, so the net capital
+    # loss (if any) is −(st + lt) with both ≤ 0.
+    net_loss = (-(st_left + lt_left)).clip(lower_bound=0.0)
+    deducted = pl.min_horizontal(net_loss, pl.col("_limit").fill_null(CAPITAL_LOSS_LIMIT))
     return sums.with_columns(
         net_st.alias("net_st"), net_lt.alias("net_lt")
     ).with_columns(
@@ -312,13 +371,17 @@ def net_capital_gains(per_lot: pl.DataFrame, by: list[str]) -> pl.DataFrame:
         .otherwise(pl.struct(st=pl.col("net_st"), lt=pl.col("net_lt")))
         .alias("_netted")
     ).with_columns(
-        (pl.col("_netted").struct.field("st") * pl.col("st_rate").fill_null(0)
-         + pl.col("_netted").struct.field("lt") * pl.col("lt_rate").fill_null(0)).round(2).alias("est_tax"),
+        (st_left * pl.col("st_rate").fill_null(0) + lt_left * pl.col("lt_rate").fill_null(0)).round(2).alias("est_tax"),
+        pl.when(net_loss > 0)
+        .then(-deducted * pl.col("st_rate").fill_null(0))
+        .otherwise(st_left * pl.col("st_rate").fill_null(0) + lt_left * pl.col("lt_rate").fill_null(0))
+        .round(2).alias("est_tax_this_year"),
+        (net_loss - deducted).round(2).alias("loss_carryforward"),
         (pl.col("st_loss") + pl.col("lt_loss")).alias("realized_loss"),
     ).select(
         *by,
         pl.col("st_gain").round(2), pl.col("lt_gain").round(2), pl.col("realized_loss").round(2),
-        pl.col("wash_sale_disallowed").round(2), "est_tax",
+        pl.col("wash_sale_disallowed").round(2), "est_tax", "est_tax_this_year", "loss_carryforward",
     )
 
 
@@ -381,24 +444,28 @@ def wait_for_long_term(per_lot: pl.DataFrame, severity: pl.DataFrame, policy: Ta
 
 
 def harvest_candidates(lots: pl.DataFrame, prices: pl.DataFrame, policy: TaxPolicy) -> pl.DataFrame:
-    """Lots of taxable accounts down at least policy.tlh_loss_threshold of their basis and at least
-    policy.tlh_min_loss dollars: account_id, symbol, lot_id, lot_part, quantity, market_value,
-    cost_basis, unrealized_loss (≥ 0), loss_pct, term. `lots` carries a `taxable` column;
-    `prices` symbol, price."""
+    """Lots (parts) of taxable accounts down at least policy.tlh_loss_threshold of their basis and
+    at least policy.tlh_min_loss dollars: account_id, symbol, lot_id, lot_part, quantity,
+    market_value, cost_basis, unrealized_loss (≥ 0), loss_pct, term. `lots` carries a `taxable`
+    column and is wash-adjusted (tax_lots, the basis ledger applied); `prices` symbol, price.
+
+    The same rule as the drift alerts' TLH flag (dbt_like_sql/intermediate/int_tlh_flags.sql, on
+    the same wash-adjusted parts): loss = basis − quantity × price, unrounded; candidate when
+    loss / basis ≥ threshold − policy.tlh_loss_tolerance (inclusive: a lot down exactly 10% is one,
+    though it computes as 0.09999999999999985), loss ≥ tlh_min_loss and loss > 0."""
     valued = lots.filter(pl.col("taxable") & (pl.col("cost_basis") > 0)).join(prices, on="symbol").with_columns(
-        (pl.col("quantity") * pl.col("price")).round(2).alias("market_value"),
+        (pl.col("cost_basis") - pl.col("quantity") * pl.col("price")).alias("_loss"),
     ).with_columns(
-        (pl.col("cost_basis") - pl.col("market_value")).round(2).alias("unrealized_loss"),
-    ).with_columns(
-        (pl.col("unrealized_loss") / pl.col("cost_basis")).alias("loss_pct"),
+        (pl.col("_loss") / pl.col("cost_basis")).alias("loss_pct"),
     )
-    # The threshold is inclusive: a lot down exactly 10% is a candidate (1e-12 absorbs the
-    # floating-point representation of, e.g., 90/100).
     return valued.filter(
-        (pl.col("loss_pct") >= policy.tlh_loss_threshold - 1e-12)
-        & (pl.col("unrealized_loss") >= policy.tlh_min_loss)
-        & (pl.col("unrealized_loss") > 0)
-    )
+        (pl.col("loss_pct") >= policy.tlh_loss_threshold - policy.tlh_loss_tolerance)
+        & (pl.col("_loss") >= policy.tlh_min_loss)
+        & (pl.col("_loss") > 0)
+    ).with_columns(
+        (pl.col("quantity") * pl.col("price")).round(2).alias("market_value"),
+        pl.col("_loss").round(2).alias("unrealized_loss"),
+    ).drop("_loss")
 
 
 def recent_wash_window(as_of: date) -> tuple[date, date]:
@@ -410,5 +477,6 @@ def recent_wash_window(as_of: date) -> tuple[date, date]:
 __all__ = [
     "TaxPolicy", "long_term_from", "with_terms", "adjust_lots_for_wash_sales", "relieve_lots",
     "estimate_lot_tax", "net_capital_gains", "wait_for_long_term", "harvest_candidates",
+    "CAPITAL_LOSS_LIMIT", "CAPITAL_LOSS_LIMIT_MFS",
     "match_wash_sales", "recent_wash_window",
 ]

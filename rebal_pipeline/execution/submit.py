@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -346,44 +347,99 @@ def _folder_content(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if not p.name.startswith(".")}
 
 
+def remove_abandoned_temps(folder: Path, name: str) -> list[str]:
+    """Remove what killed writes of `name` left in `folder` (the names removed): its dot-named
+    temporary files and folders (`.<name>.<uuid>.tmp`). A writer holds an exclusive lock on its
+    temporary file (a folder: on its `.lock` sibling) while writing; the kernel drops the lock when
+    the process dies, so a temporary whose lock can be taken has no live writer. Readers skip
+    dot-files, so a temporary is never an order file even before it is removed."""
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for tmp in sorted(folder.glob(f".{glob_escape(name)}.*.tmp")):
+        guard = tmp.with_name(tmp.name + ".lock") if tmp.is_dir() else tmp
+        try:
+            handle = open(guard, "rb") if guard.exists() else None
+        except FileNotFoundError:
+            continue  # finished meanwhile
+        try:
+            if handle is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                guard.unlink(missing_ok=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+        finally:
+            if handle is not None:
+                handle.close()
+    for lock in sorted(folder.glob(f".{glob_escape(name)}.*.tmp.lock")):  # a lock whose folder is gone
+        if not lock.with_name(lock.name[:-len(".lock")]).exists():
+            try:
+                with open(lock, "rb") as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    lock.unlink(missing_ok=True)
+            except (BlockingIOError, FileNotFoundError):
+                continue
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def deliver(outbox: Path, destination: Destination) -> bool:
     """Write the destination unless it is there already. True: written by this call; False: an
-    identical copy was there. Raises ExecutionError if something different is there."""
+    identical copy was there. Raises ExecutionError if something different is there. Temporary
+    files of earlier, killed writes of the destination are removed first."""
     target = outbox / destination.path
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temps(target.parent, target.name)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    lock = tmp.with_name(tmp.name + ".lock")
     try:
         if destination.is_folder:
             if not target.exists():
-                tmp.mkdir()
-                for name, data in destination.files.items():
-                    _write_new(tmp / name, data)
-                _fsync_dir(tmp)
-                try:
-                    # rename() replaces only an empty folder; ours never is (checked above).
-                    os.rename(tmp, target)
-                    _fsync_dir(target.parent)
-                    return True
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
+                with open(lock, "x") as guard:
+                    fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+                    tmp.mkdir()
+                    for name, data in destination.files.items():
+                        _write_new(tmp / name, data)
+                    _fsync_dir(tmp)
+                    try:
+                        # rename() replaces only an empty folder; ours never is (checked above).
+                        os.rename(tmp, target)
+                        _fsync_dir(target.parent)
+                        return True
+                    except OSError as exc:
+                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise
             same = target.is_dir() and _folder_content(target) == destination.files
         else:
             [data] = destination.files.values()
             if not target.exists():
-                _write_new(tmp, data)
-                try:
-                    os.link(tmp, target)  # fails instead of replacing a file another writer put there
-                    _fsync_dir(target.parent)
-                    return True
-                except FileExistsError:
-                    pass
+                with open(tmp, "xb") as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    try:
+                        os.link(tmp, target)  # fails instead of replacing a file another writer put there
+                        _fsync_dir(target.parent)
+                        return True
+                    except FileExistsError:
+                        pass
             same = target.is_file() and target.read_bytes() == data
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
         else:
             tmp.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
     if not same:
         raise ExecutionError(f"{destination.path} already exists with other content: it is never overwritten "
                              "(find out what changed since it was written)")
@@ -532,4 +588,7 @@ def confirm_executed(conn, decision_id: str, user_id: str, now: datetime) -> int
     if confirmed:
         audit.append(conn, f"orders_executed:{decision_id}", "orders_executed", user_id, _utc(now),
                      rows[0]["recommendation_id"], {"decision_id": decision_id, "orders": confirmed})
+        from rebal_pipeline.workflow import ledger
+
+        ledger.record_outcome(conn, decision_id, _utc(now))  # every order placed: the recommendation is executed
     return confirmed

@@ -400,7 +400,9 @@ _PEAK_HEIGHT = {"equity": 0.15, "fixed_income": 0.06, "alternatives": 0.12, "cas
 _MIN_PEAK_LOSS = math.log(1.13)
 HISTORY_DAYS = 5 * 366 + 10
 _LEGACY_LOT_MIN_DAYS = 3 * 365  # legacy single-stock lots were bought three to five years ago
-LOOKBACK_DAYS = 60  # transactions cover the last 60 days (wash-sale look-back is 30)
+# Transactions cover as_of − 60 … as_of: the 61 days the feed contract asks for (a loss sold 30
+# days ago is washed by a purchase up to 30 days before that sale, IRC §1091(a)).
+LOOKBACK_DAYS = 60
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,12 +5,25 @@ clock passed in (`now`), so the 24h/48h rules are tested with an injected clock.
 change appends its audit event in the same transaction: the record and the change commit or
 fail together.
 
-States:   pending ──approve/modify──▶ approved/modified ──gate──▶ executed | refused_by_gate
+States:   pending ──approve/modify──▶ approved/modified ──gate passes──▶ executed | partially_executed
+             │                                  │                        | cancelled (ledger.py)
+             │                                  ╰──gate refuses──▶ pending again (escalated if compliance
+             │                                     decided it; superseded if a newer one exists)
              │  ╰──defer──▶ deferred (until a date; reminders wait for it)
              │  ╰──escalate / 48h──▶ escalated (compliance decides)
              ╰──(a later day)──▶ superseded (the new one keeps the escalation clock)
              ╰──(back inside bands)──▶ resolved_by_market
-          discretionary micro-trade rule ──▶ auto_approved
+          discretionary micro-trade rule ──▶ auto_approved (voided and superseded when the day is
+                                             re-published before the gate passed it)
+          an account with open orders ──▶ blocked_by_open_orders (not routed; final)
+          an older day's run ──▶ historical (not routed; final)
+
+History stays history: a run of a day older than the newest day published (a re-run, a
+backfill) never supersedes, resolves or reopens a newer day's recommendations; what it publishes
+is `historical`, with no alert, reminder or auto-approval. Final states: executed,
+partially_executed, cancelled, superseded, resolved_by_market, blocked_by_open_orders,
+historical. Every other state is decidable by someone (pending, deferred: the advisor of record
+or their team; escalated: compliance), and approved / modified / auto_approved wait for the gate.
 """
 
 from __future__ import annotations
@@ -19,17 +32,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from rebal_pipeline.workflow import audit
+from rebal_pipeline.workflow import audit, authority
 from rebal_pipeline.workflow.schema import advisor_team, decisions, notifications, recommendations, users
 
 OPEN = ("pending", "deferred", "escalated")  # waiting for a human
 APPROVED = ("approved", "modified", "auto_approved")
-ACTIONS = ("approve", "modify", "defer", "escalate")
+ACTIONS = authority.ACTIONS  # who may take which: authority.py
 
 
 @dataclass(frozen=True)
@@ -95,24 +108,127 @@ def lineage_of(scope: str, scope_id: str, kind: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def sync_users(conn: Connection, rows: list[dict], now: datetime) -> int:
-    """Upsert users from the feed (users.csv): name, email, role, and team routing (`team_of`:
-    the advisor whose clients this user also works on). Tokens are kept."""
+AdvisorsOfRecord = dict[tuple[str, str], str] | Callable[[list[tuple[str, str]]], dict[tuple[str, str], str]]
+
+
+def sync_users(conn: Connection, rows: list[dict], now: datetime,
+               advisors_of_record: AdvisorsOfRecord | None = None) -> int:
+    """Bring the users up to date with the feed (users.csv, the whole file): name, email, role,
+    team routing (`team_of`: the advisor whose clients this user also works on) and the team's
+    alert setting (`team_alerts` on the advisor's row). Tokens are kept.
+
+    People come and go (issue 12): a user no longer in users.csv is deactivated from this moment
+    (tokens and links refused; audit event `user_deactivated`; their API token digest is dropped,
+    so coming back means a new token). A user deactivated by a person (`rebal users deactivate`)
+    stays deactivated even while users.csv still lists them. The open recommendations of inactive
+    advisors are re-routed to the advisor of record in today's feed (`advisors_of_record`:
+    (scope, scope_id) → advisor_id, or a function answering that for the scopes asked about;
+    audit event `recommendation_rerouted`; the new advisor gets a
+    new alert, message key alert:<recommendation>:<advisor>). Returns the users changed."""
+    now = _utc(now)
+    if not rows:
+        # users.csv is required and never empty (the feed contract): an empty list is a broken
+        # feed, and must not lock every person out.
+        raise ValueError("users.csv lists nobody: refusing to deactivate every user")
     changed = 0
     _sync_teams(conn, rows, now)
+    listed = set()
     for row in rows:
+        listed.add(row["user_id"])
         existing = conn.execute(select(users).where(users.c.user_id == row["user_id"])).mappings().first()
-        values = {"name": row["name"], "email": row["email"], "role": row["role"], "active": True}
+        values = {"name": row["name"], "email": row["email"], "role": row["role"],
+                  "team_alerts": _flag(row.get("team_alerts"))}
+        kept_out = existing is not None and not existing["active"] and existing["deactivated_by"] not in (None, FEED)
+        if not kept_out:
+            values["active"] = True
         if existing is None:
             conn.execute(insert(users).values(user_id=row["user_id"], **values))
         elif any(existing[k] != v for k, v in values.items()):
+            if values.get("active") and not existing["active"]:
+                values.update(deactivated_at=None, deactivated_by=None, deactivation_reason=None)
             conn.execute(update(users).where(users.c.user_id == row["user_id"]).values(**values))
         else:
             continue
         changed += 1
-        audit.append(conn, f"user:{row['user_id']}:{_sha(json.dumps(values, sort_keys=True))[:16]}", "user_synced",
-                     "rebal:feed", now, row["user_id"], {"role": row["role"]})
+        audited = {k: v for k, v in values.items() if k not in ("deactivated_at", "deactivated_by", "deactivation_reason")}
+        back = existing is not None and not existing["active"] and values.get("active")
+        audit.append(conn, f"user:{row['user_id']}:{_sha(json.dumps(audited, sort_keys=True))[:16]}"
+                           + (f":back:{now.isoformat()}" if back else ""), "user_synced",
+                     "rebal:feed", now, row["user_id"], {"role": row["role"], "active": values.get("active", False)})
+    gone = conn.execute(select(users.c.user_id).where(and_(users.c.active, users.c.user_id.not_in(listed)))
+                        .order_by(users.c.user_id)).scalars().all()
+    for user_id in gone:
+        deactivate_user(conn, user_id, FEED, "no longer in users.csv", now)
+        changed += 1
+    if advisors_of_record is not None:
+        reroute_open_recommendations(conn, advisors_of_record, now)
     return changed
+
+
+FEED = "rebal:feed"
+
+
+def _flag(value) -> bool | None:
+    """users.csv booleans are `true` / `false` (empty: not set)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text == "true" else False if text == "false" else None
+
+
+def deactivate_user(conn: Connection, user_id: str, by: str, reason: str, now: datetime) -> bool:
+    """Deactivate a user now: their API token and their links are refused from this transaction's
+    commit (the token digest is dropped), their team memberships end, and the audit event
+    `user_deactivated` says who did it and why. False: no such user, or already inactive."""
+    now = _utc(now)
+    done = conn.execute(update(users).where(and_(users.c.user_id == user_id, users.c.active)).values(
+        active=False, api_token_sha256=None, deactivated_at=now, deactivated_by=by, deactivation_reason=reason))
+    if done.rowcount != 1:
+        return False
+    conn.execute(advisor_team.delete().where(advisor_team.c.member_user_id == user_id))
+    audit.append(conn, f"user-deactivated:{user_id}:{now.isoformat()}", "user_deactivated", by, now, user_id,
+                 {"reason": reason})
+    return True
+
+
+def reroute_open_recommendations(conn: Connection, advisors_of_record: AdvisorsOfRecord,
+                                 now: datetime) -> dict[str, str]:
+    """Hand every open recommendation (pending, deferred, escalated) whose advisor is no longer
+    an active user to the advisor of record in today's feed ((scope, scope_id) → advisor_id),
+    when that one is active. Each re-route: the advisor changes, `rerouted_at` is set (the
+    advisor_alerts sensor alerts the new advisor once), audit event `recommendation_rerouted`.
+    One whose scope has no active advisor in the feed stays where it is (compliance can still
+    act on it once escalated) and is named in the audit event `recommendation_not_rerouted`.
+    Returns recommendation_id → new advisor."""
+    now = _utc(now)
+    active = select(users.c.user_id).where(users.c.active)
+    stranded = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.scope,
+                                   recommendations.c.scope_id, recommendations.c.advisor_id).where(and_(
+        recommendations.c.status.in_(OPEN), recommendations.c.advisor_id.is_not(None),
+        recommendations.c.advisor_id.not_in(active))).order_by(recommendations.c.recommendation_id)).all()
+    if not stranded:
+        return {}
+    if callable(advisors_of_record):  # asked for the stranded scopes only (one warehouse query)
+        advisors_of_record = advisors_of_record(sorted({(r.scope, r.scope_id) for r in stranded}))
+    live = {r.user_id for r in conn.execute(select(users.c.user_id).where(and_(users.c.active,
+                                                                               users.c.role == "advisor")))}
+    moved: dict[str, str] = {}
+    for rec in stranded:
+        new = advisors_of_record.get((rec.scope, rec.scope_id))
+        if new is None or new not in live or new == rec.advisor_id:
+            audit.append(conn, f"not-rerouted:{rec.recommendation_id}:{rec.advisor_id}", "recommendation_not_rerouted",
+                         FEED, now, rec.recommendation_id,
+                         {"from": rec.advisor_id, "reason": "no active advisor of record for it in today's feed"})
+            continue
+        done = conn.execute(update(recommendations).where(and_(
+            recommendations.c.recommendation_id == rec.recommendation_id,
+            recommendations.c.advisor_id == rec.advisor_id)).values(advisor_id=new, rerouted_at=now, updated_at=now))
+        if done.rowcount != 1:
+            continue
+        audit.append(conn, f"rerouted:{rec.recommendation_id}:{new}", "recommendation_rerouted", FEED, now,
+                     rec.recommendation_id, {"from": rec.advisor_id, "to": new, "reason": "advisor no longer active"})
+        moved[rec.recommendation_id] = new
+    return moved
 
 
 def _sync_teams(conn: Connection, rows: list[dict], now: datetime) -> None:
@@ -130,30 +246,30 @@ def _sync_teams(conn: Connection, rows: list[dict], now: datetime) -> None:
 
 
 def issue_api_token(conn: Connection, user_id: str, token: str, now: datetime) -> None:
-    """Store the SHA-256 of a user's API token (the token itself is shown once, never stored)."""
-    done = conn.execute(update(users).where(users.c.user_id == user_id).values(api_token_sha256=_sha(token)))
-    if done.rowcount != 1:
+    """Store the SHA-256 of a user's API token (the token itself is shown once, never stored).
+    An inactive user gets none (409): their tokens are refused anyway."""
+    row = conn.execute(select(users.c.active).where(users.c.user_id == user_id)).first()
+    if row is None:
         raise DecisionError(404, f"no user {user_id}")
+    if not row.active:
+        raise DecisionError(409, f"{user_id} is deactivated: no API token is issued to an inactive user")
+    conn.execute(update(users).where(users.c.user_id == user_id).values(api_token_sha256=_sha(token)))
     audit.append(conn, f"token:{user_id}:{_sha(token)[:16]}", "api_token_issued", "rebal:operations", now, user_id, {})
 
 
 def user_for_token(conn: Connection, token: str) -> dict | None:
+    """The active user of an API token (None: unknown, or the user is deactivated)."""
     row = conn.execute(select(users).where(and_(users.c.api_token_sha256 == _sha(token), users.c.active))).mappings().first()
     return dict(row) if row else None
 
 
 def compliance_officer(conn: Connection) -> str | None:
-    row = conn.execute(select(users.c.user_id).where(and_(users.c.role == "compliance", users.c.active))
-                       .order_by(users.c.user_id).limit(1)).first()
-    return row.user_id if row else None
+    return authority.compliance_officer(conn)
 
 
 def may_act_for(conn: Connection, user: dict, advisor_id: str | None) -> bool:
     """The advisor of record, or a member of their team."""
-    if user["user_id"] == advisor_id:
-        return True
-    return conn.execute(select(advisor_team).where(and_(
-        advisor_team.c.advisor_id == advisor_id, advisor_team.c.member_user_id == user["user_id"]))).first() is not None
+    return authority.acts_for(conn, user, advisor_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +284,18 @@ class PublishResult:
     resolved: int
     auto_approved: int
     unchanged: int
+    historical: int = 0  # published for a day older than the newest one: history, not routed
+    held: int = 0  # not routed: an account has open orders (blocked_by_open_orders)
+    voided: int = 0  # auto-approvals voided because the day was re-published with changed inputs
+
+
+HISTORICAL = "historical"
+HELD = "blocked_by_open_orders"
+
+
+def _newest_day(conn: Connection):
+    return conn.execute(select(func.max(recommendations.c.as_of)).where(
+        recommendations.c.status != HISTORICAL)).scalar()
 
 
 def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages: set[str], now: datetime,
@@ -179,23 +307,57 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     (`inside_lineages`: back inside their bands, or no harvest left) are closed as
     resolved_by_market.
 
+    Execution safety (issue 12):
+      - History stays history: a day older than the newest day already published (a re-run or
+        a backfill of an older session) publishes its recommendations as `historical`: no alert,
+        no reminder, no auto-approval, never decidable; it supersedes, resolves and reopens
+        nothing (audit event `recommendation_historical`).
+      - Open orders hold the account: a recommendation any of whose accounts has an open order
+        set (workflow/ledger.py: staged or submitted and not yet seen filled or cancelled) is
+        stored `blocked_by_open_orders`, not routed (audit event `recommendation_held` naming
+        the decisions), and supersedes the open one of its lineage: the next day's scan after
+        the orders fill (or the desk cancels them) recommends again.
+      - A re-publish of the day with changed inputs supersedes an auto-approved recommendation
+        the gate has not passed yet like a pending one: its auto-approval is voided (the
+        decision's gate verdict `voided`, audit event `auto_approval_voided`), so it is never
+        executed next to the new one. One the gate passed holds its accounts (above).
+      - A recommendation whose package needs compliance review is published escalated and
+        routed to compliance (authority.initial_status / route_to_compliance), never
+        auto-approved.
+
     recs: dicts with recommendation_id, scope, scope_id, kind, household_id, advisor_id, tier,
     urgency, delivery, discretionary, trade_value, realized_gain, policy_version,
     positions_fingerprint, package (dict)."""
+    from rebal_pipeline.workflow import ledger
+
     now = _utc(now)
-    created = superseded = resolved = auto = unchanged = 0
+    created = superseded = resolved = auto = unchanged = historical = held = voided = 0
+    newest = _newest_day(conn)
+    history = newest is not None and as_of < (newest if isinstance(newest, date) else date.fromisoformat(str(newest)))
     for rec in sorted(recs, key=lambda r: r["recommendation_id"]):
         if conn.execute(select(recommendations.c.recommendation_id)
                         .where(recommendations.c.recommendation_id == rec["recommendation_id"])).first():
             unchanged += 1
             continue
         lineage = lineage_of(rec["scope"], rec["scope_id"], rec["kind"])
+        if history:
+            _insert_recommendation(conn, rec, lineage, as_of, now, HISTORICAL, {}, None)
+            audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_historical",
+                         "rebal:daily_scan", now, rec["recommendation_id"], {
+                             "as_of": as_of, "newest_day": newest, "scope": rec["scope"], "scope_id": rec["scope_id"],
+                             "kind": rec["kind"], "reason": f"{as_of.isoformat()} is older than the newest day "
+                                                           "published: history, not routed for decision"})
+            historical += 1
+            continue
         previous = conn.execute(
             select(recommendations).where(and_(recommendations.c.lineage == lineage,
                                                recommendations.c.status.in_(OPEN)))
             .order_by(recommendations.c.as_of.desc())
         ).mappings().first()
-        carried = {}
+        voided += _void_unsubmitted_auto_approvals(conn, lineage, rec["recommendation_id"], as_of, now)
+        accounts = list((rec.get("package") or {}).get("account_ids") or [rec["scope_id"]])
+        blocking = ledger.accounts_with_open_orders(conn, accounts)
+        carried: dict[str, Any] = {}
         if previous is not None:
             # A later scan supersedes without restarting the escalation clock.
             carried = {k: previous[k] for k in ("clock_started_at", "reminder_sent_at", "escalated_at",
@@ -208,20 +370,17 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
                          "rebal:daily_scan", now, previous["recommendation_id"],
                          {"superseded_by": rec["recommendation_id"], "as_of": as_of})
             superseded += 1
-        conn.execute(insert(recommendations).values(
-            recommendation_id=rec["recommendation_id"], lineage=lineage, as_of=as_of, scope=rec["scope"],
-            scope_id=rec["scope_id"], kind=rec["kind"], household_id=rec.get("household_id"),
-            advisor_id=rec.get("advisor_id"), tier=rec.get("tier"), urgency=rec.get("urgency"),
-            delivery=rec.get("delivery"), discretionary=bool(rec.get("discretionary")),
-            trade_value=float(rec.get("trade_value") or 0), realized_gain=float(rec.get("realized_gain") or 0),
-            policy_version=rec.get("policy_version"), positions_fingerprint=rec.get("positions_fingerprint"),
-            package=audit.canonical_json(rec["package"]),
-            status=carried.get("status", "pending"),
-            clock_started_at=carried.get("clock_started_at") or now, created_at=now, updated_at=now,
-            supersedes=previous["recommendation_id"] if previous is not None else None,
-            deferred_until=carried.get("deferred_until"), reminder_sent_at=carried.get("reminder_sent_at"),
-            escalated_at=carried.get("escalated_at"), escalated_to=carried.get("escalated_to"),
-        ))
+        if blocking:
+            _insert_recommendation(conn, rec, lineage, as_of, now, HELD, {}, previous)
+            audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_held", "rebal:daily_scan",
+                         now, rec["recommendation_id"], {
+                             "as_of": as_of, "scope": rec["scope"], "scope_id": rec["scope_id"], "kind": rec["kind"],
+                             "reason": "open orders", "open_orders": blocking,
+                             "supersedes": previous["recommendation_id"] if previous is not None else None})
+            held += 1
+            continue
+        status = authority.initial_status(rec, carried.get("status"))
+        _insert_recommendation(conn, rec, lineage, as_of, now, status, carried, previous)
         team = [r.member_user_id for r in conn.execute(
             select(advisor_team.c.member_user_id).where(advisor_team.c.advisor_id == rec.get("advisor_id")))]
         audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_alerted", "rebal:daily_scan",
@@ -232,11 +391,13 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
                          "trade_value": rec.get("trade_value"), "supersedes": carried and previous["recommendation_id"],
                      })
         created += 1
-        if _micro_trade(rec, policy) and carried.get("status", "pending") == "pending":
+        if status == "escalated" and carried.get("status") != "escalated":
+            authority.route_to_compliance(conn, rec, now)
+        elif _micro_trade(rec, policy) and status == "pending":
             _auto_approve(conn, rec, now, policy)
             auto += 1
-    # Back inside the bands today: close what was waiting.
-    if inside_lineages:
+    # Back inside the bands today: close what was waiting (never from an older day's run).
+    if inside_lineages and not history:
         stale = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.lineage).where(and_(
             recommendations.c.status.in_(OPEN), recommendations.c.as_of < as_of))).all()
         for row in stale:
@@ -247,7 +408,53 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
             audit.append(conn, f"resolved:{row.recommendation_id}", "recommendation_resolved_by_market",
                          "rebal:daily_scan", now, row.recommendation_id, {"as_of": as_of})
             resolved += 1
-    return PublishResult(created, superseded, resolved, auto, unchanged)
+    return PublishResult(created, superseded, resolved, auto, unchanged, historical, held, voided)
+
+
+def _insert_recommendation(conn: Connection, rec: dict, lineage: str, as_of: date, now: datetime, status: str,
+                           carried: dict, previous) -> None:
+    conn.execute(insert(recommendations).values(
+        recommendation_id=rec["recommendation_id"], lineage=lineage, as_of=as_of, scope=rec["scope"],
+        scope_id=rec["scope_id"], kind=rec["kind"], household_id=rec.get("household_id"),
+        advisor_id=rec.get("advisor_id"), tier=rec.get("tier"), urgency=rec.get("urgency"),
+        delivery=rec.get("delivery"), discretionary=bool(rec.get("discretionary")),
+        trade_value=float(rec.get("trade_value") or 0), realized_gain=float(rec.get("realized_gain") or 0),
+        policy_version=rec.get("policy_version"), positions_fingerprint=rec.get("positions_fingerprint"),
+        package=audit.canonical_json(rec["package"]),
+        status=status,
+        clock_started_at=carried.get("clock_started_at") or now, created_at=now, updated_at=now,
+        supersedes=previous["recommendation_id"] if previous is not None else None,
+        deferred_until=carried.get("deferred_until"), reminder_sent_at=carried.get("reminder_sent_at"),
+        escalated_at=carried.get("escalated_at"), escalated_to=carried.get("escalated_to"),
+    ))
+
+
+def _void_unsubmitted_auto_approvals(conn: Connection, lineage: str, new_id: str, as_of: date, now: datetime) -> int:
+    """Supersede the lineage's auto-approved recommendations the gate has not passed (their
+    auto-approval voided): the day's inputs changed under them. Returns how many."""
+    rows = conn.execute(
+        select(recommendations.c.recommendation_id, decisions.c.decision_id)
+        .join(decisions, decisions.c.recommendation_id == recommendations.c.recommendation_id)
+        .where(and_(recommendations.c.lineage == lineage, recommendations.c.status == "auto_approved",
+                    recommendations.c.as_of <= as_of, decisions.c.action == "auto_approve",
+                    decisions.c.gate_verdict.is_(None)))
+        .order_by(recommendations.c.recommendation_id)).all()
+    for row in rows:
+        reason = f"superseded by {new_id} (the day was re-published with changed inputs) before the gate passed it"
+        conn.execute(update(decisions).where(and_(decisions.c.decision_id == row.decision_id,
+                                                  decisions.c.gate_verdict.is_(None)))
+                     .values(gate_verdict="voided", gate_reason=reason, gate_checked_at=now))
+        conn.execute(update(recommendations).where(recommendations.c.recommendation_id == row.recommendation_id)
+                     .values(status="superseded", superseded_by=new_id, updated_at=now))
+        # The decision's verdict event (every gate verdict has one: audit.verify checks it).
+        audit.append(conn, f"gate:{row.decision_id}", "gate_voided", "rebal:daily_scan", now, row.recommendation_id,
+                     {"decision_id": row.decision_id, "reason": reason})
+        audit.append(conn, f"voided:{row.decision_id}", "auto_approval_voided", "rebal:daily_scan", now,
+                     row.recommendation_id, {"decision_id": row.decision_id, "superseded_by": new_id,
+                                             "as_of": as_of, "reason": reason})
+        audit.append(conn, f"superseded:{row.recommendation_id}", "recommendation_superseded", "rebal:daily_scan",
+                     now, row.recommendation_id, {"superseded_by": new_id, "as_of": as_of})
+    return len(rows)
 
 
 def _micro_trade(rec: dict, policy: LifecyclePolicy) -> bool:
@@ -283,12 +490,13 @@ def _insert_decision(conn: Connection, recommendation_id: str, action: str, acto
     conn.execute(insert(decisions).values(
         decision_id=decision_id, recommendation_id=recommendation_id, action=action, actor_id=actor, via=via,
         reason=reason, payload=body, created_at=now))
+    # The record covers what was decided: the SHA-256 of the stored package and of the trades
+    # decided on (audit.decision_hashes), checked by the gate and by `rebal audit verify`.
+    package_json = conn.execute(select(recommendations.c.package).where(
+        recommendations.c.recommendation_id == recommendation_id)).scalar_one()
     audit.append(conn, f"decision:{decision_id}", f"decision_{action}", actor, now, recommendation_id,
-                 {"reason": reason, "via": via, **payload})
+                 {"reason": reason, "via": via, **payload, **audit.decision_hashes(action, payload, package_json)})
     return dict(conn.execute(select(decisions).where(decisions.c.decision_id == decision_id)).mappings().one())
-
-
-_NEW_STATUS = {"approve": "approved", "modify": "modified", "defer": "deferred", "escalate": "escalated"}
 
 
 def decide(conn: Connection, recommendation_id: str, user: dict, action: str, now: datetime, *,
@@ -296,55 +504,65 @@ def decide(conn: Connection, recommendation_id: str, user: dict, action: str, no
            policy: LifecyclePolicy = LifecyclePolicy()) -> tuple[dict, bool]:
     """Record a decision. Returns (decision, created). The same decision repeated by the same
     person is idempotent (created False); a different decision on a recommendation already
-    decided is a conflict (409). Role rules: the advisor of record or their team act on their
-    own recommendations; compliance acts on escalated ones; nobody else decides."""
+    decided is a conflict (409). Who may take which action on which recommendation is
+    authority.py's rule (403 / 409 from there). A `comment` is recorded and audited and changes
+    nothing; `return_to_advisor` (compliance) puts an escalated recommendation back to pending;
+    an `escalate` records the escalation email to the compliance officer in this transaction."""
     now = _utc(now)
-    if action not in ACTIONS:
-        raise DecisionError(422, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    if action not in authority.ACTIONS:
+        raise DecisionError(422, f"unknown action {action!r}; one of {', '.join(authority.ACTIONS)}")
     payload = dict(payload or {})
-    if action in ("defer", "escalate") and not (reason and reason.strip()):
-        raise DecisionError(422, f"{action} needs a reason")
+    if action in authority.NEEDS_REASON and not (reason and reason.strip()):
+        raise DecisionError(422, f"{action} needs a reason" if action != "comment" else "a comment needs its text")
     rec = conn.execute(select(recommendations).where(recommendations.c.recommendation_id == recommendation_id)
                        ).mappings().first()
     if rec is None:
         raise DecisionError(404, f"no recommendation {recommendation_id}")
     # The decision's identity is what was asked (a default deferral date filled in below does not
     # make a repeated "defer" a new decision). The same person repeating it gets it back, even
-    # after the recommendation moved on because of it.
-    asked = audit.canonical_json(payload)
+    # after the recommendation moved on because of it. A comment is identified by its text.
+    asked = audit.canonical_json({"comment": reason.strip()} if action == "comment" else payload)
+    asked += decision_round(conn, recommendation_id)  # issue 12: a gate refusal opens a new round
     repeat = conn.execute(select(decisions).where(decisions.c.decision_id == _decision_id(
         recommendation_id, action, user["user_id"], asked))).mappings().first()
     if repeat is not None:
         return dict(repeat), False
-    if user["role"] == "compliance":
-        if rec["status"] != "escalated" and action != "escalate":
-            raise DecisionError(403, "compliance decides escalated recommendations only")
-    elif user["role"] != "advisor" or not may_act_for(conn, user, rec["advisor_id"]):
-        raise DecisionError(403, "you may act only on recommendations for your own clients")
+    refused = authority.refusal(conn, user, dict(rec), action)
+    if refused is not None:
+        raise DecisionError(refused.status, refused.message)
+    if action == "comment":
+        return _insert_decision(conn, recommendation_id, action, user["user_id"], via, reason.strip(), payload, now,
+                                identity=asked), True
     if action == "defer":
         until = payload.get("deferred_until")
         payload["deferred_until"] = (_utc(datetime.fromisoformat(until)) if isinstance(until, str)
                                      else _utc(until) if until else now + timedelta(days=policy.default_defer_days))
         if payload["deferred_until"] <= now:
             raise DecisionError(422, "deferred_until must be in the future")
-    allowed = ("escalated",) if user["role"] == "compliance" and action != "escalate" else ("pending", "deferred", "escalated")
-    if action == "escalate" and rec["status"] == "escalated":
-        allowed = ()
-    if rec["status"] not in allowed:
-        raise DecisionError(409, f"recommendation is {rec['status']}; a {action} cannot be recorded on it")
+    officer = None
+    if action == "escalate":
+        officer = compliance_officer(conn)
+        if officer is None:
+            raise DecisionError(409, "no active compliance officer to escalate to (users.csv role compliance)")
     # The state change is conditional on the status read above: of two concurrent deciders, one wins.
-    values: dict[str, Any] = {"status": _NEW_STATUS[action], "updated_at": now}
+    values: dict[str, Any] = {"status": authority.NEW_STATUS[action], "updated_at": now}
     if action == "defer":
         values["deferred_until"] = payload["deferred_until"]
     if action == "escalate":
-        values.update(escalated_at=now, escalated_to=compliance_officer(conn))
+        values.update(escalated_at=now, escalated_to=officer)
     done = conn.execute(update(recommendations).where(and_(
         recommendations.c.recommendation_id == recommendation_id, recommendations.c.status == rec["status"]))
         .values(**values))
     if done.rowcount != 1:
         raise DecisionError(409, "the recommendation changed while this decision was being recorded")
-    return _insert_decision(conn, recommendation_id, action, user["user_id"], via, reason, payload, now,
-                            identity=asked), True
+    decision = _insert_decision(conn, recommendation_id, action, user["user_id"], via, reason, payload, now,
+                                identity=asked)
+    if action == "escalate":
+        # Emailed like the 48h escalation: the same kind of wf_notifications row, keyed on this
+        # decision (exactly once: a repeat of the decision returns above).
+        authority.record_escalation(conn, dict(rec), f"escalation:{recommendation_id}:{decision['decision_id']}",
+                                    officer, now, user["user_id"], reason=reason)
+    return decision, True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,20 +667,70 @@ def record_weekly_digest(conn: Connection, advisor_id: str, notification_key: st
     return True
 
 
+def gate_refusals(conn: Connection, recommendation_id: str) -> int:
+    """How many of the recommendation's decisions the gate refused."""
+    return int(conn.execute(select(func.count()).select_from(decisions).where(and_(
+        decisions.c.recommendation_id == recommendation_id, decisions.c.gate_verdict == "refused"))).scalar())
+
+
+def decision_round(conn: Connection, recommendation_id: str) -> str:
+    """Part of a decision's identity: after a gate refusal the same person taking the same
+    decision again records a new decision (checked again by the gate), not the refused one."""
+    refused = gate_refusals(conn, recommendation_id)
+    return f"|after-gate-refusal-{refused}" if refused else ""
+
+
 def record_gate_verdict(conn: Connection, decision_id: str, passed: bool, reason: str, now: datetime) -> None:
-    """The approval gate's verdict on a decision (once: a second verdict is ignored)."""
+    """The approval gate's verdict on a decision (once: a second verdict is ignored).
+
+    A refusal never leaves the recommendation stuck: it goes back to whoever decides it now,
+    `escalated` when compliance took the refused decision, else `pending` (the advisor of
+    record; an auto-approval refused needs a person), so a new decision can be recorded; or
+    `superseded` when a newer recommendation of its lineage exists (that one is decided
+    instead). The reason is in the decision's gate_reason, the API's `last_gate_refusal`, the
+    portal page and the audit event `gate_refused` (with where the recommendation went)."""
     now = _utc(now)
     done = conn.execute(update(decisions).where(and_(decisions.c.decision_id == decision_id,
                                                      decisions.c.gate_verdict.is_(None)))
                         .values(gate_verdict="passed" if passed else "refused", gate_reason=reason, gate_checked_at=now))
     if done.rowcount != 1:
         return
-    rec_id = conn.execute(select(decisions.c.recommendation_id).where(decisions.c.decision_id == decision_id)).scalar_one()
+    decision = conn.execute(select(decisions).where(decisions.c.decision_id == decision_id)).mappings().one()
+    rec_id = decision["recommendation_id"]
+    payload: dict[str, Any] = {"decision_id": decision_id, "reason": reason}
     if not passed:
-        conn.execute(update(recommendations).where(recommendations.c.recommendation_id == rec_id)
-                     .values(status="refused_by_gate", updated_at=now))
+        rec = conn.execute(select(recommendations).where(recommendations.c.recommendation_id == rec_id)
+                           ).mappings().one()
+        if rec["status"] in APPROVED:
+            r = recommendations.c
+            newer = conn.execute(select(r.recommendation_id).where(and_(
+                r.lineage == rec["lineage"], r.recommendation_id != rec_id, r.status != HISTORICAL,
+                or_(r.as_of > rec["as_of"], and_(r.as_of == rec["as_of"], r.created_at > rec["created_at"]))))
+                .order_by(r.as_of.desc(), r.created_at.desc()).limit(1)).scalar()
+            role = conn.execute(select(users.c.role).where(users.c.user_id == decision["actor_id"])).scalar()
+            values: dict[str, Any] = {"updated_at": now}
+            if newer is not None:
+                values.update(status="superseded", superseded_by=newer)
+            else:
+                values["status"] = "escalated" if role == "compliance" else "pending"
+            conn.execute(update(recommendations).where(and_(r.recommendation_id == rec_id, r.status == rec["status"]))
+                         .values(**values))
+            payload["returned_to"] = values["status"]
     audit.append(conn, f"gate:{decision_id}", "gate_passed" if passed else "gate_refused", "rebal:approval_gate", now,
-                 rec_id, {"decision_id": decision_id, "reason": reason})
+                 rec_id, payload)
+
+
+def last_gate_refusal(conn: Connection, recommendation_id: str) -> dict | None:
+    """The latest refused decision of a recommendation: decision_id, action, actor_id, reason,
+    checked_at (None: the gate never refused one)."""
+    row = conn.execute(select(decisions.c.decision_id, decisions.c.action, decisions.c.actor_id,
+                              decisions.c.gate_reason, decisions.c.gate_checked_at).where(and_(
+        decisions.c.recommendation_id == recommendation_id, decisions.c.gate_verdict == "refused"))
+        .order_by(decisions.c.gate_checked_at.desc(), decisions.c.decision_seq.desc()).limit(1)).first()
+    if row is None:
+        return None
+    return {"decision_id": row.decision_id, "action": row.action, "actor_id": row.actor_id,
+            "reason": row.gate_reason, "checked_at": _utc(row.gate_checked_at)}
 
 
 def decisions_after(conn: Connection, cursor: int, limit: int = 100) -> list[dict]:

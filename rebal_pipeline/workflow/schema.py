@@ -71,7 +71,7 @@ decisions = Table(
     Column("decision_seq", Integer, primary_key=True, autoincrement=True),
     Column("decision_id", String(64), nullable=False, unique=True),
     Column("recommendation_id", String(64), ForeignKey("wf_recommendations.recommendation_id"), nullable=False),
-    Column("action", String(16), nullable=False),  # approve, modify, defer, escalate, auto_approve
+    Column("action", String(32), nullable=False),  # approve, modify, defer, escalate, auto_approve, return_to_advisor, comment (0004: 32)
     Column("actor_id", String(64), nullable=False),
     Column("via", String(16), nullable=False),  # api, link, policy
     Column("reason", Text),
@@ -115,7 +115,35 @@ audit_events = Table(
     Column("payload", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # Audit record (issue 13): the id of the HMAC key that signed the event (audit.py); NULL for
+    # events written before the chain was keyed (plain SHA-256, accepted only as a prefix).
+    Column("key_id", String(32)),
     UniqueConstraint("event_id", name="uq_wf_audit_events_event_id"),
+)
+
+# ---- Audit record (issue 13, migration 0005): policy versions and configuration snapshots ----
+# Every drift-policy version the daily run has used, with the exact file content, so any past
+# day's alerts can be explained from the store alone.
+policy_versions = Table(
+    "wf_policy_versions", metadata,
+    Column("version_id", String(64), primary_key=True),  # <version>+<first 12 hex of the file SHA-256>
+    Column("version", String(64), nullable=False),
+    Column("content_sha256", String(64), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("first_seen_as_of", Date, nullable=False),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+)
+
+# The last-seen configuration per scope (config_events.py): an IPS, a model, an account's
+# suspension. A different hash on a later day is a change, recorded once as an audit event.
+config_snapshots = Table(
+    "wf_config_snapshots", metadata,
+    Column("kind", String(32), primary_key=True),  # ips_targets | model_weights | suspension
+    Column("scope_id", String(200), primary_key=True),
+    Column("content_sha256", String(64), nullable=False),
+    Column("content", Text, nullable=False),  # the canonical text hashed (names the previous value)
+    Column("as_of", Date, nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
 )
 
 # Orders that left (or are leaving) the building: one row per ClOrdID, inserted before the file
@@ -157,4 +185,70 @@ messages = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("next_attempt_at", DateTime(timezone=True)),
     Index("ix_wf_messages_status", "status", "next_attempt_at"),
+)
+
+# ---- People and authority (issue 12 items 6–7, migration 0004) ------------------------------
+# Added to existing tables here, in one place, so the shared definitions above stay as they were.
+# Users leave: `deactivated_*` say when, by whom (rebal:feed when users.csv no longer lists them,
+# a person for `rebal users deactivate`) and why. A user deactivated by a person stays inactive
+# whatever users.csv says until reactivated deliberately.
+users.append_column(Column("deactivated_at", DateTime(timezone=True)))
+users.append_column(Column("deactivated_by", String(128)))
+users.append_column(Column("deactivation_reason", Text))
+# On an advisor's row: their team (team_of) receives copies of their alerts (users.csv optional
+# column team_alerts; NULL/false = only the advisor is alerted).
+users.append_column(Column("team_alerts", Boolean))
+# When the recommendation was last handed to another advisor of record (their predecessor left):
+# the advisor_alerts sensor alerts the new advisor once (message key alert:<rec>:<advisor>).
+recommendations.append_column(Column("rerouted_at", DateTime(timezone=True)))
+
+# ---- Execution safety (issue 12, migration 0003): the order ledger (workflow/ledger.py) ----
+# One order set per account and as-of date (the unique key is the store's own guarantee that no
+# re-run, corrected feed or second decision trades an account twice for one day), opened by the
+# approval gate in the transaction that records its verdict, and closed when a later day's
+# holdings show every line filled or the desk cancels it.
+order_sets = Table(
+    "wf_order_sets", metadata,
+    Column("decision_id", String(64), primary_key=True),
+    Column("account_id", String(64), primary_key=True),
+    Column("recommendation_id", String(64), nullable=False),
+    Column("as_of", Date, nullable=False),  # the recommendation's as-of date
+    Column("kind", String(16), nullable=False),  # rebalance | harvest
+    Column("positions_as_of", Date, nullable=False),  # the holdings the gate checked the trades against
+    Column("state", String(16), nullable=False),  # open | filled | cancelled | partially_filled
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("closed_by", String(128)),
+    Column("close_reason", Text),
+    UniqueConstraint("account_id", "as_of", name="uq_wf_order_sets_account_as_of"),
+    Index("ix_wf_order_sets_account_state", "account_id", "state"),
+)
+
+# The lines of an order set: one per account, symbol and side. base_quantity is the position the
+# line starts from (the latest holdings net of the account's earlier open lines on the symbol):
+# the line is filled once a later day's holdings have moved from it by the line's quantity.
+ledger_orders = Table(
+    "wf_ledger_orders", metadata,
+    Column("decision_id", String(64), primary_key=True),
+    Column("account_id", String(64), primary_key=True),
+    Column("symbol", String(32), primary_key=True),
+    Column("side", String(8), primary_key=True),
+    Column("quantity", Float, nullable=False),
+    Column("est_price", Float, nullable=False),
+    Column("fund_at_nav", Boolean, nullable=False, default=False),  # ordered as dollars: shares struck at NAV
+    Column("base_quantity", Float, nullable=False),
+    Column("base_as_of", Date, nullable=False),
+    Column("state", String(16), nullable=False),  # open | filled | cancelled
+    Column("filled_on", Date),  # the holdings date that showed the fill
+    Column("closed_at", DateTime(timezone=True)),
+    Column("closed_by", String(128)),
+    Column("close_reason", Text),
+    Index("ix_wf_ledger_orders_account_state", "account_id", "state"),
+)
+
+# One row per account: the approval gate locks it (SELECT ... FOR UPDATE on Postgres; SQLite's
+# BEGIN IMMEDIATE serialises writers already) so two gates never pass on one stale view.
+account_locks = Table(
+    "wf_account_locks", metadata,
+    Column("account_id", String(64), primary_key=True),
 )

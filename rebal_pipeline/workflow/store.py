@@ -57,7 +57,10 @@ def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Client names and emails: created 0600 in a 0700 folder (SQLite gives its -wal and
+            # -shm files the database file's permissions).
+            from rebal_pipeline.core.private_files import private_file
+            private_file(path)
         # hide_parameters: an error message never carries bound values (reasons, names) into a log.
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 

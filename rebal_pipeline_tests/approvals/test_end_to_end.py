@@ -86,5 +86,6 @@ def test_pending_reminded_escalated_approved_by_compliance_gated_and_handed_to_t
     assert status == "approved"
     assert [k for k in kinds if not k.startswith("user")] == [
         "recommendation_alerted", "api_token_issued", "api_token_issued", "recommendation_reminder",
-        "recommendation_escalation", "decision_approve", "gate_passed"]
+        # Issue 12: the gate's pass opens the account's order set (the ledger) in the same transaction.
+        "recommendation_escalation", "decision_approve", "order_set_opened", "gate_passed"]
     assert chain.ok

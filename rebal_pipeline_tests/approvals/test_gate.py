@@ -148,11 +148,13 @@ def test_gate_refuses_a_stale_approval_and_records_why(store, warehouse, instanc
     stored = decision_row(store, decision["decision_id"])
     assert stored["gate_verdict"] == "refused"
     assert stored["gate_reason"] == "ACC-1 sell VTI 10: only 5 held (no overselling)"
-    assert status_of(store, "REC-1") == "refused_by_gate"
+    # Issue 12: a refusal hands the recommendation back to its advisor (never stuck), with the reason.
+    assert status_of(store, "REC-1") == "pending"
     assert audit_kinds(store)[-1] == "gate_refused"
     with store.begin() as conn:
         event = conn.execute(select(audit_events).where(audit_events.c.kind == "gate_refused")).mappings().one()
-    assert json.loads(event["payload"]) == {"decision_id": decision["decision_id"], "reason": stored["gate_reason"]}
+    assert json.loads(event["payload"]) == {"decision_id": decision["decision_id"], "reason": stored["gate_reason"],
+                                            "returned_to": "pending"}
     assert not (outbox_home / "outbox" / "approved").exists()
     assert audit_intact(store).ok
 
@@ -170,7 +172,7 @@ def test_gate_refuses_an_approval_whose_recommendation_a_later_scan_superseded(s
     reason = decision_row(store, decision["decision_id"])["gate_reason"]
     assert reason == ("a later scan (2026-11-23) produced recommendation REC-2 for account:ACC-1:rebalance: "
                       "the approved trades are out of date")
-    assert status_of(store, "REC-1") == "refused_by_gate"
+    assert status_of(store, "REC-1") == "superseded"  # issue 12: REC-2 is the one to decide now
     assert status_of(store, "REC-2") == "pending"  # the new recommendation waits for its own decision
     assert not (outbox_home / "outbox" / "approved").exists()
     assert audit_intact(store).ok
@@ -210,7 +212,7 @@ def test_gate_refuses_an_approval_by_a_team_member_since_removed_from_the_team(s
     assert result.success and gate_metadata(result)["verdict"] == "refused"
     assert decision_row(store, decision["decision_id"])["gate_reason"] == (
         "the decider ADV-2 is neither the advisor of record (ADV-1) nor on their team")
-    assert status_of(store, "REC-1") == "refused_by_gate"
+    assert status_of(store, "REC-1") == "pending"  # issue 12: back to its advisor
 
 
 def test_gate_passes_compliance_approving_an_escalated_recommendation(store, warehouse, instance, outbox_home):

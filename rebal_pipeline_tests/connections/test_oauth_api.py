@@ -265,7 +265,9 @@ def test_pagination_across_three_pages_writes_canonical_csv(custodian, tmp_path,
     assert all(r["query"]["asOf"] == "2026-11-20" and r["query"]["pageSize"] == "2"
                for r in custodian.requests if r["path"].startswith("/v1/"))
     txq = custodian.paths("/v1/transactions")[0]["query"]
-    assert txq["fromDate"] == "2026-10-06" and txq["toDate"] == "2026-11-20"
+    # Issue 14: the contract's 61-day look-back (a loss sold 30 days ago is washed by a purchase up to
+    # 30 days before it): 2026-11-20 − 61 days.
+    assert txq["fromDate"] == "2026-09-20" and txq["toDate"] == "2026-11-20"
 
     positions = read_csv(out / "positions.csv")
     assert [p["quantity"] for p in positions] == ["10", "11", "12", "13", "14"]

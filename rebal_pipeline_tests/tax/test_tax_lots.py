@@ -39,11 +39,15 @@ def sell(quantity, method):
     ("fifo", [("L1", 100.0, 4000.0, "long"), ("L3", 50.0, -1000.0, "long")]),
     # HIFO: highest cost first — L3 ($120) then 50 of L2 ($90).
     ("hifo", [("L3", 100.0, -2000.0, "long"), ("L2", 50.0, 500.0, "short")]),
-    # Tax-minimising: the loss lot L3, then long-term gains (L1) before short-term (L2).
-    ("tax_min", [("L3", 100.0, -2000.0, "long"), ("L1", 50.0, 2000.0, "long")]),
+    # Tax-minimising at 32% ordinary / 15% LTCG / 5% state, tax per share: L3 −$20 × 20% = −$4.00,
+    # L2 +$10 × 37% = $3.70, L1 +$40 × 20% = $8.00 → the loss lot L3, then the cheaper gain L2
+    # although it is short-term (issue 14: the term alone does not make a gain cheaper).
+    ("tax_min", [("L3", 100.0, -2000.0, "long"), ("L2", 50.0, 500.0, "short")]),
 ])
 def test_150_shares_relieved_by_each_method(method, expected):
-    relieved = relieve_lots(sell(150.0, method), THREE_LOTS, AS_OF)
+    rates = pl.DataFrame({"account_id": ["A"], "taxable": [True], "federal_ordinary_rate": [0.32],
+                          "federal_ltcg_rate": [0.15], "state_rate": [0.05]})
+    relieved = relieve_lots(sell(150.0, method), THREE_LOTS, AS_OF, rates)
     assert relieved.select("lot_id", "quantity", "gain", "term").rows() == expected
 
 
@@ -52,11 +56,12 @@ def test_the_three_methods_cost_different_tax_on_the_same_sale():
                           "federal_ltcg_rate": [0.15], "state_rate": [0.05]})
     tax = {}
     for method in ("fifo", "hifo", "tax_min"):
-        per_lot = estimate_lot_tax(relieve_lots(sell(150.0, method), THREE_LOTS, AS_OF), rates)
+        per_lot = estimate_lot_tax(relieve_lots(sell(150.0, method), THREE_LOTS, AS_OF, rates), rates)
         tax[method] = net_capital_gains(per_lot, ["recommendation_id"])["est_tax"].item()
-    # fifo: LT 4,000 − 1,000 = 3,000 × 20% = 600; hifo: ST 500, LT −2,000 → net LT loss offsets
-    # the ST gain: −1,500 × 20% = −300; tax_min: LT −2,000 + 2,000 = 0.
-    assert tax == {"fifo": 600.0, "hifo": -300.0, "tax_min": 0.0}
+    # fifo: LT 4,000 − 1,000 = 3,000 × 20% = 600; hifo and tax_min sell the same shares (L3, then
+    # 50 of L2): ST 500, LT −2,000 → the net LT loss offsets the ST gain: −1,500 × 20% = −300.
+    # (Before issue 14 tax_min sold 50 of L1 instead, LT −2,000 + 2,000 = 0: $300 more tax.)
+    assert tax == {"fifo": 600.0, "hifo": -300.0, "tax_min": -300.0}
 
 
 @pytest.mark.parametrize("sale_date, term", [(date(2024, 6, 19), "short"), (date(2024, 6, 20), "long")])

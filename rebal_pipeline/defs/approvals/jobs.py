@@ -5,36 +5,35 @@ reminder, an escalation or a weekly digest, recorded once).
 Neither op waits for anybody: the human part happened before the run (a decision recorded in the
 workflow store, or a due time passed), so a run is seconds long and can be re-executed safely.
 
-The gate (`approval_gate`) re-verifies a decision before anything is prepared:
-  - the decision exists and may lead to execution (approve, modify, auto_approve);
-  - its recommendation is in the matching approved state (approved / modified / auto_approved),
-    not superseded, and no later scan has produced a newer recommendation for the same account or
-    household (an approval of yesterday's trades must not run next to today's);
-  - the decider was allowed: the advisor of record or a member of their team (still an active
-    user now), compliance only on a recommendation escalated before it decided, or the
-    discretionary micro-trade rule in force (and the recommendation still meets it);
-  - the approved trades (the decision's modified trades for `modify`, else the package's) still
-    fit today's positions: the latest `holdings` partition of the warehouse for the
-    recommendation's accounts (`package.trades_still_fit`: no overselling, no cash shortfall, no
-    restricted trade).
-Its verdict is recorded once with `lifecycle.record_gate_verdict` (audit event `gate_passed` /
-`gate_refused` in the same transaction; a refusal moves the recommendation to `refused_by_gate`).
+The gate (`approval_gate`) re-verifies a decision before anything is prepared: the rules and the
+order ledger it commits the accounts to are in rebal_pipeline/workflow/gate.py and ledger.py
+(the state of the decision and its recommendation, who decided, the decision's record, and the
+trades against the latest `holdings` partition NET of every open order of the accounts, one gate
+per account at a time). Its verdict is recorded once with `lifecycle.record_gate_verdict` (audit
+event `gate_passed` / `gate_refused` in the same transaction; a refusal hands the recommendation
+back to whoever decides it now: pending, or escalated when it was with compliance).
 A refusal is a normal outcome, not an error: the run SUCCEEDS, the `verdict` output's metadata and
 the run tag `rebal/gate_verdict=refused` say why, and `prepare_approved_trades` is skipped. The run
 FAILS (verdict left unrecorded, so a re-execution checks again) only when the gate cannot check:
 no such decision, the warehouse is busy/unreadable, or it has no holdings as recent as the
 recommendation. A verdict is final: re-running the job reports the recorded verdict.
 
-Hand-offs to issue #6 are files, independent of the workflow store, written once (temporary file,
-then a hard link, which fails instead of replacing an existing file):
+Copies for people are files, written once (temporary file, then a hard link, which fails
+instead of replacing an existing file); no step reads them back:
   <REBAL_HOME>/outbox/approved/<decision_id>.json          format rebal.approved_trades/1
   <REBAL_HOME>/outbox/notifications/<sha256(key)>.json     format rebal.notification/1
-Readers ignore dot-files (the temporary files). A notification file is written whenever it is
-missing after its record is committed, so a crash between the two is repaired by a re-run: the
-mailer must therefore key what it has sent on `notification_key`, not on the file's presence.
+Readers ignore dot-files (the temporary files). Notifications are handed to the mailer through
+the workflow store only (issue #12): the `wf_notifications` row committed with the state change
+is what defs/comms reads (and `wf_messages` makes the email exactly-once); the notification file
+is a copy for people, written after the commit (see `record_and_post_notification`).
+
+Approved trades are handed to ticketing through the workflow store only (issue #12): the
+decision, its `passed` gate verdict and the trades it approved (`gate.passed_trades`). The
+outbox/approved/<decision_id>.json file is a copy for people, never read back; a temporary
+dot-file a killed write left next to it is removed by the next run (`remove_abandoned_temp_files`).
 
 After the hand-off, two ops turn the approved trades into orders (rebal_pipeline/execution):
-  build_order_tickets     the decision (store) + the hand-off's trades + the reference data of the
+  build_order_tickets     the decision and its approved trades (store) + the reference data of the
                           gate's trading day (warehouse: stg_feed_securities, stg_feed_accounts,
                           latest as_of on or before it) → orders and blocks placed at the gate's
                           time, each routed `staged` or `submitted`
@@ -52,6 +51,7 @@ tables at all (never built by the daily scan) tickets nothing: the run succeeds 
 """
 
 
+import fcntl
 import hashlib
 import json
 import os
@@ -63,23 +63,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import duckdb
-from dagster import Config, Failure, In, MetadataValue, OpExecutionContext, Out, Output, job, op
+from dagster import (
+    Backoff, Config, Failure, In, Jitter, MetadataValue, OpExecutionContext, Out, Output, RetryPolicy, job, op,
+)
 from pydantic import Field, ValidationError
 from sqlalchemy import Connection, and_, select
 
 from rebal_pipeline import settings
+from rebal_pipeline.core.pii import masker
 from rebal_pipeline.execution import submit
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import WAREHOUSE_POOL, Warehouse, WorkflowStoreResource
 from rebal_pipeline.tickets import FixSession, TicketError
-from rebal_pipeline.workflow import lifecycle
+from rebal_pipeline.workflow import ledger, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
 )
 from rebal_pipeline.workflow.schema import decisions, notifications, recommendations, users
 
 # The decisions that may lead to execution, and the recommendation state each one leaves behind.
-EXECUTABLE = {"approve": "approved", "modify": "modified", "auto_approve": "auto_approved"}
-APPROVED_TRADES_FORMAT = "rebal.approved_trades/1"
+from rebal_pipeline.workflow.gate import APPROVED_TRADES_FORMAT, EXECUTABLE  # noqa: E402
 NOTIFICATION_FORMAT = "rebal.notification/1"
 NOTIFICATION_KINDS = ("reminder", "escalation", "weekly_digest")
 GATE_VERDICT_TAG = "rebal/gate_verdict"
@@ -150,194 +152,31 @@ def write_once(path: Path, document: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The approval gate: plain functions over the store's connection (testable without Dagster)
+# The approval gate: its domain code is workflow/gate.py (plain functions over the store's
+# connection); the names stay importable from here for the op shells and their callers.
 # ---------------------------------------------------------------------------------------------
 
-
-class GateCannotCheck(RuntimeError):
-    """The gate could not check a decision (not a refusal): the run fails, no verdict is recorded."""
-
-
-Positions = dict[tuple[str, str], float]
-PositionsLoader = Callable[[list[str]], tuple[date, Positions]]
-
-
-@dataclass(frozen=True)
-class GateVerdict:
-    decision_id: str
-    recommendation_id: str
-    passed: bool
-    reason: str
-    recorded_by_this_run: bool  # False: an earlier run had recorded it (the verdict is final)
-    trades: tuple[PackageTrade, ...] = ()
-    positions_as_of: date | None = None
-    handoff: dict | None = None  # the approved-trades document, when passed
-
-
-def latest_positions(con: duckdb.DuckDBPyConnection, account_ids: list[str]) -> tuple[date, Positions]:
-    """Today's positions: the latest `holdings` partition, for these accounts only."""
-    if con.execute("select 1 from information_schema.tables where table_name = 'holdings'").fetchone() is None:
-        raise GateCannotCheck("the warehouse has no holdings table: the daily drift scan has not run on it")
-    as_of = con.execute("select max(as_of) from holdings").fetchone()[0]
-    if as_of is None:
-        raise GateCannotCheck("the warehouse's holdings table is empty")
-    rows = con.execute(
-        "select account_id, symbol, sum(quantity)::double from holdings "
-        "where as_of = $as_of and list_contains($accounts, account_id) group by account_id, symbol",
-        {"as_of": as_of, "accounts": list(account_ids)},
-    ).fetchall()
-    return as_of, {(account, symbol): float(quantity) for account, symbol, quantity in rows}
-
-
-def _decider_problems(conn: Connection, decision: dict, rec: dict, policy: lifecycle.LifecyclePolicy) -> list[str]:
-    actor = decision["actor_id"]
-    if decision["action"] == "auto_approve":
-        rule = f"policy:{policy.micro_trade_rule_version}"
-        if actor != rule or decision["via"] != "policy":
-            return [f"auto-approved by {actor!r}, not by the micro-trade rule in force ({rule})"]
-        value, gain = float(rec["trade_value"] or 0), float(rec["realized_gain"] or 0)
-        if not (rec["discretionary"] and rec["kind"] == "rebalance" and 0 < value < policy.micro_trade_limit
-                and gain == 0.0):
-            return [f"the micro-trade rule does not apply (discretionary={bool(rec['discretionary'])}, "
-                    f"kind={rec['kind']}, trades ${value:,.2f} against a ${policy.micro_trade_limit:,.0f} limit, "
-                    f"realised gain ${gain:,.2f})"]
-        return []
-    user = conn.execute(select(users).where(users.c.user_id == actor)).mappings().first()
-    if user is None or not user["active"]:
-        return [f"the decider {actor} is not an active user"]
-    if user["role"] == "advisor":
-        if not lifecycle.may_act_for(conn, dict(user), rec["advisor_id"]):
-            return [f"the decider {actor} is neither the advisor of record ({rec['advisor_id']}) nor on their team"]
-        return []
-    if user["role"] == "compliance":
-        escalated_at = rec["escalated_at"]
-        if escalated_at is None or _utc(escalated_at) > _utc(decision["created_at"]):
-            return [f"the decider {actor} (compliance) decided a recommendation that had not been escalated"]
-        return []
-    return [f"the decider {actor} ({user['role']}) may not approve trades"]
-
-
-def _state_problems(conn: Connection, decision: dict, rec: dict) -> list[str]:
-    expected = EXECUTABLE.get(decision["action"])
-    if expected is None:
-        return [f"a {decision['action']} decision does not lead to execution"]
-    problems = []
-    if rec["status"] == "superseded" or rec["superseded_by"]:
-        problems.append(f"the recommendation was superseded by {rec['superseded_by']}")
-    elif rec["status"] != expected:
-        problems.append(f"the recommendation is {rec['status']}, not {expected}")
-    later = conn.execute(
-        select(recommendations.c.recommendation_id, recommendations.c.as_of)
-        .where(and_(recommendations.c.lineage == rec["lineage"], recommendations.c.as_of > rec["as_of"]))
-        .order_by(recommendations.c.as_of.desc()).limit(1)
-    ).first()
-    if later is not None:
-        problems.append(f"a later scan ({_iso(later.as_of)}) produced recommendation {later.recommendation_id} "
-                        f"for {rec['lineage']}: the approved trades are out of date")
-    return problems
-
-
-def approved_trades(decision: dict, package: RecommendationPackage) -> tuple[list[PackageTrade], list[str]]:
-    """The trades the decision approved, and why they cannot be used (empty: they can).
-    modify: the decision payload's `trades` (the modified trade list, as `apply_modification`
-    returned it), or else its `changes` (TradeChange lines) applied to the package again."""
-    if decision["action"] != "modify":
-        return list(package.trades), []
-    payload = json.loads(decision["payload"] or "{}")
-    try:
-        if "trades" in payload:
-            trades = [PackageTrade.model_validate(t) for t in payload["trades"]]
-        elif "changes" in payload:
-            check = apply_modification(package, [TradeChange.model_validate(c) for c in payload["changes"]])
-            if check.errors:
-                return [], [f"the modification no longer validates: {error}" for error in check.errors]
-            trades = check.trades
-        else:
-            return [], ["the modify decision does not carry its modified trades (payload 'trades' or 'changes')"]
-    except ValidationError as exc:
-        return [], [f"the modified trades in the decision cannot be read ({exc.error_count()} invalid fields)"]
-    strangers = sorted({t.account_id for t in trades} - set(package.account_ids))
-    return trades, [f"{a}: not an account of this recommendation" for a in strangers]
-
-
-def gate_decision(conn: Connection, decision_id: str, positions_for: PositionsLoader, now: datetime,
-                  policy: lifecycle.LifecyclePolicy = lifecycle.LifecyclePolicy()) -> GateVerdict:
-    """Re-verify a decision and record the verdict (once), in the caller's transaction.
-    Cheap store checks come first; the warehouse is read only for a decision that passed them."""
-    now = _utc(now)
-    decision = conn.execute(select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
-    if decision is None:
-        raise GateCannotCheck(f"no decision {decision_id} in the workflow store")
-    rec = conn.execute(select(recommendations).where(
-        recommendations.c.recommendation_id == decision["recommendation_id"])).mappings().one()
-    package = RecommendationPackage.model_validate_json(rec["package"])
-    if decision["gate_verdict"] is not None:
-        return _verdict(dict(decision), dict(rec), package, recorded_by_this_run=False)
-
-    problems = _state_problems(conn, decision, rec) + _decider_problems(conn, decision, rec, policy)
-    trades: list[PackageTrade] = []
-    as_of = None
-    if not problems:
-        trades, problems = approved_trades(decision, package)
-    if not problems and not trades:
-        problems = ["the approved trade list is empty: nothing to execute"]
-    if not problems:
-        as_of, today = positions_for(package.account_ids)
-        if as_of < rec["as_of"]:
-            raise GateCannotCheck(f"the warehouse's latest holdings are of {as_of}, older than the recommendation "
-                                  f"({_iso(rec['as_of'])}): is this the warehouse it came from?")
-        held = {account for account, _ in today}
-        problems = [f"{a}: no positions in the latest holdings ({as_of}): held out for data quality or closed"
-                    for a in package.account_ids if a not in held]
-        problems = problems or trades_still_fit(package, trades, today)
-    if problems:
-        reason = "; ".join(problems)
-    else:
-        reason = (f"{decision['action']} by {decision['actor_id']} re-verified: {len(trades)} trades fit the "
-                  f"positions of {as_of}")
-    lifecycle.record_gate_verdict(conn, decision_id, not problems, reason, now)
-    stored = dict(conn.execute(select(decisions).where(decisions.c.decision_id == decision_id)).mappings().one())
-    # Two runs of one decision at once: the first verdict stands and both report it.
-    mine = stored["gate_reason"] == reason and _utc(stored["gate_checked_at"]) == now
-    return _verdict(stored, dict(rec), package, recorded_by_this_run=mine, positions_as_of=as_of)
-
-
-def _verdict(decision: dict, rec: dict, package: RecommendationPackage, recorded_by_this_run: bool,
-             positions_as_of: date | None = None) -> GateVerdict:
-    passed = decision["gate_verdict"] == "passed"
-    trades = approved_trades(decision, package)[0] if passed else []
-    handoff = None
-    if passed:
-        handoff = {
-            "format": APPROVED_TRADES_FORMAT,
-            "decision_id": decision["decision_id"],
-            "decision_seq": decision["decision_seq"],
-            "action": decision["action"],
-            "decided_by": decision["actor_id"],
-            "decided_via": decision["via"],
-            "decided_at": _iso(decision["created_at"]),
-            "decision_reason": decision["reason"],
-            "gate": {"verdict": "passed", "reason": decision["gate_reason"],
-                     "checked_at": _iso(decision["gate_checked_at"])},
-            "recommendation": {
-                "recommendation_id": rec["recommendation_id"], "as_of": _iso(rec["as_of"]), "scope": rec["scope"],
-                "scope_id": rec["scope_id"], "kind": rec["kind"], "advisor_id": rec["advisor_id"],
-                "household_id": rec["household_id"], "account_ids": list(package.account_ids),
-                "discretionary": bool(rec["discretionary"]), "policy_version": rec["policy_version"],
-                "model_version": package.model_version,
-            },
-            "trades": [t.model_dump(mode="json") for t in trades],
-        }
-    return GateVerdict(
-        decision_id=decision["decision_id"], recommendation_id=rec["recommendation_id"], passed=passed,
-        reason=decision["gate_reason"] or "", recorded_by_this_run=recorded_by_this_run, trades=tuple(trades),
-        positions_as_of=positions_as_of, handoff=handoff,
-    )
+from rebal_pipeline.workflow.gate import (  # noqa: E402
+    GateCannotCheck, GateVerdict, Positions, PositionsLoader, approved_trades, gate_decision, latest_positions,
+    passed_trades,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # execute_rebalance: approval_gate → prepare_approved_trades
 # ---------------------------------------------------------------------------------------------
+
+
+# The warehouse reads of an approval run (the gate's positions, the tickets' reference data) are
+# in the warehouse pool: with the shipped instance configs (granularity: run, limit 1) the run
+# waits in the queue while a daily scan or a backfill holds the warehouse, and starts on a
+# finished day; it never meets the write lock there. What is left transient (the warehouse
+# opened by something outside the run queue: a drill, a person's read-write DuckDB shell, an
+# in-process `dagster asset materialize`) fails the step with a retryable Failure, which this
+# policy re-runs after 15 s, 30 s, 60 s, 120 s (±jitter) — no person needed. Failures no retry
+# can fix (no such decision, no holdings, a trade that cannot be an order) are raised with
+# allow_retries=False and fail at once.
+WAREHOUSE_READ_RETRY = RetryPolicy(max_retries=4, delay=15, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 
 class ApprovalGateConfig(Config):
@@ -351,11 +190,13 @@ class ApprovalGateConfig(Config):
                                description="The approved trades, emitted only when the gate passed."),
     },
     description="Re-verify an approval (who, what, still valid against today's positions) and record the verdict.",
+    pool=WAREHOUSE_POOL,
+    retry_policy=WAREHOUSE_READ_RETRY,
 )
 def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workflow_store: WorkflowStoreResource,
                   warehouse: Warehouse):
     if not _DECISION_ID.fullmatch(config.decision_id):
-        raise Failure(description=f"{config.decision_id!r} is not a decision id")
+        raise Failure(description=f"{config.decision_id!r} is not a decision id", allow_retries=False)
 
     def positions_for(account_ids: list[str]) -> tuple[date, Positions]:
         try:
@@ -367,20 +208,25 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
     try:
         with workflow_store.open() as store, store.begin() as conn:
             verdict = gate_decision(conn, config.decision_id, positions_for, utc_now())
+            # The reason names accounts: the log and the metadata show their last four characters only.
+            mask = masker(json.loads(conn.execute(select(recommendations.c.package).where(
+                recommendations.c.recommendation_id == verdict.recommendation_id)).scalar_one()).get("account_ids", ()))
     except GateCannotCheck as exc:
-        raise Failure(description=f"the approval gate could not check decision {config.decision_id}: {exc}") from None
+        # Retried (WAREHOUSE_READ_RETRY) only when the warehouse could not be opened or read.
+        raise Failure(description=f"the approval gate could not check decision {config.decision_id}: {exc}",
+                      allow_retries=isinstance(exc.__cause__, duckdb.Error)) from None
 
     outcome = "passed" if verdict.passed else "refused"
     context.instance.add_run_tags(context.run_id, {GATE_VERDICT_TAG: outcome})
     if not verdict.passed:
-        context.log.warning(f"approval refused by the gate: {verdict.reason}")
+        context.log.warning(f"approval refused by the gate: {mask(verdict.reason)}")
     yield Output(
         {"decision_id": verdict.decision_id, "recommendation_id": verdict.recommendation_id, "verdict": outcome,
          "reason": verdict.reason},
         "verdict",
         metadata={
             "verdict": outcome,
-            "reason": verdict.reason,
+            "reason": mask(verdict.reason),
             "decision_id": verdict.decision_id,
             "recommendation_id": verdict.recommendation_id,
             "recorded_by_this_run": verdict.recorded_by_this_run,
@@ -392,15 +238,20 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
         yield Output(verdict.handoff, "approved_trades", metadata={"trades": len(verdict.trades)})
 
 
-@op(ins={"approved_trades": In(dict)}, out=Out(str, description="The hand-off file for trade tickets (#6)."),
-    description="Write the approved trades to the outbox for ticketing, once per decision.")
+@op(ins={"approved_trades": In(dict)}, out=Out(str, description="The decision id, for ticketing."),
+    description="Write a copy of the approved trades for people to outbox/approved/ (once per decision); "
+                "ticketing reads them from the workflow store.")
 def prepare_approved_trades(context: OpExecutionContext, approved_trades: dict):
     path = approved_trades_path(approved_trades["decision_id"])
-    written = write_once(path, {**approved_trades, "prepared_by_run": context.run_id})
+    removed = remove_abandoned_temp_files(path.parent)
+    if removed:
+        context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
+    written = _write_copy_for_people(path, {**approved_trades, "prepared_by_run": context.run_id})
     if not written:
         context.log.info(f"{path.name} was already prepared: left as it is")
-    yield Output(str(path), metadata={"path": MetadataValue.path(str(path)), "written_by_this_run": written,
-                                      "trades": len(approved_trades["trades"])})
+    yield Output(approved_trades["decision_id"], metadata={
+        "path": MetadataValue.path(str(path)), "written_by_this_run": written,
+        "trades": len(approved_trades["trades"]), "removed_temp_files": len(removed)})
 
 
 TICKETS_TAG = "rebal/tickets"
@@ -409,18 +260,25 @@ TICKETS_TAG = "rebal/tickets"
 after_delivery: Callable[[submit.Destination], None] | None = None
 
 
-@op(ins={"prepared": In(str, description="The hand-off file of prepare_approved_trades.")},
+@op(ins={"prepared": In(str, description="The decision id whose approved trades prepare_approved_trades "
+                                         "copied for people (the trades are read from the store).")},
     out=Out(dict, is_required=False, description="The orders (rebal.tickets/1), emitted when they could be built."),
     description="Turn the approved trades into orders and blocks, placed at the gate's time, each routed to "
-                "staging (trading desk) or submission (discretionary, when auto-submit is on).")
+                "staging (trading desk) or submission (discretionary, when auto-submit is on).",
+    pool=WAREHOUSE_POOL, retry_policy=WAREHOUSE_READ_RETRY)
 def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_store: WorkflowStoreResource,
                         warehouse: Warehouse):
-    handoff = json.loads(Path(prepared).read_text(encoding="utf-8"))
-    decision_id = handoff["decision_id"]
+    # The hand-off is the store: the decision, its gate verdict and the trades it approved
+    # (outbox/approved/<id>.json is a copy for people and is never read back).
+    decision_id = prepared
+    trades: list = []  # (the accounts an error names are masked in the failure below)
     try:
         with workflow_store.open() as store, store.begin() as conn:
             approved = submit.load_approved_decision(conn, decision_id)
-        trades = [PackageTrade.model_validate(t) for t in handoff["trades"]]
+            try:
+                _handoff, trades = passed_trades(conn, decision_id)
+            except GateCannotCheck as exc:
+                raise submit.ExecutionError(str(exc)) from None
         day = submit.trading_day(approved.gate_checked_at)
         try:
             with warehouse.connect() as con:
@@ -428,8 +286,8 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
                     context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
                     context.log.warning(
                         f"decision {decision_id}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
-                        f"daily scan never built them): no orders staged or submitted; {Path(prepared).name} "
-                        "stays in the outbox for the trading desk")
+                        f"daily scan never built them): no orders staged or submitted; the approved trades "
+                        f"stay in the workflow store (and outbox/approved/{decision_id}.json) for the trading desk")
                     return
                 securities, accounts = submit.read_reference(
                     con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
@@ -439,7 +297,9 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
                                        auto_submit=submit.auto_submit_discretionary(),
                                        desk_id=submit.trading_desk_id())
     except (TicketError, submit.ExecutionError) as exc:
-        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: {exc}") from None
+        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: "
+                                  f"{masker(t.account_id for t in trades)(str(exc))}",
+                      allow_retries=False) from None
     yield Output(tickets.to_document(), metadata={
         "decision_id": decision_id, "orders": len(tickets.batch.orders), "blocks": len(tickets.batch.blocks),
         "staged": tickets.count(submit.STAGED), "submitted": tickets.count(submit.SUBMITTED),
@@ -457,7 +317,10 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
             outcome = submit.stage_and_submit(store, orders, session=FixSession.from_env(), now=utc_now,
                                               outbox=outbox_root(), after_write=after_delivery)
     except submit.ExecutionError as exc:
-        raise Failure(description=f"decision {orders.decision_id}: {exc}") from None
+        raise Failure(description=f"decision {orders.decision_id}: "
+                                  f"{masker(o.account_id for o in orders.batch.orders)(str(exc))}") from None
+    with workflow_store.open() as store, store.begin() as conn:  # all submitted: the story ends (ledger L6)
+        ledger.record_outcome(conn, orders.decision_id, utc_now())
     staged, submitted = orders.count(submit.STAGED), orders.count(submit.SUBMITTED)
     context.instance.add_run_tags(context.run_id, {TICKETS_TAG: f"staged={staged},submitted={submitted}"})
     if outcome.already_done:
@@ -560,30 +423,94 @@ def notification_document(conn: Connection, notification_key: str) -> dict | Non
     return document
 
 
-@op(description="Record a reminder, escalation or weekly digest exactly once and post it to the mailer's outbox.")
+# The notification files are for people (what was sent to whom, readable without a database);
+# nothing reads them to decide anything. A writer holds an exclusive lock on its temporary
+# dot-file while writing it; the kernel drops the lock when the process dies, so a dot-file
+# nobody holds a lock on is the remains of a killed write, and the next run removes it.
+
+
+def _write_copy_for_people(path: Path, document: dict) -> bool:
+    """Write `document` to `path` once (False: the file was there). Atomic for readers (a locked
+    temporary dot-file, fsynced, then hard-linked into place: the link never replaces a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    for _ in range(2):  # a second time only if a clean-up took our dot-file before we locked it
+        if path.exists():
+            return False
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "x", encoding="utf-8") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                except FileNotFoundError:
+                    continue
+        finally:
+            tmp.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return True
+    return False
+
+
+def remove_abandoned_temp_files(folder: Path) -> list[str]:
+    """Remove the temporary dot-files of killed writes in `folder` (the names removed): a
+    dot-file whose lock can be taken has no live writer. A write in progress is left alone."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for tmp in sorted(folder.glob(".*.tmp")):
+        try:
+            handle = open(tmp, "rb")
+        except FileNotFoundError:
+            continue  # finished (or removed) meanwhile
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+@op(description="Record a reminder, escalation or weekly digest exactly once in the workflow store (the mailer's "
+                "hand-off), then write a copy for people to outbox/notifications/.")
 def record_and_post_notification(context: OpExecutionContext, config: NotificationConfig,
                                  workflow_store: WorkflowStoreResource):
     if config.kind not in NOTIFICATION_KINDS:
         raise Failure(description=f"unknown notification kind {config.kind!r}; one of {', '.join(NOTIFICATION_KINDS)}")
     now = _utc(datetime.fromisoformat(config.due_at))
+    path = notification_path(config.notification_key)
+    removed = remove_abandoned_temp_files(path.parent)
+    if removed:
+        context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
     with workflow_store.open() as store, store.begin() as conn:
         outcome = record_once(conn, config, now)
         document = notification_document(conn, config.notification_key)
-    # After the commit: the outbox never announces what the store does not hold.
-    path = notification_path(config.notification_key)
-    written = write_once(path, document) if document is not None else False
-    context.log.info(f"{config.kind} {config.notification_key}: {outcome}; outbox file "
+    # After the commit: the copy never shows what the store does not hold.
+    written = _write_copy_for_people(path, document) if document is not None else False
+    context.log.info(f"{config.kind} {config.notification_key}: {outcome}; copy for people "
                      f"{'written' if written else 'not written'}")
     yield Output(str(path) if document is not None else "", metadata={
         "outcome": outcome, "kind": config.kind, "notification_key": config.notification_key,
         "outbox_file": MetadataValue.path(str(path)) if document is not None else "",
-        "written_by_this_run": written,
+        "written_by_this_run": written, "removed_temp_files": len(removed),
     })
 
 
 @job(
     description="Run for one due reminder, escalation or weekly digest (launched by the approval_escalations "
-                "sensor): recorded once in the workflow store, then posted to the mailer's outbox.",
+                "sensor): recorded once in the workflow store, where the mailer finds it (a copy for people is "
+                "written to outbox/notifications/).",
     tags={"rebal/workflow": "notification"},
 )
 def notify_recommendation():

@@ -3,10 +3,12 @@
     send_advisor_alert     the advisor's alert for one pending recommendation (email with the
                            package, drift chart, masked accounts and signed one-click links) and
                            a CRM task for the pending approval
-    send_notification      one reminder, escalation or weekly digest from the approval outbox
-                           ($REBAL_HOME/outbox/notifications/<sha>.json, rebal.notification/1), or
-                           one operations alert from the workflow store (wf_notifications, kind
-                           operations_alert: workflow/operations_alerts.py) to the operations team
+    send_notification      one reminder, escalation or weekly digest recorded in the workflow
+                           store by the approval runs (wf_notifications: who, which
+                           recommendations, when), or one operations alert (wf_notifications, kind
+                           operations_alert: workflow/operations_alerts.py) to the operations team.
+                           The store is the hand-off: the copy the approval run writes under
+                           outbox/notifications/ is for people and is never read here (issue #12)
     communicate_execution  after a decision's orders are all done (wf_submissions): the client
                            confirmation per account and the CRM note (date, rationale, trades)
 
@@ -16,7 +18,7 @@ send nothing twice: a `sent` key is never sent again, and a re-send after a cras
 Message-ID / Idempotency-Key. A peer that is down never fails a run and never blocks anything
 else: the message is left `retry` in wf_messages and the `outbound_retries` sensor hands it back
 to its job when it is due. A run fails only for what nobody can retry (no such recommendation /
-decision / outbox file / operations alert, orders not all done) or for an unexpected error (a
+decision / recorded notification / operations alert, orders not all done) or for an unexpected error (a
 bug), after recording it.
 
 What the messages need beyond the workflow store is read when they are rendered, inside the send
@@ -61,16 +63,16 @@ from typing import Any, Callable
 import duckdb
 from dagster import Config, Failure, MetadataValue, OpExecutionContext, Output, job, op
 from pydantic import Field
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, or_, select
 
-from rebal_pipeline import settings
 from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.comms import emails, outbound, smtp
 from rebal_pipeline.comms.chart import class_label
 from rebal_pipeline.comms.crm import RedtailStyleClient, RetryPolicy, WealthboxStyleClient
 from rebal_pipeline.comms.outbound import Delivery, Permanent, Transient
+from rebal_pipeline.core.pii import mask_account
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
-from rebal_pipeline.workflow import operations_alerts
+from rebal_pipeline.workflow import authority, operations_alerts
 from rebal_pipeline.workflow.operations_alerts import OperationsAlert
 from rebal_pipeline.workflow.package import RecommendationPackage
 from rebal_pipeline.workflow.schema import decisions, messages, notifications, recommendations, submissions, users
@@ -79,8 +81,7 @@ from rebal_pipeline.workflow.store import WorkflowStore
 log = logging.getLogger("rebal.comms.jobs")
 
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
-NOTIFICATION_FORMAT = "rebal.notification/1"
-# Posted by the approval runs as files in the outbox (rebal.notification/1).
+# Recorded by the approval runs in wf_notifications (defs/approvals/jobs.py notify_recommendation).
 OUTBOX_KINDS = ("reminder", "escalation", "weekly_digest")
 OPERATIONS_ALERT = operations_alerts.KIND
 # Everything send_notification sends, under its notification key.
@@ -126,13 +127,6 @@ def confirmation_key(decision_id: str, account_id: str) -> str:
 
 def crm_note_key(decision_id: str) -> str:
     return f"crm_note:{decision_id}"
-
-
-def notification_file(notification_key: str) -> Path:
-    """Where the approval runs post a notification (defs/approvals/jobs.py `notification_path`):
-    $REBAL_HOME/outbox/notifications/<sha256(key)>.json."""
-    digest = hashlib.sha256(notification_key.encode()).hexdigest()
-    return settings.rebal_home() / "outbox" / "notifications" / f"{digest}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +254,12 @@ qualify row_number() over (partition by a.account_id order by a.as_of desc) = 1
 
 def client_contacts(warehouse: Warehouse, account_ids: list[str]) -> dict[str, ClientContact]:
     """The latest client name and email of each account (stg_feed_accounts). PII: never logged."""
+    if not Path(warehouse.database).exists():
+        raise Transient("the warehouse has no stg_feed_accounts table yet: the daily scan has not run on it")
     try:
-        with warehouse.connect() as con:
+        # Read-only: alert and confirmation runs read side by side (they are not in the warehouse
+        # pool); while a pooled run writes, the open fails and the message is retried.
+        with warehouse.connect(read_only=True) as con:
             rows = con.execute(_CONTACTS, {"accounts": list(account_ids)}).fetchall()
     except duckdb.CatalogException:
         raise Transient("the warehouse has no stg_feed_accounts table yet: the daily scan has not run on it") from None
@@ -376,10 +374,19 @@ def outbound_state(store: WorkflowStore, message_key: str) -> Delivery:
                     attempts=row["attempts"], external_id=row["external_id"])
 
 
+def _key_for_people(key: str) -> str:
+    """A message key as logs and run metadata show it: a confirmation's account number masked to
+    its last four characters (core/pii.py); the store keeps the key whole."""
+    kind, _, rest = key.partition(":")
+    decision, sep, account = rest.rpartition(":")
+    return f"{kind}:{decision}:{mask_account(account)}" if kind == "confirmation" and sep else key
+
+
 def _describe(outcome: Outcome) -> dict:
     if isinstance(outcome, Skipped):
-        return {"key": outcome.message_key, "kind": outcome.kind, "status": "skipped", "reason": outcome.reason}
-    return {"key": outcome.message_key, "kind": outcome.kind, "status": outcome.status,
+        return {"key": _key_for_people(outcome.message_key), "kind": outcome.kind, "status": "skipped",
+                "reason": outcome.reason}
+    return {"key": _key_for_people(outcome.message_key), "kind": outcome.kind, "status": outcome.status,
             "attempts": outcome.attempts, "external_id": outcome.external_id, "error": outcome.error,
             "next_attempt_at": outcome.next_attempt_at.isoformat() if outcome.next_attempt_at else None}
 
@@ -410,7 +417,7 @@ def _report(context: OpExecutionContext, what: str, outcomes: list[Outcome]):
         if item.get("error") and item["status"] in ("retry", "rejected"):
             line += f" ({item['error']})"
         (context.log.warning if item["status"] in ("retry", "rejected") else context.log.info)(line)
-    broken = [o.message_key for o in outcomes if o.unexpected]
+    broken = [_key_for_people(o.message_key) for o in outcomes if o.unexpected]
     counts: dict[str, int] = {}
     for item in described:
         counts[item["status"]] = counts.get(item["status"], 0) + 1
@@ -469,19 +476,28 @@ def send_alert(store: WorkflowStore, warehouse: Warehouse, recommendation_id: st
                      recommendation_id=recommendation_id, record_if_absent=False)
         return [alert or outbound_state(store, key), *([task] if task else [])]
     package = RecommendationPackage.model_validate_json(rec["package"])
+    # Who hears of it is authority.py's rule: the advisor, then their team when the team asked for
+    # it (users.csv team_alerts). Each person gets their own email and links (a link acts as the
+    # person it was sent to), under their own key alert:<recommendation>:<user>.
+    with store.begin() as conn:
+        recipients = [u["user_id"] for u in authority.alert_recipients(conn, rec["advisor_id"])] or [rec["advisor_id"]]
 
-    def build(message_id: str, relay: smtp.SmtpSettings):
+    def build(message_id: str, relay: smtp.SmtpSettings, user_id: str, key: str):
         with store.begin() as conn:
-            to, advisor_name = _recipient_email(_user(conn, rec["advisor_id"]), "advisor of record")
+            to, advisor_name = _recipient_email(
+                _user(conn, user_id), "advisor of record" if user_id == rec["advisor_id"] else "team member")
         contacts = client_contacts(warehouse, package.account_ids)
-        links = signed_links(link_secret(), key, recommendation_id, rec["advisor_id"],
+        links = signed_links(link_secret(), key, recommendation_id, user_id,
                              _first_attempt_at(store, key, now), emails.ALERT_ACTIONS)
         return emails.advisor_alert(package, client_name=client_name_of(contacts, package.account_ids), links=links,
                                     sender=relay.sender, to=to, message_id=message_id, advisor_name=advisor_name)
 
-    alert = outbound.deliver(store.begin, key, "alert", "smtp", _email_send(build), now,
-                             recipient_id=rec["advisor_id"], recommendation_id=recommendation_id)
-    return [alert, _crm_task(store, rec, package, now)]
+    alerts = [outbound.deliver(store.begin, alert_key(recommendation_id, user_id), "alert", "smtp",
+                               _email_send(lambda message_id, relay, user_id=user_id: build(
+                                   message_id, relay, user_id, alert_key(recommendation_id, user_id))),
+                               now, recipient_id=user_id, recommendation_id=recommendation_id)
+              for user_id in recipients]
+    return [*alerts, _crm_task(store, rec, package, now)]
 
 
 class AlertConfig(Config):
@@ -505,21 +521,37 @@ def send_advisor_alert():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reminders, escalations, weekly digests (from the approval outbox)
+# Reminders, escalations, weekly digests (recorded in the workflow store by the approval runs)
 # ---------------------------------------------------------------------------------------------
 
 
-def read_notification(notification_key: str) -> dict:
-    path = notification_file(notification_key)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Failure(description=f"no outbox file for notification {notification_key} ({path.name})") from None
-    if document.get("format") != NOTIFICATION_FORMAT or document.get("notification_key") != notification_key:
-        raise Failure(description=f"{path.name} is not the {NOTIFICATION_FORMAT} document of {notification_key}")
-    if document.get("kind") not in OUTBOX_KINDS:
-        raise Failure(description=f"{path.name}: unknown notification kind {document.get('kind')!r}")
-    return document
+@dataclass(frozen=True)
+class RecordedNotification:
+    """A reminder, escalation or weekly digest as the approval run recorded it (wf_notifications):
+    the row, committed with the recommendation's state change, is the whole hand-off."""
+
+    notification_key: str
+    kind: str
+    recipient_id: str
+    recommendation_ids: tuple[str, ...]
+    recorded_at: datetime
+
+
+def read_notification(conn, notification_key: str) -> RecordedNotification:
+    row = conn.execute(select(notifications).where(notifications.c.notification_key == notification_key)
+                       ).mappings().first()
+    if row is None:
+        raise Failure(description=f"no notification {notification_key} recorded in the workflow store "
+                                  "(wf_notifications)", allow_retries=False)
+    if row["kind"] not in OUTBOX_KINDS:
+        raise Failure(description=f"notification {notification_key}: unknown kind {row['kind']!r}",
+                      allow_retries=False)
+    if row["recommendation_id"]:
+        wanted: list[str] = [row["recommendation_id"]]
+    else:  # a weekly digest: its recommendations are in the payload (lifecycle.record_weekly_digest)
+        wanted = list(json.loads(row["payload"] or "{}").get("recommendations", []))
+    return RecordedNotification(notification_key, row["kind"], row["recipient_id"], tuple(wanted),
+                                _utc(row["created_at"]))
 
 
 def _operations_address(conn, recipient_id: str) -> tuple[str, str | None]:
@@ -558,12 +590,9 @@ def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notifica
         alert = operations_alerts.read_operations_alert(conn, notification_key)
     if alert is not None:
         return send_operations_alert_email(store, alert, now)
-    document = read_notification(notification_key)
-    kind, recipient = document["kind"], document["recipient"]
-    recipient_id = recipient.get("user_id")
-    wanted = ([document["recommendation"]["recommendation_id"]] if kind != "weekly_digest"
-              else [r["recommendation_id"] for r in document.get("recommendations", [])])
     with store.begin() as conn:
+        recorded = read_notification(conn, notification_key)
+        kind, recipient_id, wanted = recorded.kind, recorded.recipient_id, list(recorded.recommendation_ids)
         recs = {r: rec for r in wanted if (rec := _recommendation(conn, r)) is not None}
     waiting = [r for r in wanted if r in recs and recs[r]["status"] in STILL_WAITING[kind]]
     single = None if kind == "weekly_digest" else wanted[0]
@@ -572,7 +601,7 @@ def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notifica
         skipped = _skip(store, notification_key, kind, f"no longer waiting for a decision ({states})", now,
                         recommendation_id=single, recipient_id=recipient_id)
         return [skipped] if skipped else [outbound_state(store, notification_key)]
-    recorded_at = _utc(datetime.fromisoformat(document["recorded_at"]))
+    recorded_at = recorded.recorded_at
 
     def build(message_id: str, relay: smtp.SmtpSettings):
         with store.begin() as conn:
@@ -610,12 +639,27 @@ def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notifica
             package, client_name=client_name, advisor_name=advisor.get("name") or rec["advisor_id"] or "-",
             advisor_id=rec["advisor_id"] or "-", pending_since=_utc(rec["clock_started_at"]),
             escalated_at=_utc(rec["escalated_at"]) if rec["escalated_at"] else recorded_at,
-            links=signed_links(secret, notification_key, single, recipient_id, issued_at,
-                               ("review", "approve", "defer")),
-            sender=relay.sender, to=to, message_id=message_id, compliance_name=name)
+            # Compliance approves, modifies (review page) or hands it back; it does not defer
+            # (authority.py), so the email carries no defer link.
+            links=signed_links(secret, notification_key, single, recipient_id, issued_at, ("review", "approve")),
+            sender=relay.sender, to=to, message_id=message_id, compliance_name=name,
+            reason=_escalation_reason(store, notification_key))
 
     return [outbound.deliver(store.begin, notification_key, kind, "smtp", _email_send(build), now,
                              recipient_id=recipient_id, recommendation_id=single)]
+
+
+def _escalation_reason(store: WorkflowStore, notification_key: str) -> str | None:
+    """The reason of an escalation recorded by a person or by routing at publication
+    (authority.record_escalation); None for the 48h rule's own."""
+    with store.begin() as conn:
+        payload = conn.execute(select(notifications.c.payload).where(
+            notifications.c.notification_key == notification_key)).scalar()
+    try:
+        reason = json.loads(payload or "{}").get("reason")
+    except ValueError:
+        return None
+    return reason if isinstance(reason, str) and reason.strip() else None
 
 
 class NotificationEmailConfig(Config):
@@ -623,8 +667,8 @@ class NotificationEmailConfig(Config):
     now: str = Field(default="", description="ISO-8601 time of the sensor tick; empty: the wall clock")
 
 
-@op(description="Email one reminder, escalation or weekly digest from the approval outbox to its recipient, or one "
-                "operations alert from the workflow store to the operations team, once.")
+@op(description="Email one reminder, escalation or weekly digest recorded in the workflow store to its recipient, "
+                "or one operations alert to the operations team, once.")
 def deliver_notification(context: OpExecutionContext, config: NotificationEmailConfig,
                          workflow_store: WorkflowStoreResource, warehouse: Warehouse):
     with workflow_store.open() as store:
@@ -806,20 +850,36 @@ def retry_target(row: dict) -> tuple[str, str, dict] | None:
 
 
 def recommendations_waiting_for_alert(conn, now: datetime, since: datetime, limit: int) -> list[dict]:
-    """Pending recommendations published since `since`, not weekly-batch, with no alert row yet."""
-    alerted = select(messages.c.message_key).where(and_(
-        messages.c.kind == "alert", messages.c.recommendation_id == recommendations.c.recommendation_id)).exists()
+    """Pending recommendations published (or re-routed to a new advisor: `rerouted_at`) since
+    `since`, not weekly-batch, with no alert row yet for their advisor of record (key
+    alert:<recommendation>:<advisor>: a re-routed one is alerted again, to its new advisor)."""
+    r = recommendations.c
+    alerted = select(messages.c.message_key).where(
+        messages.c.message_key == "alert:" + r.recommendation_id + ":" + func.coalesce(r.advisor_id, "-")).exists()
     rows = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.advisor_id,
-                               recommendations.c.urgency).where(and_(
+                               recommendations.c.urgency, recommendations.c.rerouted_at).where(and_(
         recommendations.c.status == "pending",
-        recommendations.c.created_at >= since,
-        recommendations.c.created_at <= now,
+        or_(and_(r.created_at >= since, r.created_at <= now), and_(r.rerouted_at >= since, r.rerouted_at <= now)),
         (recommendations.c.delivery.is_(None)) | (recommendations.c.delivery != "weekly_batch"),
         ~alerted,
     )).order_by(recommendations.c.created_at, recommendations.c.recommendation_id).limit(limit)).mappings().all()
     return [dict(r) for r in rows]
 
 
+
+
+def notifications_waiting_for_email(conn, now: datetime, since: datetime, limit: int) -> list[dict]:
+    """Reminders, escalations and weekly digests recorded since `since` (wf_notifications) with no
+    wf_messages row for their key yet: the mailer's queue is the store, never a folder of files."""
+    emailed = select(messages.c.message_key).where(messages.c.message_key == notifications.c.notification_key).exists()
+    rows = conn.execute(select(notifications.c.notification_key, notifications.c.kind, notifications.c.created_at)
+                        .where(and_(notifications.c.kind.in_(OUTBOX_KINDS),
+                                    notifications.c.created_at >= since,
+                                    notifications.c.created_at <= now,
+                                    ~emailed))
+                        .order_by(notifications.c.created_at, notifications.c.notification_key).limit(limit)
+                        ).mappings().all()
+    return [dict(r) for r in rows]
 
 
 def operations_alerts_waiting_for_email(conn, now: datetime, since: datetime, limit: int) -> list[dict]:

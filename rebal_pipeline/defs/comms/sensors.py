@@ -8,13 +8,12 @@ advisor_alerts (every 30 s)
     alert's row the recommendation is not listed again; until then Dagster skips the run key).
 
 mailer_outbox (every 30 s)
-    New files in $REBAL_HOME/outbox/notifications/ (rebal.notification/1, written once by the
-    approval runs) → RunRequest(run_key=<notification_key>, job=send_notification). Cursor: the
-    newest file modification time handled (ns). Each tick reads files modified since the cursor
-    minus `lookback` (default 10 min: a file is hard-linked into place after it was written, so a
-    file can appear with a modification time older than one seen before it); keys already in
-    wf_messages and documents recorded more than `max_age` ago (3 days) are not requested.
-    Dot-files (the writer's temporary files) are ignored.
+    Reminders, escalations and weekly digests recorded by the approval runs (wf_notifications,
+    committed with the recommendation's state change) within `max_age` (default 3 days) with no
+    row in wf_messages → RunRequest(run_key=<notification_key>, job=send_notification). No
+    cursor: the filter is the state, as for operations_alerts. The workflow store is the hand-off
+    (issue #12): the copy the approval run writes under outbox/notifications/ is for people and
+    is not read, so a missing, partial or left-over file changes nothing.
 
 operations_alerts (every 30 s)
     Operations alerts (wf_notifications kind operations_alert, recorded by
@@ -42,18 +41,15 @@ clock). The tick's time travels to the run in its config (`now`), as in the appr
 
 
 import hashlib
-import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Callable
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
 from sqlalchemy import and_, case, func, select
 
-from rebal_pipeline import settings
 from rebal_pipeline.comms import outbound
 from rebal_pipeline.defs.comms.jobs import (
-    NOTIFICATION_FORMAT, OPERATIONS_ALERT, communicate_execution, operations_alerts_waiting_for_email,
+    OPERATIONS_ALERT, communicate_execution, notifications_waiting_for_email, operations_alerts_waiting_for_email,
     recommendations_waiting_for_alert, retry_target, send_advisor_alert, send_notification, utc_now,
 )
 from rebal_pipeline.resources import WorkflowStoreResource
@@ -69,18 +65,17 @@ def _utc(moment: datetime) -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
-def notifications_folder() -> Path:
-    return settings.rebal_home() / "outbox" / "notifications"
-
-
 # ---------------------------------------------------------------------------------------------
 # advisor_alerts
 # ---------------------------------------------------------------------------------------------
 
 
-def alert_run_request(recommendation_id: str, now: datetime, urgency: str | None = None) -> RunRequest:
+def alert_run_request(recommendation_id: str, now: datetime, urgency: str | None = None,
+                      rerouted_to: str | None = None) -> RunRequest:
+    # A recommendation re-routed to a new advisor (its advisor left) is alerted again: a run key
+    # of its own, alert:<recommendation>:<new advisor> (Dagster would skip alert:<recommendation>).
     return RunRequest(
-        run_key=f"alert:{recommendation_id}",
+        run_key=f"alert:{recommendation_id}" + (f":{rerouted_to}" if rerouted_to else ""),
         job_name=send_advisor_alert.name,
         run_config={"ops": {"deliver_advisor_alert": {"config": {"recommendation_id": recommendation_id,
                                                                   "now": now.isoformat()}}}},
@@ -97,7 +92,8 @@ def build_advisor_alerts_sensor(clock: Clock = utc_now, max_age: timedelta = tim
         now = _utc(clock())
         with workflow_store.open() as store, store.begin() as conn:
             waiting = recommendations_waiting_for_alert(conn, now, now - max_age, batch)
-        requests = [alert_run_request(r["recommendation_id"], now, r["urgency"]) for r in waiting]
+        requests = [alert_run_request(r["recommendation_id"], now, r["urgency"],
+                                      r["advisor_id"] if r.get("rerouted_at") else None) for r in waiting]
         if not requests:
             return SensorResult(skip_reason=f"no recommendation waiting for its alert at {now.isoformat()}")
         return SensorResult(run_requests=requests)
@@ -120,54 +116,22 @@ def notification_run_request(notification_key: str, kind: str, now: datetime) ->
     )
 
 
-def build_mailer_outbox_sensor(clock: Clock = utc_now, lookback: timedelta = timedelta(minutes=10),
-                               max_age: timedelta = timedelta(days=3), batch: int = 500, name: str = "mailer_outbox",
-                               minimum_interval_seconds: int = 30):
+def build_mailer_outbox_sensor(clock: Clock = utc_now, max_age: timedelta = timedelta(days=3), batch: int = 500,
+                               name: str = "mailer_outbox", minimum_interval_seconds: int = 30):
     @sensor(name=name, job=send_notification, minimum_interval_seconds=minimum_interval_seconds,
-            description="Emails each reminder, escalation and weekly digest posted to outbox/notifications/, once. "
-                        "run_key = the notification key.")
+            description="Emails each reminder, escalation and weekly digest recorded in the workflow store "
+                        "(wf_notifications), once. run_key = the notification key.")
     def _mailer_outbox(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
         now = _utc(clock())
-        cursor = json.loads(context.cursor) if context.cursor else {}
-        since = int(cursor.get("mtime_ns", 0)) - int(lookback.total_seconds() * 1e9)
-        folder = notifications_folder()
-        files = []
-        if folder.is_dir():
-            for path in folder.glob("*.json"):
-                if path.name.startswith("."):
-                    continue
-                try:
-                    mtime = path.stat().st_mtime_ns
-                except FileNotFoundError:
-                    continue
-                if mtime >= since:
-                    files.append((mtime, path))
-        files.sort()
-        files = files[:batch]
-        documents = []
-        for mtime, path in files:
-            try:
-                document = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                context.log.warning(f"{path.name}: not a readable notification document; ignored")
-                continue
-            if document.get("format") != NOTIFICATION_FORMAT or not document.get("notification_key"):
-                continue
-            documents.append(document)
-        keys = [d["notification_key"] for d in documents]
         with workflow_store.open() as store, store.begin() as conn:
-            handled = {r.message_key for r in conn.execute(
-                select(messages.c.message_key).where(messages.c.message_key.in_(keys)))} if keys else set()
-        requests = []
-        for document in documents:
-            recorded = _utc(datetime.fromisoformat(document["recorded_at"])) if document.get("recorded_at") else now
-            if document["notification_key"] in handled or now - recorded > max_age:
-                continue
-            requests.append(notification_run_request(document["notification_key"], document.get("kind", ""), now))
-        new_cursor = json.dumps({"mtime_ns": max([int(cursor.get("mtime_ns", 0))] + [m for m, _ in files])})
+            waiting = notifications_waiting_for_email(conn, now, now - max_age, batch)
+        # Once the run has inserted the message's wf_messages row it is not listed again; until
+        # then Dagster skips the run key, so two ticks never launch two runs.
+        requests = [notification_run_request(r["notification_key"], r["kind"], now) for r in waiting]
         if not requests:
-            return SensorResult(skip_reason="no new notification in the outbox", cursor=new_cursor)
-        return SensorResult(run_requests=requests, cursor=new_cursor)
+            return SensorResult(skip_reason=f"no reminder, escalation or digest waiting to be emailed at "
+                                            f"{now.isoformat()}")
+        return SensorResult(run_requests=requests)
 
     return _mailer_outbox
 

@@ -15,6 +15,8 @@ import pandera.polars as pa
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
+from rebal_pipeline.core.pii import mask_account, masker
+
 WEIGHT_TOLERANCE = 1e-6
 
 
@@ -84,7 +86,8 @@ def validate(check_name: str, schema: type[pa.DataFrameModel], frame: pl.DataFra
                 "rows_checked": frame.height,
                 "failures": failures.height,
                 "failed_checks": MetadataValue.json(sorted(set(failures["check"].to_list()))),
-                "examples": MetadataValue.text(str(failures.head(10))),
+                "examples": MetadataValue.text(masker(frame["account_id"] if "account_id" in frame.columns else ())(
+                    str(failures.head(10)))),  # account numbers: last four only (core/pii.py)
             },
         )
     return AssetCheckResult(check_name=check_name, passed=True, metadata={"rows_checked": frame.height})
@@ -115,7 +118,7 @@ class NoAccountsHeldOut:
             metadata={
                 "accounts_held_out": held,
                 "rejected_rows": int(rejects),
-                "examples": MetadataValue.md("\n".join(f"- {a}: {r}" for a, r in examples) or "none"),
+                "examples": MetadataValue.md("\n".join(f"- {mask_account(a)}: {masker([a])(r)}" for a, r in examples) or "none"),
             },
         )
 
@@ -138,7 +141,7 @@ class PositionsReconcile:
         breaks, accounts = con.execute(
             f'select count(*), count(distinct account_id) from "{table}" where as_of = ?', [as_of]).fetchone()
         examples = con.execute(
-            f'select reason from "{table}" where as_of = ? order by account_id, symbol limit 5', [as_of]).fetchall()
+            f'select account_id, reason from "{table}" where as_of = ? order by account_id, symbol limit 5', [as_of]).fetchall()
         return AssetCheckResult(
             check_name=self.name,
             passed=breaks == 0,
@@ -146,7 +149,7 @@ class PositionsReconcile:
             metadata={
                 "unexplained_changes": breaks,
                 "accounts": accounts,
-                "examples": MetadataValue.md("\n".join(f"- {r}" for (r,) in examples) or "none"),
+                "examples": MetadataValue.md("\n".join(f"- {masker([a])(r)}" for a, r in examples) or "none"),
             },
         )
 

@@ -16,7 +16,7 @@ from dagster import (
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.core.landing import FeedFileError, land_feed, landing_table
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import FeedLocation, Warehouse
+from rebal_pipeline.resources import WAREHOUSE_POOL, FeedLocation, Warehouse
 
 FEED_GROUP = "feed"
 
@@ -56,17 +56,35 @@ MANIFEST_SPEC = AssetSpec(
     specs=[*LANDING_SPECS, TYPE_ERRORS_SPEC, MANIFEST_SPEC],
     partitions_def=daily_partitions,
     name="land_feed",
+    pool=WAREHOUSE_POOL,
 )
 def land_feed_asset(context: AssetExecutionContext, feed: FeedLocation, warehouse: Warehouse):
     """Archive the day's raw files untouched, then land each one as text with its problems."""
     as_of = date.fromisoformat(context.partition_key)
     feed_dir = feed.feed_dir(context.partition_key)
+    if not feed_dir.is_dir():
+        # Checked before the warehouse is opened: a backfill over sessions whose files never
+        # arrived fails each of them with the folder to look at, and nothing is written.
+        raise Failure(
+            description=f"no feed folder for the {as_of.isoformat()} session: {feed_dir} does not exist "
+                        f"(the day's files have not arrived there, or REBAL_FEED_ROOT points elsewhere)",
+            metadata={"feed_dir": MetadataValue.path(str(feed_dir))},
+            allow_retries=False,
+        )
     try:
         with warehouse.connect() as con:
             landed = land_feed(con, feed_dir, as_of, archive_root=Path(feed.archive_root))
     except FeedFileError as exc:
         # File-level problems stop the day: running on a partial feed would be wrong.
-        raise Failure(description=str(exc), metadata={"file": exc.path, "problem": exc.problem}) from exc
+        # Every file was archived first (land_feed), so nothing received is lost. One message
+        # names each failing file, its line and the problem; no traceback for bad input.
+        problems = [exc, *exc.also]
+        description = "; ".join(str(p) for p in problems)
+        raise Failure(description=description, metadata={
+            "file": exc.path, "line": exc.line if exc.line is not None else "", "problem": exc.problem,
+            "files_with_problems": MetadataValue.json(
+                [{"file": p.file, "line": p.line, "problem": p.problem} for p in problems]),
+        }, allow_retries=False) from exc
     for warning in landed.warnings:
         context.log.warning(warning)
 

@@ -11,12 +11,15 @@ from datetime import date
 import polars as pl
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, MetadataValue, multi_asset
 
+from rebal_pipeline.core.pii import masker
 from rebal_pipeline.core.sql_models import replace_partition
 from rebal_pipeline.core.tax_engine import TaxOutcome, apply_tax_engine, past_wash_sales, sell_tax_cost, stable_id
 from rebal_pipeline.core.tax_lots import TaxPolicy, with_terms
 from rebal_pipeline.core.trade_sizing import SizingPolicy, size_trades
+from rebal_pipeline.defs.trades.basis import assets as basis_assets
+from rebal_pipeline.defs.trades.basis import prior_ledger, with_ledger_lots
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, Warehouse
+from rebal_pipeline.resources import WAREHOUSE_POOL, AdvisorOverrides, DriftPolicySource, Warehouse
 
 INPUTS = (
     "drift_alerts", "drift", "holdings", "int_account_targets", "int_model_versions",
@@ -186,7 +189,7 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
     """Aggregated households: the optimiser places each class across the member accounts
     (asset location, no gains realised in taxable where avoidable), then the sizing core turns
     each member's class targets into whole-share trades. One recommendation per household."""
-    from rebal_pipeline.core.household_location import LocationPolicy, locate_households
+    from rebal_pipeline.core.household_location import LocationPolicy, hold_taxable_classes, locate_households
 
     # Class targets come from the optimiser and bands from the household, so the accounts'
     # own targets and bands are not read.
@@ -200,11 +203,15 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
     # penalty) is worth doing; at 1% the optimiser would only fix the household's mix.
     located = locate_households(
         lp["members"], lp["current"], lp["gains"], lp["targets"], lp["barred"],
-        LocationPolicy(turnover_penalty=0.001),
+        LocationPolicy(turnover_penalty=0.001,
+                       max_turnover_fraction=float(policy.household_location.max_turnover_fraction)),
     )
+    # Issue 14: a taxable account keeps the securities of a class the optimiser leaves alone (no
+    # gain realised to swap one security of a class for another); see hold_taxable_classes.
     sized = size_trades(
         frames["holdings"], located.select("account_id", "asset_class", "target_weight"),
-        frames["model_weights"], securities, frames["restrictions"], lp["bands"],
+        hold_taxable_classes(located, frames["holdings"], frames["model_weights"], lp["members"], securities),
+        securities, frames["restrictions"], lp["bands"],
         _sizing_policy(policy), sell_tax_cost=tax_cost,
     )
     members = (
@@ -253,6 +260,14 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
             # Account details matter only when the household itself is still outside a band.
             pl.when(pl.col("inside_bands").fill_null(False)).then(None)
             .otherwise(pl.concat_str([pl.col("household_unresolved"), pl.col("unresolved")], separator=" — accounts: ",
+                                     ignore_nulls=True))
+            .alias("unresolved"),
+        )
+        .with_columns(
+            # The optimiser's reason (turnover cap, infeasible targets) leads, whether or not the
+            # household ended inside its bands: the advisor sees why it stopped where it did.
+            pl.when(pl.col("optimiser_status").is_null()).then(pl.col("unresolved"))
+            .otherwise(pl.concat_str([pl.col("optimiser_status"), pl.col("unresolved")], separator=" — ",
                                      ignore_nulls=True))
             .alias("unresolved"),
         )
@@ -352,7 +367,10 @@ def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = No
     sized = f"({ACCOUNT_SCOPE[1:-1]} union {HOUSEHOLD_MEMBERS[1:-1]})"
     lots = con.execute(LOTS.format(who=sized), {**params, "harvest_threshold": tax_policy.tlh_loss_threshold}).pl()
     transactions = con.execute(TRANSACTIONS, params).pl()
-    past = past_wash_sales(lots, transactions, accounts, securities)
+    # rebal's basis ledger of the session before (defs/trades/basis.py): wash chains across days.
+    ledger, ledger_as_of = prior_ledger(con, as_of)
+    past = past_wash_sales(with_ledger_lots(con, as_of, lots, ledger), transactions, accounts, securities,
+                           ledger, ledger_as_of, as_of)
     tax_cost = sell_tax_cost(
         past.lots, securities.select("symbol", "price"),
         accounts.select("account_id", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate"), as_of,
@@ -430,6 +448,7 @@ class _Clock:
                   "proposed today) and what happened to each disallowed loss."),
     ],
     can_subset=False,
+    pool=WAREHOUSE_POOL,
 )
 def propose_trades_asset(context: AssetExecutionContext, warehouse: Warehouse,
                          drift_policy_source: DriftPolicySource, advisor_overrides: AdvisorOverrides):
@@ -441,6 +460,7 @@ def propose_trades_asset(context: AssetExecutionContext, warehouse: Warehouse,
     rebalance = recs.filter(pl.col("kind") == "rebalance")
     outside = rebalance.filter(~pl.col("inside_bands"))
     candidates = outcome.tlh_candidates
+    mask = masker([*trades["account_id"], *recs.filter(pl.col("scope") == "account")["scope_id"]])  # last 4 only
     yield MaterializeResult(
         asset_key="trade_proposals",
         metadata={
@@ -453,7 +473,7 @@ def propose_trades_asset(context: AssetExecutionContext, warehouse: Warehouse,
             "could_not_reach_bands": outside.height,
             "compliance_reviews": rebalance.filter(pl.col("compliance_review").is_not_null()).height,
             "examples_not_reached": MetadataValue.md(
-                "\n".join(f"- {a}: {u}" for a, u in outside.select("scope_id", "unresolved").head(5).iter_rows())
+                "\n".join(f"- {mask(a)}: {mask(u)}" for a, u in outside.select("scope_id", "unresolved").head(5).iter_rows())
                 or "none"
             ),
         },
@@ -486,4 +506,4 @@ def propose_trades_asset(context: AssetExecutionContext, warehouse: Warehouse,
     yield MaterializeResult(asset_key="wash_sales", metadata={"events": outcome.wash_sales.height})
 
 
-assets = [propose_trades_asset]
+assets = [propose_trades_asset, *basis_assets]

@@ -15,10 +15,11 @@ from datetime import date, datetime, timezone
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
 
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import DriftPolicySource, Warehouse, WorkflowStoreResource
-from rebal_pipeline.workflow import lifecycle
+from rebal_pipeline.resources import WAREHOUSE_POOL, DriftPolicySource, Warehouse, WorkflowStoreResource
+from rebal_pipeline.workflow import ledger, lifecycle
 from rebal_pipeline.workflow.package import (
-    PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, positions_fingerprint,
+    PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules,
+    positions_fingerprint,
 )
 
 # Who each recommendation is for: its accounts, advisor, tier, urgency and delivery. Harvests
@@ -28,7 +29,7 @@ with recs as (select * from trade_recommendations where as_of = $as_of),
 scanned as (select * from int_scanned_accounts where as_of = $as_of),
 alerts as (select * from drift_alerts where as_of = $as_of and status = 'alert')
 select r.recommendation_id, r.scope, r.scope_id, r.kind, r.model_version, r.inside_bands, r.unresolved,
-       r.policy_version,
+       r.policy_version, r.compliance_review,
        coalesce(a.advisor_id, s.advisor_id, hs.advisor_id) as advisor_id,
        coalesce(s.household_id, r.scope_id) as household_id,
        coalesce(a.tier, s.tier, hs.tier) as tier,
@@ -68,13 +69,25 @@ select recommendation_id, scope_id from recs
 where scope = 'household' and recommendation_id not in (select recommendation_id from household_members)
 """
 
-TRADES = """select recommendation_id, account_id, symbol, asset_class, side, quantity, est_price, est_value, reason,
-                   replaces_symbol, coalesce(wash_sale_disallowed, 0) as wash_sale_disallowed
-            from trade_proposals where as_of = $as_of order by recommendation_id, account_id, side, symbol"""
+# Each trade and holding carries the security master's `fractional` and `security_type` (issue 12):
+# a modification is validated like a proposal, in whole shares where the security trades whole.
+TRADES = """select t.recommendation_id, t.account_id, t.symbol, t.asset_class, t.side, t.quantity, t.est_price,
+                   t.est_value, t.reason, t.replaces_symbol, coalesce(t.wash_sale_disallowed, 0) as wash_sale_disallowed,
+                   s.fractional, s.security_type
+            from trade_proposals t
+            left join stg_feed_securities s on s.symbol = t.symbol and s.as_of = $as_of
+            where t.as_of = $as_of order by t.recommendation_id, t.account_id, t.side, t.symbol"""
 
-HOLDINGS = """select account_id, symbol, asset_class, quantity::double as quantity, price::double as price, market_value
-              from holdings where as_of = $as_of and account_id in (select account_id from ({members}))
-              order by account_id, symbol"""
+HOLDINGS = """select h.account_id, h.symbol, h.asset_class, h.quantity::double as quantity, h.price::double as price,
+                     h.market_value, s.fractional, s.security_type
+              from holdings h
+              left join stg_feed_securities s on s.symbol = h.symbol and s.as_of = $as_of
+              where h.as_of = $as_of and h.account_id in (select account_id from ({members}))
+              order by h.account_id, h.symbol"""
+
+# Today's positions of the accounts with open orders (ledger fills: workflow/ledger.py L3).
+OPEN_ORDER_POSITIONS = """select account_id, symbol, sum(quantity)::double from holdings
+                          where as_of = $as_of and list_contains($accounts, account_id) group by all"""
 
 RESTRICTIONS = """select account_id, kind, value from stg_feed_restrictions
                   where as_of = $as_of and account_id in (select account_id from ({members}))"""
@@ -97,14 +110,37 @@ where as_of = $as_of and account_id not in (select scope_id from trade_recommend
                                              where as_of = $as_of and kind = 'harvest')
 """
 
-USERS = "select user_id, name, email, role, team_of from stg_feed_users where as_of = $as_of order by user_id"
+USERS = ("select user_id, name, email, role, team_of, team_alerts from stg_feed_users where as_of = $as_of "
+         "order by user_id")
+
+# The advisor of record of each scope in today's feed (accounts.csv advisor_id, else the
+# household's), for the scopes whose open recommendations lost their advisor (issue 12: people
+# come and go). Households as in RECOMMENDATIONS: the advisor of their first scanned account.
+ADVISORS_OF_RECORD = """
+select 'account' as scope, account_id as scope_id, advisor_id from int_scanned_accounts
+where as_of = $as_of and list_contains($accounts, account_id)
+union all
+select 'household', household_id, any_value(advisor_id order by account_id) from int_scanned_accounts
+where as_of = $as_of and list_contains($households, household_id)
+group by household_id
+"""
+
+
+def advisors_of_record(con, as_of: date, scopes: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(scope, scope_id) → advisor of record today, for these scopes only (one query)."""
+    accounts = sorted({i for s, i in scopes if s == "account"})
+    households = sorted({i for s, i in scopes if s == "household"})
+    rows = con.execute(ADVISORS_OF_RECORD, {"as_of": as_of, "accounts": accounts, "households": households}).fetchall()
+    return {(scope, scope_id): advisor for scope, scope_id, advisor in rows if advisor}
 
 INPUTS = ("trade_recommendations", "trade_proposals", "recommendation_summary", "drift_alerts", "drift", "holdings",
-          "int_scanned_accounts", "stg_feed_restrictions", "stg_feed_users")
+          "int_scanned_accounts", "stg_feed_restrictions", "stg_feed_users", "stg_feed_securities")
 
 
-def build_packages(con, as_of: date) -> list[dict]:
-    """Every recommendation of the day with its package, ready for lifecycle.publish_day."""
+def build_packages(con, as_of: date, trade_rules: TradeRules | None = None) -> list[dict]:
+    """Every recommendation of the day with its package, ready for lifecycle.publish_day.
+    trade_rules: the policy's trade sizing in force (recorded in each package: a modification
+    is validated against the rules the proposal was sized by)."""
     params = {"as_of": as_of}
     members_sql = MEMBERS
     rows = con.execute(RECOMMENDATIONS, params).fetchall()
@@ -117,12 +153,13 @@ def build_packages(con, as_of: date) -> list[dict]:
         rec_id, *values = row
         trades[rec_id].append(PackageTrade(**dict(zip(
             ("account_id", "symbol", "asset_class", "side", "quantity", "est_price", "est_value", "reason",
-             "replaces_symbol", "wash_sale_disallowed"), values))))
+             "replaces_symbol", "wash_sale_disallowed", "fractional", "security_type"), values))))
     holdings: dict[str, list[PackageHolding]] = defaultdict(list)
-    for account, symbol, asset_class, quantity, price, value in con.execute(
+    for account, symbol, asset_class, quantity, price, value, fractional, security_type in con.execute(
             HOLDINGS.format(members=members_sql), params).fetchall():
         holdings[account].append(PackageHolding(account_id=account, symbol=symbol, asset_class=asset_class,
-                                                quantity=quantity, price=price, market_value=value))
+                                                quantity=quantity, price=price, market_value=value,
+                                                fractional=fractional, security_type=security_type))
     restrictions: dict[str, list[PackageRestriction]] = defaultdict(list)
     for account, kind, value in con.execute(RESTRICTIONS.format(members=members_sql), params).fetchall():
         restrictions[account].append(PackageRestriction(account_id=account, kind=kind, value=value))
@@ -146,6 +183,7 @@ def build_packages(con, as_of: date) -> list[dict]:
             tax=json.loads(rec["tax"]) if rec["tax"] else {},
             inside_bands=rec["inside_bands"], unresolved=rec["unresolved"],
             positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in held]),
+            trade_rules=trade_rules,
         )
         out.append({
             "recommendation_id": rec["recommendation_id"], "scope": rec["scope"], "scope_id": rec["scope_id"],
@@ -153,6 +191,8 @@ def build_packages(con, as_of: date) -> list[dict]:
             "tier": rec["tier"], "urgency": rec["urgency"], "delivery": rec["delivery"],
             "discretionary": bool(rec["discretionary"]), "trade_value": float(rec["trade_value"] or 0),
             "realized_gain": float(rec["realized_gain"] or 0), "policy_version": rec["policy_version"],
+            # ERISA-barred classes held: routed to compliance at publication (authority.initial_status).
+            "compliance_review": rec["compliance_review"],
             "positions_fingerprint": package.positions_fingerprint, "package": package.model_dump(mode="json"),
         })
     return out
@@ -163,26 +203,45 @@ def build_packages(con, as_of: date) -> list[dict]:
     group_name="approvals",
     deps=[AssetKey(name) for name in INPUTS],
     kinds={"sqlalchemy"},
+    pool=WAREHOUSE_POOL,
 )
 def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse,
                             workflow_store: WorkflowStoreResource, drift_policy_source: DriftPolicySource):
     """The day's recommendations in the workflow store, waiting for the advisor's decision."""
     as_of = date.fromisoformat(context.partition_key)
+    drift_policy = drift_policy_source.load()
+    sizing = drift_policy.trade_sizing
+    rules = TradeRules(min_trade_value=float(sizing.min_trade_value), min_trade_pct=float(sizing.min_trade_pct),
+                       cash_buffer=float(sizing.default_cash_buffer), fractional_decimals=sizing.fractional_decimals)
     with warehouse.connect() as con:
-        recs = build_packages(con, as_of)
-        users = [dict(zip(("user_id", "name", "email", "role", "team_of"), r)) for r in con.execute(USERS, {"as_of": as_of}).fetchall()]
+        recs = build_packages(con, as_of, rules)
+        users = [dict(zip(("user_id", "name", "email", "role", "team_of", "team_alerts"), r))
+                 for r in con.execute(USERS, {"as_of": as_of}).fetchall()]
         inside = {r[0] for r in con.execute(INSIDE, {"as_of": as_of}).fetchall()}
-    now = datetime.now(timezone.utc)
-    with workflow_store.open() as store, store.begin() as conn:
-        lifecycle.sync_users(conn, users, now)
-        result = lifecycle.publish_day(conn, as_of, recs, inside, now,
-                                       lifecycle.lifecycle_policy(drift_policy_source.load()))
+        now = datetime.now(timezone.utc)
+        with workflow_store.open() as store, store.begin() as conn:
+            # Users who left are deactivated; their open recommendations go to today's advisor of record.
+            # (The warehouse stays open for the few scopes that need it; one store transaction, as before.)
+            lifecycle.sync_users(conn, users, now, advisors_of_record=lambda scopes: advisors_of_record(con, as_of, scopes))
+            # Orders of earlier days that today's positions show filled release their accounts
+            # before the day is published (an older day's positions fill nothing: ledger L3).
+            waiting = sorted(ledger.accounts_with_open_orders(conn))
+            if waiting:
+                positions = {(a, sym): q for a, sym, q in con.execute(
+                    OPEN_ORDER_POSITIONS, {"as_of": as_of, "accounts": waiting}).fetchall()}
+                held = sorted({a for a, _ in positions})
+                ledger.record_fills(conn, as_of, positions, held, now)
+            result = lifecycle.publish_day(conn, as_of, recs, inside, now,
+                                           lifecycle.lifecycle_policy(drift_policy))
     context.log.info(f"published {result.created} recommendations ({result.superseded} superseded, "
                      f"{result.resolved} resolved by the market, {result.auto_approved} auto-approved)")
     return MaterializeResult(metadata={
         "recommendations_today": len(recs), "created": result.created, "already_published": result.unchanged,
         "superseded": result.superseded, "resolved_by_market": result.resolved,
         "auto_approved_micro_trades": result.auto_approved,
+        # Issue 12: an older day's run publishes history; open orders hold an account.
+        "historical": result.historical, "held_for_open_orders": result.held,
+        "auto_approvals_voided": result.voided,
     })
 
 

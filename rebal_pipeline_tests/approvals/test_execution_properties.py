@@ -1,0 +1,321 @@
+"""Property test of execution safety (issue 12; invariants in workflow/ledger.py and gate.py).
+
+Hypothesis draws random sequences over a one-account book (a rebalance and a harvest lineage):
+publishing a day (new, re-published with perturbed prices, or an older day), decisions through the
+approval API (approve, modify with random quantities, defer, escalate, compliance approving, a
+batch), gate runs (`gate.gate_decision` called directly, then the ticket and submit functions),
+fills seen on the next day's positions, and the desk's cancellations. After every step:
+  - the open (staged + submitted, unfilled) sells of a symbol never exceed the holding;
+  - cash plus what the open orders move never goes below the cash floor (5% min_cash_weight);
+  - at most one order set (one set of orders, one confirmation) per account and as-of date;
+  - no recommendation is stuck: each one not final is decidable by an active person, or waits
+    for the gate, or has its orders open;
+  - the audit chain verifies.
+A few dozen examples by default (REBAL_HYPOTHESIS_EXAMPLES for more), on SQLite always and on
+Postgres when CI=true (the `store` fixture)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+from sqlalchemy import func, select
+
+from rebal_pipeline.approval_api.app import create_app
+from rebal_pipeline.execution import submit
+from rebal_pipeline.tickets import FixSession
+from rebal_pipeline.tickets.orders import AccountRef, SecurityRef
+from rebal_pipeline.workflow import audit, gate, ledger, lifecycle
+from rebal_pipeline.workflow.package import (
+    PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules, positions_fingerprint,
+)
+from rebal_pipeline.workflow.schema import decisions, ledger_orders, order_sets, recommendations, users
+from rebal_pipeline_tests.approvals.conftest import USERS
+
+EXAMPLES = int(os.environ.get("REBAL_HYPOTHESIS_EXAMPLES", "30"))
+DESK = {"user_id": "DESK-1", "name": "Toni Desk", "email": "desk@example-ria.com", "role": "trading_desk"}
+PEOPLE = [*USERS, DESK]
+PRICES = {"VTI": 100.0, "BND": 50.0, "CASH": 1.0}
+CLASSES = {"VTI": "equity", "BND": "fixed_income", "CASH": "cash"}
+FLOOR = 0.05
+FINAL = ("executed", "partially_executed", "cancelled", "superseded", "resolved_by_market",
+         "blocked_by_open_orders", "historical")
+_examples = itertools.count()
+
+
+def note(text: str) -> None:
+    """A hypothesis event (for --hypothesis-show-statistics); nothing outside a hypothesis test."""
+    try:
+        event(text)
+    except InvalidArgument:
+        pass
+
+DECIDE = st.tuples(st.just("decide"), st.sampled_from(["approve", "approve", "modify", "modify", "defer", "escalate",
+                                                        "compliance", "batch"]),
+                   st.integers(0, 5), st.sampled_from([0, 3, 10, 25, 46, 60, 12.5, 1e-9]), st.integers(0, 60))
+GATE = st.tuples(st.just("gate"), st.integers(0, 5), st.booleans())
+step = st.one_of(
+    DECIDE, GATE, DECIDE, GATE, DECIDE, GATE,
+    st.tuples(st.just("publish"), st.sampled_from(["rebalance", "harvest"]), st.integers(1, 30),
+              st.integers(0, 40)),
+    st.tuples(st.just("republish"), st.sampled_from(["rebalance", "harvest"]), st.floats(-0.02, 0.02)),
+    st.tuples(st.just("older"), st.sampled_from(["rebalance", "harvest"])),
+    st.tuples(st.just("next_day"), st.lists(st.booleans(), min_size=4, max_size=4)),
+    st.tuples(st.just("cancel"), st.integers(0, 5)),
+)
+
+
+class World:
+    """One example's account, its positions day by day, and the API over the shared store."""
+
+    def __init__(self, store, api: TestClient, tokens: dict[str, str], outbox):
+        n = next(_examples)
+        self.store, self.api, self.tokens, self.outbox = store, api, tokens, outbox
+        self.account = f"P{n}-ACC"
+        # Each example has days of its own, after every earlier example's (the history rule is global).
+        self.base = date(2030, 1, 1) + timedelta(days=20 * n)
+        self.day = 0
+        self.positions = {0: {"VTI": 46.0, "BND": 60.0, "CASH": 900.0}}
+        self.now = datetime(2030, 1, 1, tzinfo=timezone.utc) + timedelta(days=20 * n, hours=22)
+        self.published = 0
+
+    def as_of(self, day: int) -> date:
+        return self.base + timedelta(days=day)
+
+    def tick(self, minutes: int = 5) -> datetime:
+        self.now += timedelta(minutes=minutes)
+        return self.now
+
+    # -- the daily run ------------------------------------------------------------------------
+
+    def package(self, kind: str, day: int, sell: float, buy: float, drift: float = 0.0) -> RecommendationPackage:
+        self.published += 1
+        prices = {s: (p * (1 + drift) if s != "CASH" else p) for s, p in PRICES.items()}
+        held = self.positions[day]
+        holdings = [PackageHolding(account_id=self.account, symbol=s, asset_class=CLASSES[s], quantity=q,
+                                   price=prices[s], market_value=q * prices[s], fractional=False,
+                                   security_type="cash" if s == "CASH" else "etf") for s, q in held.items()]
+        trades = []
+        if sell:
+            trades.append(PackageTrade(account_id=self.account, symbol="VTI", asset_class="equity", side="sell",
+                                       quantity=sell, est_price=prices["VTI"], est_value=sell * prices["VTI"],
+                                       reason=kind, fractional=False, security_type="etf"))
+        if buy:
+            trades.append(PackageTrade(account_id=self.account, symbol="BND", asset_class="fixed_income",
+                                       side="buy", quantity=buy, est_price=prices["BND"],
+                                       est_value=buy * prices["BND"], reason=kind, fractional=False,
+                                       security_type="etf"))
+        return RecommendationPackage(
+            recommendation_id=f"{self.account}-{kind}-{day}-{self.published}", as_of=self.as_of(day),
+            scope="account", scope_id=self.account, kind=kind, advisor_id="ADV-1", household_id=None,
+            account_ids=[self.account], discretionary=False, policy_version="test", trades=trades,
+            holdings=holdings, restrictions=[PackageRestriction(account_id=self.account, kind="min_cash_weight",
+                                                                value=str(FLOOR))],
+            trade_rules=TradeRules(),
+            positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in holdings]))
+
+    def publish(self, package: RecommendationPackage, day: int) -> None:
+        with self.store.begin() as conn:
+            lifecycle.sync_users(conn, PEOPLE, self.now)
+            lifecycle.publish_day(conn, self.as_of(day), [{
+                "recommendation_id": package.recommendation_id, "scope": package.scope,
+                "scope_id": package.scope_id, "kind": package.kind, "household_id": None, "advisor_id": "ADV-1",
+                "tier": None, "urgency": "medium", "delivery": "within_48h", "discretionary": False,
+                "trade_value": sum(t.est_value for t in package.trades), "realized_gain": 10.0,
+                "policy_version": "test", "positions_fingerprint": package.positions_fingerprint,
+                "package": package.model_dump(mode="json")}], set(), self.tick())
+
+    # -- reading the store -------------------------------------------------------------------
+
+    def recs(self) -> list[dict]:
+        with self.store.begin() as conn:
+            return [dict(r) for r in conn.execute(select(recommendations).where(
+                recommendations.c.scope_id == self.account).order_by(recommendations.c.created_at,
+                                                                     recommendations.c.recommendation_id)).mappings()]
+
+    def executable(self) -> list[dict]:
+        with self.store.begin() as conn:
+            return [dict(r) for r in conn.execute(
+                select(decisions).join(recommendations,
+                                       recommendations.c.recommendation_id == decisions.c.recommendation_id)
+                .where(recommendations.c.scope_id == self.account,
+                       decisions.c.action.in_(("approve", "modify", "auto_approve")))
+                .order_by(decisions.c.decision_seq)).mappings()]
+
+    def positions_for(self, _accounts):
+        day = max(self.positions)
+        return self.as_of(day), {(self.account, s): q for s, q in self.positions[day].items()}
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def run(self, action) -> None:
+        kind = action[0]
+        if kind == "publish":
+            _, lineage, sell, buy = action
+            self.day += 1
+            self.positions[self.day] = dict(self.positions[self.day - 1])
+            self.publish(self.package(lineage, self.day, sell, buy), self.day)
+        elif kind == "republish":
+            _, lineage, drift = action
+            old = [r for r in self.recs() if r["kind"] == lineage and r["as_of"] == self.as_of(self.day)]
+            if old:
+                pkg = RecommendationPackage.model_validate_json(old[-1]["package"])
+                sell = sum(t.quantity for t in pkg.trades if t.side == "sell")
+                buy = sum(t.quantity for t in pkg.trades if t.side == "buy")
+                self.publish(self.package(lineage, self.day, sell, buy, drift), self.day)
+        elif kind == "older":
+            if self.day > 1:
+                self.publish(self.package(action[1], self.day - 1, 5, 10), self.day - 1)
+        elif kind == "decide":
+            self.decide(*action[1:])
+        elif kind == "gate":
+            self.gate(*action[1:])
+        elif kind == "next_day":
+            self.next_day(action[1])
+        elif kind == "cancel":
+            done = [d for d in self.executable() if d["gate_verdict"] == "passed"]
+            if done:
+                with self.store.begin() as conn:
+                    try:
+                        ledger.cancel(conn, done[action[1] % len(done)]["decision_id"], "DESK-1", "desk cancel",
+                                      self.tick())
+                    except ledger.LedgerError:
+                        pass
+
+    def decide(self, verb, pick, sell, buy) -> None:
+        recs = self.recs()
+        if not recs:
+            return
+        rec = recs[pick % len(recs)]
+        user, body = "ADV-1", {"action": verb}
+        if verb == "compliance":
+            user, body = "CCO-1", {"action": "approve"}
+        elif verb == "modify":
+            body["trades"] = [{"account_id": self.account, "symbol": "VTI", "side": "sell", "quantity": float(sell)},
+                              {"account_id": self.account, "symbol": "BND", "side": "buy", "quantity": float(buy)}]
+        if verb in ("defer", "escalate"):
+            body["reason"] = f"{verb} for the property test"
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"}
+        if verb == "batch":
+            response = self.api.post("/decisions/batch", headers=headers, json={"items": [
+                {"recommendation_id": r["recommendation_id"], "action": "approve"} for r in recs[-3:]]})
+            assert response.status_code == 200, response.text
+            assert all(item["status"] < 500 for item in response.json()["results"]), response.text
+            return
+        response = self.api.post(f"/recommendations/{rec['recommendation_id']}/decisions", headers=headers, json=body)
+        assert response.status_code in (200, 201, 403, 409, 422), response.text
+        note(f"{verb}: {response.status_code}")
+
+    def gate(self, pick, auto_submit) -> None:
+        waiting = [d for d in self.executable() if d["gate_verdict"] is None]
+        if not waiting:
+            return
+        decision_id = waiting[pick % len(waiting)]["decision_id"]
+        now = self.tick()
+        with self.store.begin() as conn:
+            verdict = gate.gate_decision(conn, decision_id, self.positions_for, now)
+        note(f"gate {'passed' if verdict.passed else 'refused'}")
+        if not verdict.passed:
+            return
+        with self.store.begin() as conn:
+            approved = submit.load_approved_decision(conn, decision_id)
+            _, trades = gate.passed_trades(conn, decision_id)
+        securities = {s: SecurityRef(symbol=s, cusip=None, security_type="etf", fractional=False)
+                      for s in ("VTI", "BND")}
+        accounts = {self.account: AccountRef(account_id=self.account, custodian="schwab", discretionary=auto_submit)}
+        tickets = submit.build_tickets(approved, trades, securities, accounts, auto_submit=auto_submit,
+                                       desk_id="trading_desk")
+        submit.stage_and_submit(self.store, tickets, session=FixSession(), now=self.tick, outbox=self.outbox)
+        with self.store.begin() as conn:
+            ledger.record_outcome(conn, decision_id, self.tick())
+
+    def next_day(self, fills) -> None:
+        """A new session: each open line fills (or not) at the custodian; the next day's positions."""
+        held = dict(self.positions[self.day])
+        with self.store.begin() as conn:
+            lines = ledger.open_lines(conn, [self.account])
+        for line, filled in zip(lines, itertools.cycle(fills)):
+            if not filled:
+                continue
+            sign = -1 if line["side"] == "sell" else 1
+            held[line["symbol"]] = held.get(line["symbol"], 0.0) + sign * line["quantity"]
+            held["CASH"] -= sign * line["quantity"] * line["est_price"]
+        self.day += 1
+        self.positions[self.day] = held
+        with self.store.begin() as conn:
+            ledger.record_fills(conn, self.as_of(self.day), {(self.account, s): q for s, q in held.items()},
+                                [self.account], self.tick())
+
+    # -- the invariants ----------------------------------------------------------------------
+
+    def check(self) -> None:
+        day, positions = self.positions_for(None)
+        recs, executable = self.recs(), self.executable()
+        with self.store.begin() as conn:
+            reserved = ledger.reserved(conn, [self.account], day, positions)
+            open_sells = reserved.sells.get((self.account, "VTI"), 0.0)
+            assert open_sells <= positions[(self.account, "VTI")] + 1e-6, (open_sells, positions)
+            value = sum(q * PRICES[s] for (_, s), q in positions.items())
+            cash = positions[(self.account, "CASH")] + reserved.cash.get(self.account, 0.0)
+            assert cash >= FLOOR * value * 0.97 - 0.01, (cash, value)
+            per_day = conn.execute(select(order_sets.c.as_of, func.count()).where(
+                order_sets.c.account_id == self.account).group_by(order_sets.c.as_of)).all()
+            assert all(count == 1 for _, count in per_day), per_day
+            lines = conn.execute(select(func.count()).select_from(ledger_orders).where(
+                ledger_orders.c.account_id == self.account)).scalar()
+            assert lines == 0 or per_day
+            active = {r.user_id: r.role for r in conn.execute(select(users.c.user_id, users.c.role).where(users.c.active))}
+            for rec in recs:
+                status = rec["status"]
+                if status in FINAL:
+                    continue
+                if status in ("pending", "deferred"):
+                    assert active.get(rec["advisor_id"]) == "advisor", rec
+                elif status == "escalated":
+                    assert "compliance" in active.values(), rec
+                else:  # approved / modified / auto_approved: waiting for the gate, or its orders are open
+                    mine = [d for d in executable if d["recommendation_id"] == rec["recommendation_id"]]
+                    assert mine and mine[-1]["gate_verdict"] in (None, "passed"), (rec, mine)
+            verified = audit.verify(conn)
+            assert verified.ok, str(verified)
+
+
+@pytest.fixture
+def world_factory(store, tmp_path):
+    tokens = {}
+    with store.begin() as conn:
+        lifecycle.sync_users(conn, PEOPLE, datetime(2030, 1, 1, tzinfo=timezone.utc))
+        for user in PEOPLE:
+            tokens[user["user_id"]] = secrets.token_urlsafe(24)
+            lifecycle.issue_api_token(conn, user["user_id"], tokens[user["user_id"]],
+                                      datetime(2030, 1, 1, tzinfo=timezone.utc))
+    state = {}
+    app = create_app(store, b"property-test-secret-of-at-least-32-bytes", clock=lambda: state["world"].now)
+    api = TestClient(app)
+
+    def make() -> World:
+        state["world"] = World(store, api, tokens, tmp_path / "outbox")
+        return state["world"]
+    return make
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=st.lists(step, min_size=4, max_size=16))
+def test_no_sequence_places_a_wrong_or_duplicate_order(world_factory, steps):
+    world = world_factory()
+    # Every example starts from a day with both lineages waiting: a rebalance (sell 10 VTI, buy 18
+    # BND) and a harvest (sell 30 VTI) of the same account: 40 of its 46 VTI between them.
+    world.run(("publish", "rebalance", 10, 18))
+    world.publish(world.package("harvest", world.day, 30, 0), world.day)
+    world.check()
+    for action in steps:
+        world.run(action)
+        world.check()
+
