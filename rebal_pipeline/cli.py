@@ -342,6 +342,19 @@ def cmd_orders_cancel(args) -> int:
     return 0
 
 
+def cmd_instance_init(args) -> int:
+    """Set up the Dagster instance in DAGSTER_HOME for rebal: the warehouse pool's limit of one
+    run (resources.ensure_warehouse_pool), so a backfill from the UI runs its sessions in turn."""
+    from dagster import DagsterInstance
+
+    from rebal_pipeline.resources import WAREHOUSE_POOL, ensure_warehouse_pool
+
+    with DagsterInstance.get() as instance:
+        changed = ensure_warehouse_pool(instance)
+    print(f"pool {WAREHOUSE_POOL}: limit 1 run {'set' if changed else '(already set)'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
@@ -396,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--from", dest="date_from", type=_day, help="first day YYYY-MM-DD (default: the first event)")
     e.add_argument("--to", dest="date_to", type=_day, help="last day YYYY-MM-DD (default: the last event)")
     p.set_defaults(func=cmd_audit)
+
+    p = commands.add_parser("instance", help="set up the Dagster instance in DAGSTER_HOME for rebal")
+    p.add_subparsers(dest="instance_command", required=True).add_parser(
+        "init", help="limit the warehouse pool to one run (run once per instance; idempotent)"
+    ).set_defaults(func=cmd_instance_init)
 
     p = commands.add_parser("api", help="serve the approval API (needs REBAL_LINK_SECRET, ≥ 32 bytes)")
     p.add_argument("--host", default="127.0.0.1")

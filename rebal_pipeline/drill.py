@@ -32,6 +32,12 @@ def prepare_local_instance() -> Path:
     # The drill is a sandbox: without REBAL_AUDIT_KEY its audit chain is signed with the public
     # sandbox key (workflow/audit.py), which production verification refuses.
     os.environ.setdefault("REBAL_SANDBOX", "1")
+    from dagster import DagsterInstance
+
+    from rebal_pipeline.resources import ensure_warehouse_pool
+
+    with DagsterInstance.get() as instance:
+        ensure_warehouse_pool(instance)  # backfills from the UI of this instance run one at a time
     return home
 
 

@@ -9,7 +9,9 @@ closures, from exchange_calendars) excluded. So:
   - a session's partition exists once its close has passed (end_offset=1: the window that opened
     at today's 16:00 is the last one), which is when the schedule asks for it (16:30). On a
     weekend the last partition is Friday's, not Monday's. On an early-close day (13:00) the
-    partition appears at 16:00 all the same: the schedule runs at 16:30.
+    partition appears at 16:00 all the same: the schedule runs at 16:30. After 16:00 on a
+    holiday the next session is already listed (the excluded tick still closes the window
+    before it); run early, it fails on its missing feed folder, naming it.
 
 The holidays come from the calendar as it is loaded when the code location starts (its default
 horizon reaches a year ahead), so a partition is never a holiday the calendar knows of.

@@ -26,6 +26,21 @@ if TYPE_CHECKING:
 WAREHOUSE_POOL = "rebal_warehouse"
 
 
+def ensure_warehouse_pool(instance) -> bool:
+    """Give the instance the warehouse pool's limit (one run) now, not on first use. With only
+    `concurrency: pools: default_limit` in dagster.yaml, Dagster 1.13.27's run queue creates the
+    pool's limit in the same dequeue pass that first sees a run needing it, after it has already
+    read the configured pools: on a fresh instance that first pass launches every queued run at
+    once (seen with a 3-session backfill: all three opened the warehouse together and failed on
+    its lock). The drill and `rebal instance init` call this; it is idempotent. Returns True when
+    it set the limit."""
+    storage = instance.event_log_storage
+    if WAREHOUSE_POOL in storage.get_concurrency_keys():
+        return False
+    storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
+    return True
+
+
 class Warehouse(ConfigurableResource):
     """The DuckDB warehouse file. DuckDB lets one process open a file read-write (then no other
     process may open it at all) or several processes read-only. Runs that open it read-write are

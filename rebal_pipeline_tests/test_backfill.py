@@ -44,7 +44,7 @@ from rebal_pipeline.defs.feed.assets import assets as feed_assets
 from rebal_pipeline.definitions import defs
 from rebal_pipeline.drill import LOCAL_INSTANCE_YAML
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import WAREHOUSE_POOL
+from rebal_pipeline.resources import ensure_warehouse_pool, WAREHOUSE_POOL
 from rebal_pipeline_tests.feedkit import FeedBuilder
 from rebal_pipeline_tests.postgres import PG, scratch_database
 
@@ -221,7 +221,13 @@ def wait_for_backfill(instance: DagsterInstance, backfill_id: str, daemon: subpr
 def step_failures(instance: DagsterInstance, run_id: str) -> list[str]:
     """What failed in a run, as the UI's run page shows it (for the assertion message)."""
     events = instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE})
-    return [f"{e.dagster_event.step_key}: {e.dagster_event.event_specific_data}"[:1500] for e in events]
+    out = []
+    for e in events:
+        data = e.dagster_event.event_specific_data
+        error = getattr(data, "error", None)
+        text = error.to_string() if error is not None else str(data)
+        out.append(f"{e.dagster_event.step_key}: {text[-2500:]}")
+    return out
 
 
 @pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.postgres)])
@@ -257,6 +263,8 @@ def test_a_three_session_backfill_from_the_ui_completes_one_run_at_a_time(shippe
 
     log = tmp_path / "daemon.log"
     with DagsterInstance.from_config(str(home)) as instance, open(log, "w") as log_file:
+        # The set-up every rebal instance gets (the drill, `rebal instance init`).
+        assert ensure_warehouse_pool(instance)
         backfill_id = launch_backfill_as_the_ui_does(instance, [d.isoformat() for d in SESSIONS])
         daemon = subprocess.Popen(
             [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(settings.REPO_ROOT / "workspace.yaml")],
@@ -274,8 +282,9 @@ def test_a_three_session_backfill_from_the_ui_completes_one_run_at_a_time(shippe
         records = sorted(instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill_id})),
                          key=lambda r: r.start_time or 0)
         outcome = {r.dagster_run.tags["dagster/partition"]: r.dagster_run.status for r in records}
-        assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS, (
-            outcome, {r.dagster_run.run_id: step_failures(instance, r.dagster_run.run_id) for r in records})
+        if backfill.status != BulkActionStatus.COMPLETED_SUCCESS:
+            pytest.fail(f"backfill {backfill.status}: {outcome}\n" + "\n".join(
+                f for r in records for f in step_failures(instance, r.dagster_run.run_id)))
         assert outcome == {d.isoformat(): DagsterRunStatus.SUCCESS for d in SESSIONS}
         # One after another: each run started after the one before had finished.
         for earlier, later in zip(records, records[1:]):

@@ -116,3 +116,21 @@ def test_a_daily_run_logs_and_describes_accounts_by_their_last_four_characters(w
     assert "••••0002" in summary or "••••0001" in summary
     for account in BOOK:
         assert account not in summary, summary
+
+
+# The approval gate's refusal names the account: its log line and its metadata show ••••CC-1.
+from rebal_pipeline_tests.execution.test_execution_safety import (  # noqa: E402,F401 (fixtures and helpers)
+    NEXT, REBALANCE, api, decide, holdings, home, instance, make_package, publish as publish_packages, run, store, wh,
+)
+
+
+def test_a_gate_refusal_names_the_account_by_its_last_four_characters(store, api, wh, instance, home):
+    publish_packages(store, make_package("R-1", "ACC-1", REBALANCE))
+    first = decide(api, "ADV-1", "R-1", action="approve", reason="go")
+    holdings(wh, NEXT, "ACC-1", {"VTI": 6, "BND": 60, "CASH": 4500})  # the sell of 10 no longer fits
+    verdict = run(store, wh, instance, first.json()["decision"]["decision_id"])
+    assert verdict["verdict"] == "refused"
+    [gate_run] = instance.get_runs()
+    text = _event_text(instance, gate_run.run_id)
+    assert "approval refused by the gate: ••••CC-1 sell VTI 10: only 6 held (no overselling)" in text
+    assert "ACC-1" not in text

@@ -1,4 +1,4 @@
--- Row-level rule violations across the feed (FEED_CONTRACT.md): negative quantities, unknown
+-- Row-level rule violations across the feed (docs/feed_contract.md): negative quantities, unknown
 -- symbols and accounts, prices <= 0, lots not summing to positions, targets not summing to 1.
 -- Each names the file, line, column and reason; int_feed_problems restores the value exactly
 -- as written in the file; int_held_accounts maps them to accounts.

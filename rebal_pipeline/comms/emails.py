@@ -567,6 +567,19 @@ def client_confirmation(*, client_name: str, account_number: str, executed_on: d
 # Per alert code: the email's heading and what operations should do. An alert code without an
 # entry still gets an email (with the generic steps): a new alert is never silently dropped.
 OPERATIONS_GUIDANCE: dict[str, dict] = {
+    "feed_data_quality": {
+        "title": "Rows of today's feed were rejected",
+        "why": "Each rejected row is kept, with its file, line, column and reason, in the rejects table; the "
+               "accounts it concerns are held out of today's recommendations (the rest of the book was scanned), "
+               "so their advisors get no alert for them until the data is corrected.",
+        "steps": [
+            "Open the rejects asset of this date in the Dagster UI (or `rebal summary`): each row names the file, "
+            "the line, the column and the reason.",
+            "Ask the custodian (or whoever prepares the feed) for a corrected file; rebal never fixes data itself.",
+            "Once the corrected file is in the day's folder, re-materialise the day: the held-out accounts are "
+            "scanned and their advisors alerted as usual.",
+        ],
+    },
     "feed_late": {
         "title": "Custodian files are late",
         "why": "The daily scan never runs on older data: until these files are in, the advisors get no drift "
@@ -595,7 +608,10 @@ OPERATIONS_GUIDANCE: dict[str, dict] = {
     },
 }
 _GENERIC_STEPS = ["Look at the details above, and at the recent runs and sensor ticks in the Dagster UI."]
-_DETAIL_LABELS = {"missing": "Missing files"}
+_DETAIL_LABELS = {"missing": "Missing files", "rejected_rows": "Rejected rows",
+                  "accounts_held_out": "Accounts held out today", "unknown_accounts": "Accounts not in accounts.csv",
+                  "reconciliation_breaks": "Reconciliation breaks", "commonest_reasons": "Commonest reasons",
+                  "held_out_accounts": "Held-out accounts (masked)"}
 
 
 def _detail_value(value) -> str:

@@ -29,7 +29,7 @@ Every page: ``{"asOf": "YYYY-MM-DD", "data": [ {...}, ... ], "nextCursor": "<opa
 cursor pagination: the next page is requested with ``cursor=<nextCursor>`` until it is null (a
 cursor seen twice is an error, not an endless loop). An `asOf` different from the one asked for
 fails the pull (stale data is never written under another date). Items, mapped onto the canonical
-feed columns (FEED_CONTRACT.md):
+feed columns (docs/feed_contract.md):
 
     positions     accountNumber, symbol, quantity
     lots          accountNumber, symbol, lotId, openDate, quantity, costBasis, [washSaleAdjusted]

@@ -1,10 +1,17 @@
 """Landing the canonical feed: archive raw files untouched, then load them strictly.
 
-Two kinds of problem, two outcomes (FEED_CONTRACT.md):
-- file-level (unreadable, not UTF-8, no header, missing required column, malformed CSV):
-  `FeedFileError`, naming the file and what is wrong; the ingest fails and nothing is landed.
+Order of work: every file of the day is archived first, byte for byte, before anything decodes
+or checks it (`archive_file`: 0440, write-once under its SHA-256); then each archived copy is
+scanned (`scan_csv`: UTF-8, RFC 4180 structure, field/record size limits, physical line of every
+record) and loaded from the archive, so what lands is exactly what was archived.
+
+Two kinds of problem, two outcomes (docs/feed_contract.md):
+- file-level (unreadable, not UTF-8, NUL byte, CR-only or mixed line endings, stray/unclosed
+  quote, huge field, wrong number of fields, no header, missing required column):
+  `FeedFileError`, naming the file, the line and what is wrong; the ingest fails and nothing is
+  landed. Every failing file of the day is named (`FeedFileError.also`).
 - row-level (a value that is not of its column's type, an empty required value, an unknown
-  enum): the row is kept in the landing table with `_type_ok = false` and one problem per bad
+  enum, an id with leading/trailing whitespace): the row is kept in the landing table with `_type_ok = false` and one problem per bad
   value is recorded in feed_type_errors (file, line, column, value, reason). Nothing is
   dropped or "fixed": rows land exactly as written, as text, and the staging SQL casts only
   the good ones.
@@ -295,7 +302,7 @@ def scan_csv(path: Path, shown_as: Path | str | None = None) -> CsvLayout:
             r_starts = np.concatenate(([record_start], t_abs + 1))
             r_ends = np.concatenate((t_abs, [pos0 + n]))
             long_records = np.flatnonzero(r_ends - r_starts > MAX_RECORD_BYTES)
-            if long_records.size:
+            if long_records.size and not huge.size:  # a huge field is the more precise message
                 problems.append((int(r_starts[long_records[0]]),
                                  f"a record of more than {MAX_RECORD_BYTES} bytes starting at line {{line}}"))
             if terminators.size:
@@ -356,13 +363,14 @@ def scan_csv(path: Path, shown_as: Path | str | None = None) -> CsvLayout:
                                     f"the header has {header_commas + 1}", record_start_line)
             pieces.append(np.array([record_start_line], dtype=np.int64))
     if header_span is None or size <= body_start:
-        raise FeedFileError(name, "empty file: no header row", 1)
+        raise FeedFileError(name, "empty file: no header row")
     with path.open("rb") as handle:
         handle.seek(header_span[0])
         header_bytes = handle.read(max(header_span[1] - header_span[0], 0))
     if header_blank or not header_bytes.strip():
-        problem = "empty file: no header row" if not sum(p.size for p in pieces) else "line 1 is blank: the header row must be line 1"
-        raise FeedFileError(name, problem, 1)
+        if not sum(p.size for p in pieces):
+            raise FeedFileError(name, "empty file: no header row")
+        raise FeedFileError(name, "line 1 is blank: the header row must be line 1", 1)
     try:
         header = next(csv.reader(io.StringIO(header_bytes.decode("utf-8"), newline="")))
     except (csv.Error, StopIteration) as exc:  # pragma: no cover - the scan above admits only RFC 4180
@@ -383,11 +391,11 @@ def check_received(path: Path, spec: FeedFile, archived: Archived) -> ReceivedFi
     header = layout.header
     duplicated = sorted({h for h in header if header.count(h) > 1})
     if duplicated:
-        raise FeedFileError(path, f"duplicate column(s) in header: {', '.join(duplicated)}", 1)
+        raise FeedFileError(path, f"duplicate column(s) in the header on line 1: {', '.join(duplicated)}", 1)
     missing = [c for c in spec.required_columns if c not in header]
     if missing:
         raise FeedFileError(
-            path, f"missing required column(s): {', '.join(missing)} (header has: {', '.join(header)})", 1
+            path, f"missing required column(s): {', '.join(missing)} (the header on line 1 has: {', '.join(header)})", 1
         )
     return ReceivedFile(spec, path, archived.sha256, archived.size_bytes, str(archived.path), header,
                         layout.record_lines)

@@ -5,8 +5,9 @@ reads the frames, calls `past_wash_sales` before sizing (so every basis is right
 `apply_tax_engine` after sizing, and writes what comes back.
 
 Order of work, and why:
-1. Past wash sales (transactions.csv) adjust the replacement lots' basis and holding period
-   first: every later number (tax per dollar for the sizer, gains, harvest candidates) starts
+1. Past wash sales (transactions.csv, matched share by share, with rebal's basis ledger of the
+   previous session carried forward: core/basis_ledger.py) adjust the replacement lots' basis and
+   holding period first: every later number (tax per dollar for the sizer, gains, harvest candidates) starts
    from the adjusted lots.
 2. The sizer prefers selling the cheapest-tax security of an overweight class (`sell_tax_cost`).
 3. Each sell relieves lots by the account's method; loss lots are checked for wash sales against

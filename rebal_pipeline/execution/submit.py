@@ -27,7 +27,11 @@ Exactly once per order (ClOrdID), across re-runs and crashes (the wf_submissions
      order (`ticket_staged:<ClOrdID>` / `order_submitted:<ClOrdID>`, idempotent by id) carrying
      the decision, account, symbol, side, quantity or amount, channel and the files' SHA-256.
 A crash between 2 and 3 leaves `pending` rows and a complete file: the re-run finds the identical
-file, writes nothing, and completes the rows and events. Readers of the outbox ignore dot-files.
+file, writes nothing, and completes the rows and events. Readers of the outbox ignore dot-files; a
+temporary left by a killed write (its writer held a lock on it, released when the process died) is
+removed by the next write of the destination (`remove_abandoned_temps`), never renamed into place.
+Orders the desk cancels (`rebal orders-cancel`, workflow/ledger.py) are marked `cancelled` and
+never written again.
 
 Determinism: the orders are built from the store's decision and package, the hand-off's
 approved trades and the warehouse's reference data of the gate's trading day, placed at the

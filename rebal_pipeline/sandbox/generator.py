@@ -1484,6 +1484,8 @@ def _users_frame(config: SandboxConfig) -> pl.DataFrame:
         role="role",
         # Team routing: the client associate works on the first advisor's clients.
         team_of=pl.when(pl.col("user_id") == ASSOCIATE[0]).then(pl.lit(_FIRST_ADVISOR)).otherwise(pl.lit(None, pl.String)),
+        # No team has asked for copies of its advisor's alerts (empty: not set, i.e. off).
+        team_alerts=pl.lit(None, pl.String),
     )
 
 

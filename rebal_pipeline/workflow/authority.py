@@ -195,9 +195,10 @@ def initial_status(rec: dict, carried_status: str | None = None) -> str:
 def route_to_compliance(conn: Connection, rec: dict, now: datetime, actor: str = "rebal:daily_scan") -> bool:
     """A recommendation just published `escalated` because it needs compliance review (`rec`: the
     publish dict, with recommendation_id and compliance_review): mark it escalated to the
-    compliance officer now and record the escalation notification (emailed once) — unless it
-    carries an escalation over from the one it superseded (compliance has it already) — and the
-    audit event `recommendation_routed_to_compliance`. False: nothing to do, or already routed."""
+    compliance officer now and record the escalation notification (emailed once) and the audit
+    event `recommendation_routed_to_compliance`. publish_day calls it only when the status was not
+    carried over as escalated (then compliance has it, and was told, already). False: nothing to
+    do, or already routed."""
     now = _utc(now)
     review = compliance_review(rec)
     if review is None:
@@ -208,8 +209,6 @@ def route_to_compliance(conn: Connection, rec: dict, now: datetime, actor: str =
     if not audit.append(conn, f"routed:{stored['recommendation_id']}", "recommendation_routed_to_compliance", actor,
                         now, stored["recommendation_id"], {"compliance_review": review, "recipient": officer}):
         return False
-    if stored["escalated_at"] is not None and stored["status"] == "escalated":
-        return True  # carried over: compliance was told when it was first escalated
     conn.execute(update(recommendations).where(recommendations.c.recommendation_id == stored["recommendation_id"])
                  .values(status="escalated", escalated_at=now, escalated_to=officer, updated_at=now))
     if officer is not None:

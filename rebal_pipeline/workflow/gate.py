@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from rebal_pipeline.workflow import ledger, lifecycle
+from rebal_pipeline.workflow import audit, authority, ledger, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
 )
@@ -105,42 +105,18 @@ def latest_positions(con: duckdb.DuckDBPyConnection, account_ids: list[str]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Who decided (authority.py owns the rule; this fallback only runs while it is missing)
+# Who decided (authority.py owns the rule) and whether the record still matches (audit.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def _decider_problems(conn: Connection, decision: dict, rec: dict, policy: lifecycle.LifecyclePolicy) -> list[str]:
-    try:
-        from rebal_pipeline.workflow import authority
-    except ImportError:  # pragma: no cover - authority.py is part of the package
-        authority = None
-    if authority is not None and hasattr(authority, "decider_problems"):
-        return authority.decider_problems(conn, decision, rec, policy)
-    return _legacy_decider_problems(conn, decision, rec, policy)  # pragma: no cover
-
-
-def _legacy_decider_problems(conn: Connection, decision: dict, rec: dict,
-                             policy: lifecycle.LifecyclePolicy) -> list[str]:  # pragma: no cover
-    actor = decision["actor_id"]
-    if decision["action"] == "auto_approve":
-        rule = f"policy:{policy.micro_trade_rule_version}"
-        return [] if actor == rule and decision["via"] == "policy" else [
-            f"auto-approved by {actor!r}, not by the micro-trade rule in force ({rule})"]
-    user = conn.execute(select(users).where(users.c.user_id == actor)).mappings().first()
-    if user is None or not user["active"]:
-        return [f"the decider {actor} is not an active user"]
-    if user["role"] == "advisor" and lifecycle.may_act_for(conn, dict(user), rec["advisor_id"]):
-        return []
-    if user["role"] == "compliance" and rec["escalated_at"] is not None:
-        return []
-    return [f"the decider {actor} ({user['role']}) may not approve these trades"]
+    return authority.decider_problems(conn, decision, rec, policy)
 
 
 def _record_problems(conn: Connection, decision: dict, rec: dict) -> list[str]:
-    from rebal_pipeline.workflow import audit
-
-    check = getattr(audit, "decision_record_problems", None)
-    return check(conn, decision, rec) if check is not None else []
+    # The stored package and decision row must still be the ones the decision's audit event
+    # recorded (their SHA-256): an edited package never reaches an order file.
+    return audit.decision_record_problems(conn, decision, rec)
 
 
 def _state_problems(conn: Connection, decision: dict, rec: dict) -> list[str]:

@@ -350,3 +350,59 @@ def test_no_tampering_without_the_key_verifies(store, anchors, tamper):
         finally:
             transaction.rollback()
     assert result.ok == (tamper[0] == "nothing"), (tamper, str(result))
+
+
+def test_the_gate_refuses_an_approval_whose_package_was_edited_after_it(store, anchors):
+    """The issue's case: BND changed in the stored package after approval never reaches an order."""
+    from rebal_pipeline.workflow import gate
+
+    decision, _ = _day(store, anchors)
+    with store.begin() as conn:
+        edited = json.loads(conn.execute(text("select package from wf_recommendations "
+                                              "where recommendation_id = 'REC-1'")).scalar())
+        next(t for t in edited["trades"] if t["symbol"] == "BND")["quantity"] = 286
+        conn.execute(text("update wf_recommendations set package = :p where recommendation_id = 'REC-1'"),
+                     {"p": audit.canonical_json(edited)})
+
+    def positions_for(accounts):  # not reached: the record check refuses first
+        raise AssertionError("the gate read positions for a decision whose record is broken")
+
+    with store.begin() as conn:
+        verdict = gate.gate_decision(conn, decision["decision_id"], positions_for, DECIDED_AT + timedelta(hours=1))
+    assert not verdict.passed and "package of recommendation REC-1 was changed after decision" in verdict.reason
+
+
+def test_the_anchor_op_anchors_after_a_job_that_appends(tmp_path, monkeypatch):
+    """anchor_audit_chain at the end of a job (e.g. execute_rebalance after stage_or_submit_orders)."""
+    from dagster import job, op
+
+    from rebal_pipeline.defs.workflow.anchor import anchor_audit_chain
+    from rebal_pipeline.resources import FeedLocation, WorkflowStoreResource
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    monkeypatch.delenv("REBAL_AUDIT_ANCHOR_DIR", raising=False)
+    # The op anchors into the deployment's archive (REBAL_ARCHIVE_ROOT): jobs launched for one
+    # decision carry no feed resource.
+    monkeypatch.setenv("REBAL_ARCHIVE_ROOT", str(tmp_path / "archive"))
+    url = f"sqlite:///{tmp_path / 'workflow.sqlite'}"
+    store = WorkflowStore(url)
+    store.migrate()
+
+    @op
+    def appends() -> None:
+        publish(store, package("REC-1"))
+
+    @job
+    def appending_job():
+        anchor_audit_chain(appends())
+
+    result = appending_job.execute_in_process(resources={
+        "workflow_store": WorkflowStoreResource(url=url),
+        "feed": FeedLocation(feed_root=str(tmp_path / "feeds"), archive_root=str(tmp_path / "archive"))})
+    assert result.success
+    anchored = result.output_for_node("anchor_audit_chain")
+    with store.begin() as conn:
+        checked = audit.verify(conn, anchors=audit.anchor_dir(conn, tmp_path / "archive"))
+        assert anchored["seq"] == audit.head(conn)[0]
+    assert checked.ok and checked.anchor == anchored["file"]
+    store.dispose()

@@ -253,3 +253,20 @@ def test_the_rule_table_for_each_role_and_state(store):
         assert [verdict(OTHER_ADVISOR, a, "pending") for a in authority.ACTIONS] == [403] * 6
         assert [verdict(OPERATIONS, a, "pending") for a in authority.ACTIONS] == [403] * 6
         assert [verdict({**ADVISOR, "active": False}, a, "pending") for a in authority.ACTIONS] == [403] * 6
+
+
+def test_publish_day_routes_a_compliance_review_package_to_compliance_and_never_auto_approves_it(store):
+    p = package("REC-1", discretionary=True)  # a micro-trade ($2,000) on a discretionary account...
+    rec = {"recommendation_id": "REC-1", "scope": "account", "scope_id": "ACC-1", "kind": "rebalance",
+           "household_id": "HH-1", "advisor_id": "ADV-1", "tier": "standard", "urgency": "medium",
+           "delivery": "within_48h", "discretionary": True, "trade_value": 2000.0, "realized_gain": 0.0,
+           "policy_version": p.policy_version, "positions_fingerprint": p.positions_fingerprint,
+           "package": p.model_dump(mode="json"), "compliance_review": ERISA_REVIEW}  # ...holding a barred class
+    with store.begin() as conn:
+        lifecycle.sync_users(conn, USERS, PUBLISHED_AT)
+        result = lifecycle.publish_day(conn, p.as_of, [rec], set(), PUBLISHED_AT)
+        stored = conn.execute(select(recommendations)).mappings().one()
+    assert result.auto_approved == 0
+    assert (stored["status"], stored["escalated_to"]) == ("escalated", "CCO-1")
+    [row] = escalation_rows(store, "REC-1")
+    assert row["recipient_id"] == "CCO-1" and json.loads(row["payload"])["reason"] == ERISA_REVIEW

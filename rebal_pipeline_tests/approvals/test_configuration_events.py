@@ -174,3 +174,38 @@ def test_the_daily_assets_record_the_changes_and_anchor_the_head(tmp_path, monke
         checked = audit.verify(conn)
     assert checked.ok and checked.anchor == str(files[0])
     store.dispose()
+
+
+def test_the_whole_daily_graph_records_the_configuration_and_anchors_after_publishing(workspace, dagster_instance):
+    """A real feed through every daily asset, then configuration_changes and audit_anchor."""
+    from rebal_pipeline.defs.feed.assets import assets as feed_assets
+    from rebal_pipeline.defs.trades.assets import assets as trade_assets
+    from rebal_pipeline.defs.warehouse.assets import assets as warehouse_assets
+    from rebal_pipeline.defs.workflow.anchor import assets as record_assets
+    from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
+    from rebal_pipeline.workflow.store import WorkflowStore
+    from rebal_pipeline_tests.feedkit import AS_OF
+    from rebal_pipeline_tests.trades.test_trade_proposals import book
+
+    book().write(workspace.feed_root)
+    every = [*feed_assets, *warehouse_assets, *trade_assets, *workflow_assets, *record_assets]
+    store = WorkflowStore(workspace.workflow_url)
+    heads = []
+    for _ in range(2):  # the same day twice: the second run records and anchors nothing new
+        result = materialize(every, partition_key=AS_OF.isoformat(), resources=workspace.resources(),
+                             instance=dagster_instance)
+        assert result.success
+        with store.begin() as conn:
+            heads.append(audit.head(conn))
+            kinds = conn.execute(select(audit_events.c.kind)).scalars().all()
+            checked = audit.verify(conn, anchors=audit.anchor_dir(conn, workspace.root / "archive"))
+        assert checked.ok, str(checked)
+    assert heads[0] == heads[1]
+    # This book trades to its models (no IPS file): the policy and its two models are recorded, once.
+    assert sorted(k for k in kinds if k in ("policy_version_adopted", "model_weights_changed", "ips_targets_changed")) \
+        == ["model_weights_changed", "model_weights_changed", "policy_version_adopted"]
+    assert "recommendation_alerted" in kinds
+    anchored = result.asset_materializations_for_node("audit_anchor")[0].metadata
+    assert anchored["events"].value == heads[0][0] and anchored["head_hash"].value == heads[0][1]
+    assert len(list((workspace.root / "archive" / "audit_anchors").glob("*/*.json"))) == 1
+    store.dispose()

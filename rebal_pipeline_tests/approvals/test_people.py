@@ -219,3 +219,56 @@ def test_a_manual_escalation_emails_the_compliance_officer_once(store, daemon, s
     assert smtp_peer.messages[0].rcpt_tos == [COMPLIANCE["email"]]
     assert mail["Subject"].startswith("Escalation from Dana Advisor (ADV-1): ")
     assert "client disputes the bond sleeve" in mail.get_body(("plain",)).get_content()
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the daily run: users.csv (team_alerts, a user gone) → the workflow store
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_daily_run_reads_team_alerts_and_deactivates_who_left_users_csv(workspace, dagster_instance):
+    from datetime import date
+
+    from sqlalchemy import create_engine
+
+    from rebal_pipeline_tests.feedkit import AS_OF, FeedBuilder
+
+    def book(as_of: date, advisor: str, with_adv_1: bool) -> FeedBuilder:
+        b = FeedBuilder(as_of=as_of)
+        b.rows["users"] = [u for u in b.rows["users"] if with_adv_1 or u["user_id"] != "ADV-1"]
+        for u in b.rows["users"]:
+            if u["user_id"] == "ADV-1":
+                u["team_alerts"] = "true"
+        b.add("users", user_id="ASSOC-1", name="Ari Associate", email="ari@example-ria.com", role="advisor",
+              team_of="ADV-1" if with_adv_1 else "ADV-2")
+        b.household("HH-1", advisor_id=advisor)
+        b.account("ACC-1")
+        b.position("ACC-1", "VTI", 90)
+        b.position("ACC-1", "BND", 20)
+        return b
+
+    book(AS_OF, "ADV-1", with_adv_1=True).write(workspace.feed_root)
+    assert workspace.run_day(instance=dagster_instance).success
+    engine = create_engine(workspace.workflow_url)
+    with engine.begin() as conn:
+        people = {r.user_id: r for r in conn.execute(select(users))}
+    assert people["ADV-1"].active and people["ADV-1"].team_alerts is True
+    assert people["ADV-2"].team_alerts is None  # not set: off
+    with engine.begin() as conn:
+        friday = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.advisor_id,
+                                     recommendations.c.status)).all()
+    assert [(r.advisor_id, r.status) for r in friday] == [("ADV-1", "pending")]  # 90/10 on a 60/40 model
+
+    monday = date(2026, 11, 23)
+    book(monday, "ADV-2", with_adv_1=False).write(workspace.feed_root)
+    assert workspace.run_day(monday, instance=dagster_instance).success
+    with engine.begin() as conn:
+        adv_1 = conn.execute(select(users).where(users.c.user_id == "ADV-1")).mappings().one()
+        open_recs = conn.execute(select(recommendations.c.advisor_id).where(
+            recommendations.c.status.in_(lifecycle.OPEN))).scalars().all()
+        kinds = [r.kind for r in conn.execute(select(audit_events.c.kind))]
+    engine.dispose()
+    assert not adv_1["active"] and adv_1["deactivated_by"] == "rebal:feed"
+    assert "user_deactivated" in kinds and "ADV-1" not in open_recs
+    # Friday's recommendation went to Monday's advisor of record before Monday's superseded it.
+    assert "recommendation_rerouted" in kinds and open_recs == ["ADV-2"]

@@ -86,7 +86,8 @@ def test_the_advisor_receives_the_alert_with_its_numbers_chart_and_exactly_the_s
     assert "Buy | 412.3456 | BND | $30,018.76 | Rebalance |" in rows
     assert "Equity | 66.54% | 55.00% | +11.54% | ±5.00% | Outside band |" in rows
     assert "Cash | 1.00% | 3.00% | -2.00% | ±2.00% | Inside |" in rows  # exactly at the band is inside
-    assert "Estimated tax | $1,733.42 | Realized losses | $1,187.50 |" in rows
+    # This year's figure, labelled as such (issue #14: the §1211(b) limit applies to net losses).
+    assert "Estimated tax this year | $1,733.42 | Realized losses | $1,187.50 |" in rows
 
     # No PII in the logs: neither the client, nor the account number, nor an address.
     assert message_id in caplog.text

@@ -356,7 +356,8 @@ def test_a_trade_without_reference_data_of_the_gate_day_fails_the_run_before_any
     assert not failed.success
     failure = next(e for e in failed.all_node_events if e.is_failure)
     assert failure.node_name == "build_order_tickets"
-    assert "ACC-2 buy VBTLX: no security reference" in failure.step_failure_data.error.message
+    # Account numbers reach Dagster masked to their last four characters (issue #13).
+    assert "••••CC-2 buy VBTLX: no security reference" in failure.step_failure_data.error.message
     assert not (outbox_home / "outbox" / "staged").exists() and submission_rows(store) == []
 
     # The feed corrected for the day: re-executing the run stages all six orders.

@@ -7,7 +7,7 @@ One household HH; taxable accounts A, B, C and T, a traditional IRA; one securit
 group x)."""
 
 import os
-from datetime import date
+from datetime import date, timedelta
 
 import polars as pl
 import pytest
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from rebal_pipeline.core.tax_engine import past_wash_sales
 from rebal_pipeline.core.tax_lots import TaxPolicy, harvest_candidates
+from rebal_pipeline.core.wash_sales import match_wash_sales
 
 EXAMPLES = int(os.environ.get("REBAL_HYPOTHESIS_EXAMPLES", "25"))
 SHUFFLED = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -348,3 +349,48 @@ def test_a_lot_down_exactly_10_percent_is_a_harvest_candidate_despite_floating_p
     assert (12.0 - 10.8) / 12.0 < 0.1  # the floating-point case the issue names
     found = harvest_candidates(lots, prices, TaxPolicy(tlh_loss_threshold=0.10))
     assert found.select("unrealized_loss", "market_value").rows() == [(1.2, 10.8)]
+
+
+# --- 8. invariants on random books (hypothesis) ---------------------------------------------------
+
+BASE = date(2026, 9, 1)
+random_sales = st.lists(st.tuples(st.sampled_from(["A", "B", "T"]), st.integers(0, 60), st.integers(1, 300),
+                                  st.integers(1, 5000)), min_size=1, max_size=6)
+random_buys = st.lists(st.tuples(st.sampled_from(["A", "B", "T", "IRA"]), st.integers(0, 60), st.integers(1, 300)),
+                       min_size=1, max_size=6)
+
+
+def random_frames(sales, buys):
+    loss_sales = pl.DataFrame([
+        {"sale_id": f"S{i:02d}", "household_id": "HH", "wash_group": "x", "account_id": account, "symbol": "X",
+         "sale_date": BASE + timedelta(days=day), "quantity": float(quantity), "loss": float(loss),
+         "acquired_date": date(2026, 1, 5), "holding_days": (BASE + timedelta(days=day) - date(2026, 1, 5)).days}
+        for i, (account, day, quantity, loss) in enumerate(sales)])
+    purchases = pl.DataFrame([
+        {"purchase_id": f"P{i:02d}", "household_id": "HH", "wash_group": "x", "account_id": account,
+         "account_type": "traditional_ira" if account == "IRA" else "taxable", "symbol": "X",
+         "trade_date": BASE + timedelta(days=day), "quantity": float(quantity)}
+        for i, (account, day, quantity) in enumerate(buys)])
+    return loss_sales, purchases
+
+
+@SHUFFLED
+@given(random_sales, random_buys, st.randoms(use_true_random=False))
+def test_matching_never_replaces_more_than_was_sold_or_bought_and_ignores_row_order(sales, buys, rng):
+    """Treas. Reg. §1.1091-1(b)/(c): a loss share is replaced at most once, a replacement share
+    replaces at most one; the disallowed cents of a sale are its loss × replaced / sold, rounded
+    once; the answer does not depend on the order of the rows."""
+    loss_sales, purchases = random_frames(sales, buys)
+    matches = match_wash_sales(loss_sales, purchases)
+    per_sale = matches.group_by("sale_id").agg(pl.col("replaced_quantity").sum(), pl.col("disallowed_loss").sum())
+    checked = per_sale.join(loss_sales, on="sale_id")
+    assert (checked["replaced_quantity"] <= checked["quantity"] + 1e-9).all()
+    expected = (checked["loss"] * checked["replaced_quantity"] / checked["quantity"]).round(2)
+    assert ((checked["disallowed_loss"] - expected).abs() < 0.005).all()
+    per_buy = matches.group_by("purchase_id").agg(pl.col("replaced_quantity").sum()).join(purchases, on="purchase_id")
+    assert (per_buy["replaced_quantity"] <= per_buy["quantity"] + 1e-9).all()
+    within = matches.join(loss_sales.select("sale_id", "sale_date"), on="sale_id")
+    assert ((within["purchase_date"] - within["sale_date"]).dt.total_days().abs() <= 30).all()
+    again = match_wash_sales(loss_sales.sample(fraction=1.0, shuffle=True, seed=rng.randint(0, 10**6)),
+                             purchases.sample(fraction=1.0, shuffle=True, seed=rng.randint(0, 10**6)))
+    assert again.equals(matches)

@@ -57,7 +57,6 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -66,7 +65,7 @@ import duckdb
 from dagster import (
     Backoff, Config, Failure, In, Jitter, MetadataValue, OpExecutionContext, Out, Output, RetryPolicy, job, op,
 )
-from pydantic import Field, ValidationError
+from pydantic import Field
 from sqlalchemy import Connection, and_, select
 
 from rebal_pipeline import settings
@@ -75,9 +74,7 @@ from rebal_pipeline.execution import submit
 from rebal_pipeline.resources import WAREHOUSE_POOL, Warehouse, WorkflowStoreResource
 from rebal_pipeline.tickets import FixSession, TicketError
 from rebal_pipeline.workflow import ledger, lifecycle
-from rebal_pipeline.workflow.package import (
-    PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
-)
+from rebal_pipeline.defs.workflow.anchor import anchor_audit_chain
 from rebal_pipeline.workflow.schema import decisions, notifications, recommendations, users
 
 # The decisions that may lead to execution, and the recommendation state each one leaves behind.
@@ -346,8 +343,11 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
     tags={"rebal/workflow": "approval"},
 )
 def execute_rebalance():
-    _verdict_out, trades = approval_gate()
-    stage_or_submit_orders(build_order_tickets(prepare_approved_trades(trades)))
+    verdict, trades = approval_gate()
+    submitted = stage_or_submit_orders(build_order_tickets(prepare_approved_trades(trades)))
+    # The gate's verdict and every order are audit events: anchor the chain's head outside the
+    # database once they are written (after the verdict alone when the gate refused).
+    anchor_audit_chain(after=[verdict, submitted])
 
 
 # ---------------------------------------------------------------------------------------------

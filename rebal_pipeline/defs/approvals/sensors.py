@@ -1,4 +1,4 @@
-"""The approval sensors: they decide, runs act (STYLE.md).
+"""The approval sensors: they decide, runs act (docs/architecture.md, "Hand-offs").
 
 approval_decisions (every 30 s)
     Decisions that may execute (approve, modify, auto_approve) whose gate verdict is still empty →

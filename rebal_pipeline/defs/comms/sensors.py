@@ -1,4 +1,4 @@
-"""The comms sensors: they find what is owed a message; the runs send it, once (STYLE.md).
+"""The comms sensors: they find what is owed a message; the runs send it, once (docs/architecture.md, "Hand-offs").
 
 advisor_alerts (every 30 s)
     Pending recommendations published within `max_age` (default 3 days: an older one is past its

@@ -19,6 +19,7 @@ from dagster import (
     asset, op,
 )
 
+from rebal_pipeline import settings
 from rebal_pipeline.partitions import daily_partitions
 from rebal_pipeline.resources import WAREHOUSE_POOL, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import audit, config_events
@@ -80,9 +81,11 @@ def audit_anchor(context: AssetExecutionContext, workflow_store: WorkflowStoreRe
 
 
 @op(ins={"after": In(Nothing)}, description="Verify the audit chain and anchor its head outside the database.")
-def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource,
-                       feed: FeedLocation) -> dict:
-    document = _anchor(workflow_store, feed)
+def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource) -> dict:
+    # Jobs launched for one decision carry no feed resource: the archive is the deployment's
+    # (REBAL_ARCHIVE_ROOT), the same folder the feed resource is built from (resources.py).
+    document = _anchor(workflow_store, FeedLocation(feed_root=str(settings.feed_root()),
+                                                    archive_root=str(settings.archive_root())))
     context.add_output_metadata(_metadata(document))
     return {k: v for k, v in (document or {}).items() if k != "signature"}
 

@@ -201,7 +201,9 @@ def build_packages(con, as_of: date, trade_rules: TradeRules | None = None) -> l
 @asset(
     partitions_def=daily_partitions,
     group_name="approvals",
-    deps=[AssetKey(name) for name in INPUTS],
+    # configuration_changes first: a new policy version, IPS or model change is on the record
+    # before any recommendation made under it.
+    deps=[*(AssetKey(name) for name in INPUTS), AssetKey("configuration_changes")],
     kinds={"sqlalchemy"},
     pool=WAREHOUSE_POOL,
 )
