@@ -193,7 +193,8 @@ def deactivate_user(conn: Connection, user_id: str, by: str, reason: str, now: d
 
 def reroute_open_recommendations(conn: Connection, advisors_of_record: AdvisorsOfRecord,
                                  now: datetime) -> dict[str, str]:
-    """Hand every open recommendation (pending, deferred, escalated) whose advisor is no longer
+    """Hand every open recommendation (pending, deferred, escalated, or approved/modified and
+    waiting for the gate) whose advisor is no longer
     an active user to the advisor of record in today's feed ((scope, scope_id) → advisor_id),
     when that one is active. Each re-route: the advisor changes, `rerouted_at` is set (the
     advisor_alerts sensor alerts the new advisor once), audit event `recommendation_rerouted`.
@@ -204,7 +205,10 @@ def reroute_open_recommendations(conn: Connection, advisors_of_record: AdvisorsO
     active = select(users.c.user_id).where(users.c.active)
     stranded = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.scope,
                                    recommendations.c.scope_id, recommendations.c.advisor_id).where(and_(
-        recommendations.c.status.in_(OPEN), recommendations.c.advisor_id.is_not(None),
+        # Approved or modified but not yet through the gate count too: the gate refuses a departed
+        # advisor's decision and hands the recommendation back to its advisor of record, who must
+        # then be someone who can still decide it (found by the execution property test).
+        recommendations.c.status.in_((*OPEN, "approved", "modified")), recommendations.c.advisor_id.is_not(None),
         recommendations.c.advisor_id.not_in(active))).order_by(recommendations.c.recommendation_id)).all()
     if not stranded:
         return {}

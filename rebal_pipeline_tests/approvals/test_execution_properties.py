@@ -69,7 +69,12 @@ step = st.one_of(
     st.tuples(st.just("older"), st.sampled_from(["rebalance", "harvest"])),
     st.tuples(st.just("next_day"), st.lists(st.booleans(), min_size=4, max_size=4)),
     st.tuples(st.just("cancel"), st.integers(0, 5)),
+    # People come and go: the advisor of record leaves users.csv (the next feed names a new one),
+    # and the departed advisor then tries to decide with their old token.
+    st.tuples(st.just("leave")),
+    st.tuples(st.just("departed_decides"), st.integers(0, 5)),
 )
+STAFF = [u for u in PEOPLE if u["role"] != "advisor"]
 
 
 class World:
@@ -85,6 +90,17 @@ class World:
         self.positions = {0: {"VTI": 46.0, "BND": 60.0, "CASH": 900.0}}
         self.now = datetime(2030, 1, 1, tzinfo=timezone.utc) + timedelta(days=20 * n, hours=22)
         self.published = 0
+        # Advisors of this example's own (the users table is shared by every example of the run):
+        # A is the advisor of record until a "leave" step hands the account to B.
+        self.advisors = [{"user_id": f"P{n}-ADV-{x}", "name": f"Advisor {x} {n}", "email": f"adv{x}{n}@example-ria.com",
+                          "role": "advisor"} for x in "AB"]
+        self.advisor, self.departed = self.advisors[0]["user_id"], None
+        self.people = [*STAFF, *self.advisors]
+        with store.begin() as conn:
+            lifecycle.sync_users(conn, self.people, self.now)
+            for person in self.advisors:
+                self.tokens[person["user_id"]] = secrets.token_urlsafe(24)
+                lifecycle.issue_api_token(conn, person["user_id"], self.tokens[person["user_id"]], self.now)
 
     def as_of(self, day: int) -> date:
         return self.base + timedelta(days=day)
@@ -114,7 +130,7 @@ class World:
                                        security_type="etf"))
         return RecommendationPackage(
             recommendation_id=f"{self.account}-{kind}-{day}-{self.published}", as_of=self.as_of(day),
-            scope="account", scope_id=self.account, kind=kind, advisor_id="ADV-1", household_id=None,
+            scope="account", scope_id=self.account, kind=kind, advisor_id=self.advisor, household_id=None,
             account_ids=[self.account], discretionary=False, policy_version="test", trades=trades,
             holdings=holdings, restrictions=[PackageRestriction(account_id=self.account, kind="min_cash_weight",
                                                                 value=str(FLOOR))],
@@ -123,10 +139,10 @@ class World:
 
     def publish(self, package: RecommendationPackage, day: int) -> None:
         with self.store.begin() as conn:
-            lifecycle.sync_users(conn, PEOPLE, self.now)
+            lifecycle.sync_users(conn, self.people, self.now, {("account", self.account): self.advisor})
             lifecycle.publish_day(conn, self.as_of(day), [{
                 "recommendation_id": package.recommendation_id, "scope": package.scope,
-                "scope_id": package.scope_id, "kind": package.kind, "household_id": None, "advisor_id": "ADV-1",
+                "scope_id": package.scope_id, "kind": package.kind, "household_id": None, "advisor_id": self.advisor,
                 "tier": None, "urgency": "medium", "delivery": "within_48h", "discretionary": False,
                 "trade_value": sum(t.est_value for t in package.trades), "realized_gain": 10.0,
                 "policy_version": "test", "positions_fingerprint": package.positions_fingerprint,
@@ -179,6 +195,20 @@ class World:
             self.gate(*action[1:])
         elif kind == "next_day":
             self.next_day(action[1])
+        elif kind == "leave":
+            if self.departed is None:
+                self.departed, self.advisor = self.advisor, self.advisors[1]["user_id"]
+                self.people = [p for p in self.people if p["user_id"] != self.departed]
+                with self.store.begin() as conn:
+                    lifecycle.sync_users(conn, self.people, self.tick(), {("account", self.account): self.advisor})
+        elif kind == "departed_decides":
+            recs = self.recs()
+            if self.departed is not None and recs:
+                rec = recs[action[1] % len(recs)]
+                response = self.api.post(f"/recommendations/{rec['recommendation_id']}/decisions",
+                                         headers={"Authorization": f"Bearer {self.tokens[self.departed]}"},
+                                         json={"action": "approve"})
+                assert response.status_code == 401, response.text  # the token died with the departure
         elif kind == "cancel":
             done = [d for d in self.executable() if d["gate_verdict"] == "passed"]
             if done:
@@ -194,7 +224,7 @@ class World:
         if not recs:
             return
         rec = recs[pick % len(recs)]
-        user, body = "ADV-1", {"action": verb}
+        user, body = self.advisor, {"action": verb}
         if verb == "compliance":
             user, body = "CCO-1", {"action": "approve"}
         elif verb == "modify":
