@@ -131,7 +131,7 @@ def read_json(raw: bytes) -> Any:
     except RecursionError:
         raise BodyRefused(422, "the JSON body is nested too deeply",
                           [{"loc": ["body"], "msg": "nested too deeply", "type": "json_invalid"}]) from None
-    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+    except ValueError:  # e.g. an integer beyond Python's digit limit
         raise BodyRefused(422, "the JSON body is not valid: a number is too long",
                           [{"loc": ["body"], "msg": "number too long", "type": "json_invalid"}]) from None
 

@@ -49,7 +49,6 @@ import io
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -62,6 +61,7 @@ from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rebal_pipeline import settings
+from rebal_pipeline.core.write_once import fsync_dir, remove_abandoned_temps, temp_path, write_file_once
 from rebal_pipeline.tickets.dialects import DIALECTS
 from rebal_pipeline.tickets.fix import FixSession, encode_batch
 from rebal_pipeline.tickets.orders import (
@@ -332,14 +332,6 @@ def destinations(tickets: Tickets, session: FixSession) -> list[Destination]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def _write_new(path: Path, data: bytes) -> None:
     with open(path, "xb") as handle:
         handle.write(data)
@@ -351,51 +343,6 @@ def _folder_content(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if not p.name.startswith(".")}
 
 
-def remove_abandoned_temps(folder: Path, name: str) -> list[str]:
-    """Remove what killed writes of `name` left in `folder` (the names removed): its dot-named
-    temporary files and folders (`.<name>.<uuid>.tmp`). A writer holds an exclusive lock on its
-    temporary file (a folder: on its `.lock` sibling) while writing; the kernel drops the lock when
-    the process dies, so a temporary whose lock can be taken has no live writer. Readers skip
-    dot-files, so a temporary is never an order file even before it is removed."""
-    removed: list[str] = []
-    if not folder.is_dir():
-        return removed
-    for tmp in sorted(folder.glob(f".{glob_escape(name)}.*.tmp")):
-        guard = tmp.with_name(tmp.name + ".lock") if tmp.is_dir() else tmp
-        try:
-            handle = open(guard, "rb") if guard.exists() else None
-        except FileNotFoundError:
-            continue  # finished meanwhile
-        try:
-            if handle is not None:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer holds it
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-                guard.unlink(missing_ok=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-        finally:
-            if handle is not None:
-                handle.close()
-    for lock in sorted(folder.glob(f".{glob_escape(name)}.*.tmp.lock")):  # a lock whose folder is gone
-        if not lock.with_name(lock.name[:-len(".lock")]).exists():
-            try:
-                with open(lock, "rb") as handle:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    lock.unlink(missing_ok=True)
-            except (BlockingIOError, FileNotFoundError):
-                continue
-    return removed
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
 def deliver(outbox: Path, destination: Destination) -> bool:
     """Write the destination unless it is there already. True: written by this call; False: an
     identical copy was there. Raises ExecutionError if something different is there. Temporary
@@ -403,7 +350,7 @@ def deliver(outbox: Path, destination: Destination) -> bool:
     target = outbox / destination.path
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temps(target.parent, target.name)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    tmp = temp_path(target)
     lock = tmp.with_name(tmp.name + ".lock")
     try:
         if destination.is_folder:
@@ -413,11 +360,11 @@ def deliver(outbox: Path, destination: Destination) -> bool:
                     tmp.mkdir()
                     for name, data in destination.files.items():
                         _write_new(tmp / name, data)
-                    _fsync_dir(tmp)
+                    fsync_dir(tmp)
                     try:
                         # rename() replaces only an empty folder; ours never is (checked above).
                         os.rename(tmp, target)
-                        _fsync_dir(target.parent)
+                        fsync_dir(target.parent)
                         return True
                     except OSError as exc:
                         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
@@ -425,18 +372,8 @@ def deliver(outbox: Path, destination: Destination) -> bool:
             same = target.is_dir() and _folder_content(target) == destination.files
         else:
             [data] = destination.files.values()
-            if not target.exists():
-                with open(tmp, "xb") as handle:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    try:
-                        os.link(tmp, target)  # fails instead of replacing a file another writer put there
-                        _fsync_dir(target.parent)
-                        return True
-                    except FileExistsError:
-                        pass
+            if write_file_once(target, data):
+                return True
             same = target.is_file() and target.read_bytes() == data
     finally:
         if tmp.is_dir():

@@ -49,7 +49,7 @@ from rebal_pipeline.workflow import audit, authority, ledger, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
 )
-from rebal_pipeline.workflow.schema import decisions, recommendations, users
+from rebal_pipeline.workflow.schema import decisions, recommendations
 
 # The decisions that may lead to execution, and the recommendation state each one leaves behind.
 EXECUTABLE = {"approve": "approved", "modify": "modified", "auto_approve": "auto_approved"}

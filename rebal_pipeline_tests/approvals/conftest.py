@@ -75,10 +75,11 @@ def package(recommendation_id="REC-1", account_id="ACC-1", advisor_id="ADV-1", d
 
 
 def publish(store: WorkflowStore, *packages: RecommendationPackage, as_of: date = AS_OF,
-            now: datetime = PUBLISHED_AT, realized_gain: float = 100.0, inside: set[str] = frozenset()):
-    """Publish packages as the daily run would (users synced first)."""
+            now: datetime = PUBLISHED_AT, realized_gain: float = 100.0, inside: set[str] = frozenset(),
+            users: list[dict] | None = None):
+    """Publish packages as the daily run would (users.csv — `users`, default USERS — synced first)."""
     with store.begin() as conn:
-        lifecycle.sync_users(conn, USERS, now)
+        lifecycle.sync_users(conn, USERS if users is None else users, now)
         return lifecycle.publish_day(conn, as_of, [
             {"recommendation_id": p.recommendation_id, "scope": p.scope, "scope_id": p.scope_id, "kind": p.kind,
              "household_id": p.household_id, "advisor_id": p.advisor_id, "tier": p.tier, "urgency": p.urgency,

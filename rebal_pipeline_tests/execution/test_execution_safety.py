@@ -37,6 +37,7 @@ from rebal_pipeline.workflow.package import (
 from rebal_pipeline.workflow.schema import (
     audit_events, decisions, ledger_orders, order_sets, recommendations, submissions,
 )
+from rebal_pipeline_tests.approvals import conftest
 from rebal_pipeline_tests.approvals.conftest import USERS, store  # noqa: F401 (fixture)
 
 AS_OF = date(2026, 11, 20)  # Friday
@@ -90,15 +91,9 @@ def make_package(rec_id, account, trades, kind="rebalance", as_of=AS_OF, discret
 
 
 def publish(store, *packages, as_of=AS_OF, now=PUBLISHED_AT, realized_gain=100.0, inside=()):
-    with store.begin() as conn:
-        lifecycle.sync_users(conn, PEOPLE, now)
-        return lifecycle.publish_day(conn, as_of, [
-            {"recommendation_id": p.recommendation_id, "scope": p.scope, "scope_id": p.scope_id, "kind": p.kind,
-             "household_id": p.household_id, "advisor_id": p.advisor_id, "tier": p.tier, "urgency": p.urgency,
-             "delivery": p.delivery, "discretionary": p.discretionary,
-             "trade_value": sum(t.est_value for t in p.trades), "realized_gain": realized_gain,
-             "policy_version": p.policy_version, "positions_fingerprint": p.positions_fingerprint,
-             "package": p.model_dump(mode="json")} for p in packages], set(inside), now)
+    """conftest.publish with the trading desk in users.csv too."""
+    return conftest.publish(store, *packages, as_of=as_of, now=now, realized_gain=realized_gain, inside=inside,
+                            users=PEOPLE)
 
 
 @pytest.fixture

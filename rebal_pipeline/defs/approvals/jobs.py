@@ -30,7 +30,7 @@ is a copy for people, written after the commit (see `record_and_post_notificatio
 Approved trades are handed to ticketing through the workflow store only (issue #12): the
 decision, its `passed` gate verdict and the trades it approved (`gate.passed_trades`). The
 outbox/approved/<decision_id>.json file is a copy for people, never read back; a temporary
-dot-file a killed write left next to it is removed by the next run (`remove_abandoned_temp_files`).
+dot-file a killed write left next to it is removed by the next run (`core.write_once.remove_abandoned_temps`).
 
 After the hand-off, two ops turn the approved trades into orders (rebal_pipeline/execution):
   build_order_tickets     the decision and its approved trades (store) + the reference data of the
@@ -51,12 +51,9 @@ tables at all (never built by the daily scan) tickets nothing: the run succeeds 
 """
 
 
-import fcntl
 import hashlib
 import json
-import os
 import re
-import uuid
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -70,15 +67,18 @@ from sqlalchemy import Connection, and_, select
 
 from rebal_pipeline import settings
 from rebal_pipeline.core.pii import masker
+from rebal_pipeline.core.write_once import remove_abandoned_temps, write_file_once
 from rebal_pipeline.execution import submit
 from rebal_pipeline.resources import WAREHOUSE_POOL, Warehouse, WorkflowStoreResource
 from rebal_pipeline.tickets import FixSession, TicketError
 from rebal_pipeline.workflow import ledger, lifecycle
 from rebal_pipeline.defs.workflow.anchor import anchor_audit_chain
-from rebal_pipeline.workflow.schema import decisions, notifications, recommendations, users
+from rebal_pipeline.workflow.schema import notifications, recommendations, users
+# The gate's domain code lives in workflow/gate.py (EXECUTABLE is also the decision sensor's).
+from rebal_pipeline.workflow.gate import (  # noqa: F401
+    EXECUTABLE, GateCannotCheck, Positions, _iso, _utc, gate_decision, latest_positions, passed_trades,
+)
 
-# The decisions that may lead to execution, and the recommendation state each one leaves behind.
-from rebal_pipeline.workflow.gate import APPROVED_TRADES_FORMAT, EXECUTABLE  # noqa: E402
 NOTIFICATION_FORMAT = "rebal.notification/1"
 NOTIFICATION_KINDS = ("reminder", "escalation", "weekly_digest")
 GATE_VERDICT_TAG = "rebal/gate_verdict"
@@ -88,19 +88,6 @@ _DECISION_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands DateTime(timezone=True) back naive; the store writes UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-
-
-def _iso(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return _utc(value).isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,42 +108,11 @@ def notification_path(notification_key: str) -> Path:
     return outbox_root() / "notifications" / f"{hashlib.sha256(notification_key.encode()).hexdigest()}.json"
 
 
-def write_once(path: Path, document: dict) -> bool:
-    """Write `document` as JSON to `path` unless the file exists; True when this call wrote it.
-    Atomic: readers see no file or the whole file (a temporary dot-file, fsynced, then hard-linked
-    into place; the link fails instead of overwriting when another writer got there first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        return False
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the new directory entry survives a crash too
-    finally:
-        os.close(directory)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # The approval gate: its domain code is workflow/gate.py (plain functions over the store's
 # connection); the names stay importable from here for the op shells and their callers.
 # ---------------------------------------------------------------------------------------------
 
-from rebal_pipeline.workflow.gate import (  # noqa: E402
-    GateCannotCheck, GateVerdict, Positions, PositionsLoader, approved_trades, gate_decision, latest_positions,
-    passed_trades,
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +196,7 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
                 "ticketing reads them from the workflow store.")
 def prepare_approved_trades(context: OpExecutionContext, approved_trades: dict):
     path = approved_trades_path(approved_trades["decision_id"])
-    removed = remove_abandoned_temp_files(path.parent)
+    removed = remove_abandoned_temps(path.parent)
     if removed:
         context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
     written = _write_copy_for_people(path, {**approved_trades, "prepared_by_run": context.run_id})
@@ -430,56 +386,9 @@ def notification_document(conn: Connection, notification_key: str) -> dict | Non
 
 
 def _write_copy_for_people(path: Path, document: dict) -> bool:
-    """Write `document` to `path` once (False: the file was there). Atomic for readers (a locked
-    temporary dot-file, fsynced, then hard-linked into place: the link never replaces a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    for _ in range(2):  # a second time only if a clean-up took our dot-file before we locked it
-        if path.exists():
-            return False
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "x", encoding="utf-8") as handle:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-                except FileNotFoundError:
-                    continue
-        finally:
-            tmp.unlink(missing_ok=True)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        return True
-    return False
-
-
-def remove_abandoned_temp_files(folder: Path) -> list[str]:
-    """Remove the temporary dot-files of killed writes in `folder` (the names removed): a
-    dot-file whose lock can be taken has no live writer. A write in progress is left alone."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for tmp in sorted(folder.glob(".*.tmp")):
-        try:
-            handle = open(tmp, "rb")
-        except FileNotFoundError:
-            continue  # finished (or removed) meanwhile
-        with handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return removed
+    """Write `document` as JSON to `path` once (False: the file was there), by the outbox's
+    write-once protocol (core/write_once.py)."""
+    return write_file_once(path, (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 @op(description="Record a reminder, escalation or weekly digest exactly once in the workflow store (the mailer's "
@@ -490,7 +399,7 @@ def record_and_post_notification(context: OpExecutionContext, config: Notificati
         raise Failure(description=f"unknown notification kind {config.kind!r}; one of {', '.join(NOTIFICATION_KINDS)}")
     now = _utc(datetime.fromisoformat(config.due_at))
     path = notification_path(config.notification_key)
-    removed = remove_abandoned_temp_files(path.parent)
+    removed = remove_abandoned_temps(path.parent)
     if removed:
         context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
     with workflow_store.open() as store, store.begin() as conn:
