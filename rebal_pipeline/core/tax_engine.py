@@ -563,11 +563,16 @@ def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame
     sells = positions.select("account_id", "symbol", "asset_class", pl.lit("sell").alias("side"), "quantity",
                              pl.col("price").alias("est_price"), pl.col("proceeds").alias("est_value"),
                              pl.lit("tlh").alias("reason"))
-    buys = positions.select("account_id", pl.col("substitute_symbol").alias("symbol"), "asset_class",
-                            pl.lit("buy").alias("side"), pl.col("buy_qty").alias("quantity"),
-                            pl.col("sub_price").alias("est_price"),
-                            (pl.col("buy_qty") * pl.col("sub_price")).round(2).alias("est_value"),
-                            pl.lit("substitute").alias("reason"))
+    # Two positions of an account may share a substitute (e.g. VTI and IWF both into VUG): one buy
+    # line per security, as the package, the order ledger and the wash-sale match (one purchase
+    # per recommendation, account and security) all expect.
+    buys = positions.group_by("account_id", "substitute_symbol", "asset_class", "sub_price").agg(
+        pl.col("buy_qty").sum().alias("buy_qty")
+    ).select("account_id", pl.col("substitute_symbol").alias("symbol"), "asset_class",
+             pl.lit("buy").alias("side"), pl.col("buy_qty").alias("quantity"),
+             pl.col("sub_price").alias("est_price"),
+             (pl.col("buy_qty") * pl.col("sub_price")).round(2).alias("est_value"),
+             pl.lit("substitute").alias("reason"))
     trades = pl.concat([sells, buys]).sort("account_id", "side", "symbol")
     ids = trades.group_by("account_id", maintain_order=True).agg(
         pl.format("{}:{}:{}", "side", "symbol", pl.col("quantity").round(8)).str.join(";").alias("_text"),

@@ -73,3 +73,33 @@ def test_kept_by_override_the_ira_buy_loses_the_loss_for_good():
     assert (sale["wash_sale_disallowed"], sale["loss_lost_permanently"], sale["est_tax"]) == (200.0, True, 0.0)
     summary = outcome.summary.row(0, named=True)
     assert (summary["realized_loss"], summary["wash_sale_disallowed"]) == (0.0, 200.0)
+
+
+def test_two_harvested_positions_sharing_a_substitute_buy_it_on_one_line():
+    """VTI and ITOT both harvest into SCHB: one buy line of SCHB, not two (the package, the order
+    ledger and the wash-sale match each key a recommendation's buy by account and security; two
+    lines made the final wash-sale match refuse the day — found by the 10k-account benchmark).
+
+    VTI: 50 sh at $100 on a $6,000 basis (down 16.7%) → $5,000 → 100 SCHB at $50.
+    ITOT: 40 sh at $50 on a $2,600 basis (down 23.1%) → $2,000 → 40 SCHB. One line: 140 SCHB."""
+    securities = pl.concat([SECURITIES.with_columns(
+        pl.when(pl.col("symbol") == "SCHB").then(pl.lit("ITOT")).otherwise(pl.col("tlh_substitute")).alias("tlh_substitute")),
+        pl.DataFrame({"symbol": ["ITOT"], "asset_class": ["equity"], "security_type": ["etf"], "fractional": [False],
+                      "price": [50.0], "wash_group": ["ishares_total"], "tlh_substitute": ["SCHB"]})])
+    lots = pl.DataFrame({
+        "account_id": ["TAX", "TAX"], "symbol": ["VTI", "ITOT"], "lot_id": ["T1", "T2"], "lot_part": ["", ""],
+        "acquired_date": [date(2025, 3, 3)] * 2, "holding_from": [date(2025, 3, 3)] * 2, "quantity": [50.0, 40.0],
+        "cost_basis": [6000.0, 2600.0], "taxable": [True, True],
+    })
+    past = PastWashSales(lots, pl.DataFrame(schema=LOSS_SALES_SCHEMA), pl.DataFrame(schema=PURCHASES_SCHEMA),
+                         pl.DataFrame())
+    no_trades = household_recommendation([]).head(0)
+    outcome = apply_tax_engine(
+        no_trades, pl.DataFrame(schema={"recommendation_id": pl.String, "scope": pl.String, "scope_id": pl.String}),
+        past, ACCOUNTS, securities, pl.DataFrame(schema={"account_id": pl.String, "kind": pl.String, "value": pl.String}),
+        pl.DataFrame(schema={"recommendation_id": pl.String, "drift_to_band": pl.Float64}),
+        pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String}),
+        AS_OF, TaxPolicy(), 100.0, "test-policy",
+    )
+    harvest = outcome.trades.sort("side", "symbol").select("side", "symbol", "quantity").rows()
+    assert harvest == [("buy", "SCHB", 140.0), ("sell", "ITOT", 40.0), ("sell", "VTI", 50.0)]
