@@ -35,12 +35,13 @@ emails the compliance officer exactly once (`record_escalation`).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from rebal_pipeline.core.clock import utc as _utc
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.schema import advisor_team, decisions, notifications, recommendations, users
 
@@ -61,10 +62,6 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------

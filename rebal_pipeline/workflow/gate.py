@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any, Callable
 
 import duckdb
@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from rebal_pipeline.core.clock import utc as _utc
 from rebal_pipeline.workflow import audit, authority, ledger, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageTrade, RecommendationPackage, TradeChange, apply_modification, trades_still_fit,
@@ -74,11 +75,6 @@ class GateVerdict:
     trades: tuple[PackageTrade, ...] = ()
     positions_as_of: date | None = None
     handoff: dict | None = None  # the approved-trades document, when passed
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands DateTime(timezone=True) back naive; the store writes UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _iso(value: Any) -> Any:

@@ -42,12 +42,13 @@ Invariants (tested in rebal_pipeline_tests/approvals/test_execution_properties.p
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Iterable
 
 from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from rebal_pipeline.core.clock import utc as _utc
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.package import PackageTrade, Reserved
 from rebal_pipeline.workflow.schema import (
@@ -69,10 +70,6 @@ Positions = dict[tuple[str, str], float]
 
 class LedgerError(Exception):
     """A ledger action the store refuses (the message says why, in plain words)."""
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _day(value) -> date:
