@@ -35,9 +35,12 @@ def _peak_rss_mb() -> float:
 
 
 def _child(mode: str, accounts: int, work: Path) -> dict:
+    # A sandbox book: without REBAL_AUDIT_KEY its audit chain is signed with the public sandbox
+    # key, as in the drill (workflow/audit.py).
+    env = {**os.environ, "REBAL_SANDBOX": os.environ.get("REBAL_SANDBOX", "1")}
     out = subprocess.run(
         [sys.executable, "-m", "rebal_pipeline.benchmark", mode, str(accounts), str(work)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -137,12 +140,13 @@ def _dagster(work: Path) -> dict:
     from rebal_pipeline.defs.feed.assets import assets as feed_assets
     from rebal_pipeline.defs.trades.assets import assets as trade_assets
     from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
+    from rebal_pipeline.defs.workflow.anchor import assets as audit_record_assets
     from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
     from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
 
     started = time.perf_counter()
     result = materialize(
-        [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets],
+        [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets, *audit_record_assets],
         partition_key=BENCH_AS_OF.isoformat(),
         instance=DagsterInstance.ephemeral(),
         resources={
