@@ -338,6 +338,10 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     created = superseded = resolved = auto = unchanged = historical = held = voided = 0
     newest = _newest_day(conn)
     history = newest is not None and as_of < (newest if isinstance(newest, date) else date.fromisoformat(str(newest)))
+    # Read once for the whole day, not once per recommendation: publishing opens no order set, and
+    # only this loop's own auto-approvals add a lineage with an unsubmitted auto-approval.
+    open_orders = ledger.accounts_with_open_orders(conn)
+    unsubmitted = _lineages_with_unsubmitted_auto_approvals(conn, as_of)
     for rec in sorted(recs, key=lambda r: r["recommendation_id"]):
         if conn.execute(select(recommendations.c.recommendation_id)
                         .where(recommendations.c.recommendation_id == rec["recommendation_id"])).first():
@@ -358,9 +362,10 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
                                                recommendations.c.status.in_(OPEN)))
             .order_by(recommendations.c.as_of.desc())
         ).mappings().first()
-        voided += _void_unsubmitted_auto_approvals(conn, lineage, rec["recommendation_id"], as_of, now)
+        if lineage in unsubmitted:
+            voided += _void_unsubmitted_auto_approvals(conn, lineage, rec["recommendation_id"], as_of, now)
         accounts = list((rec.get("package") or {}).get("account_ids") or [rec["scope_id"]])
-        blocking = ledger.accounts_with_open_orders(conn, accounts)
+        blocking = {a: open_orders[a] for a in sorted(set(accounts)) if a in open_orders}
         carried: dict[str, Any] = {}
         if previous is not None:
             # A later scan supersedes without restarting the escalation clock.
@@ -399,6 +404,7 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
             authority.route_to_compliance(conn, rec, now)
         elif _micro_trade(rec, policy) and status == "pending":
             _auto_approve(conn, rec, now, policy)
+            unsubmitted.add(lineage)
             auto += 1
     # Back inside the bands today: close what was waiting (never from an older day's run).
     if inside_lineages and not history:
@@ -433,15 +439,25 @@ def _insert_recommendation(conn: Connection, rec: dict, lineage: str, as_of: dat
     ))
 
 
+def _unsubmitted_auto_approvals(as_of: date):
+    return and_(recommendations.c.status == "auto_approved", recommendations.c.as_of <= as_of,
+                decisions.c.action == "auto_approve", decisions.c.gate_verdict.is_(None))
+
+
+def _lineages_with_unsubmitted_auto_approvals(conn: Connection, as_of: date) -> set[str]:
+    return {row.lineage for row in conn.execute(
+        select(recommendations.c.lineage).distinct()
+        .join(decisions, decisions.c.recommendation_id == recommendations.c.recommendation_id)
+        .where(_unsubmitted_auto_approvals(as_of)))}
+
+
 def _void_unsubmitted_auto_approvals(conn: Connection, lineage: str, new_id: str, as_of: date, now: datetime) -> int:
     """Supersede the lineage's auto-approved recommendations the gate has not passed (their
     auto-approval voided): the day's inputs changed under them. Returns how many."""
     rows = conn.execute(
         select(recommendations.c.recommendation_id, decisions.c.decision_id)
         .join(decisions, decisions.c.recommendation_id == recommendations.c.recommendation_id)
-        .where(and_(recommendations.c.lineage == lineage, recommendations.c.status == "auto_approved",
-                    recommendations.c.as_of <= as_of, decisions.c.action == "auto_approve",
-                    decisions.c.gate_verdict.is_(None)))
+        .where(and_(recommendations.c.lineage == lineage, _unsubmitted_auto_approvals(as_of)))
         .order_by(recommendations.c.recommendation_id)).all()
     for row in rows:
         reason = f"superseded by {new_id} (the day was re-published with changed inputs) before the gate passed it"
