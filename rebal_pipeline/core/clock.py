@@ -1,7 +1,9 @@
-"""One definition of a moment in UTC, for the workflow store's times.
+"""rebal's one clock: moments in UTC.
 
-SQLite hands `DateTime(timezone=True)` back naive; the store writes UTC, so a naive moment read
-back is UTC."""
+`utc` makes a moment read back from the workflow store aware: SQLite hands
+`DateTime(timezone=True)` back naive, and the store writes UTC, so a naive moment read back is
+UTC. `utc_now` is the wall clock every default reads (sensors and jobs take an injected clock or
+the run's configured time first, so tests choose the time)."""
 
 from __future__ import annotations
 
@@ -10,3 +12,7 @@ from datetime import datetime, timezone
 
 def utc(moment: datetime) -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
