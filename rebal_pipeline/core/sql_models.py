@@ -8,6 +8,10 @@ Templates are rendered by jinja2 and may only produce *identifiers*:
   {{ limits.max_quantity }}      a plausibility limit of the contract (a numeric code constant)
 Values are never rendered into SQL: the as-of date is the bound parameter `$as_of`.
 
+What each column means is in dbt_like_sql/columns.yml (`column_meanings`): one meaning per
+column name, with a model's own override where the name means something else there. The Dagster
+asset of a model shows its columns, types and meanings after each materialisation.
+
 Materialising a model for a date deletes that date's rows and inserts the new ones inside one
 transaction, so re-running a day replaces it exactly (no duplicates, no partial partition).
 """
@@ -22,6 +26,7 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 
 import duckdb
+import yaml
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -136,6 +141,38 @@ def load_project(sql_dir: Path) -> dict[str, SqlModel]:
     graph = {m.name: {r for r in m.refs if r in models} for m in models.values()}
     order = list(TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     return {name: models[name] for name in order}
+
+
+COLUMN_MEANINGS_FILE = "columns.yml"
+
+
+@dataclass(frozen=True)
+class ColumnMeanings:
+    """What the models' columns mean (dbt_like_sql/columns.yml)."""
+
+    common: dict[str, str]
+    by_model: dict[str, dict[str, str]]
+
+    def of(self, model: str, column: str) -> str | None:
+        return self.by_model.get(model, {}).get(column) or self.common.get(column)
+
+
+@cache
+def column_meanings(sql_dir: Path) -> ColumnMeanings:
+    path = sql_dir / COLUMN_MEANINGS_FILE
+    if not path.exists():
+        return ColumnMeanings({}, {})
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return ColumnMeanings(
+        common={str(k): str(v) for k, v in (document.get("columns") or {}).items()},
+        by_model={str(m): {str(k): str(v) for k, v in (cols or {}).items()}
+                  for m, cols in (document.get("models") or {}).items()},
+    )
+
+
+def table_columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    """The table's columns and their DuckDB types, in table order."""
+    return _table_columns(con, table)
 
 
 # Tables written by Python assets that SQL models may ref() (e.g. the drift policy).

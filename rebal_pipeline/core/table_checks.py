@@ -1,24 +1,26 @@
-"""Blocking data checks on the warehouse (pandera.polars schemas).
+"""The warehouse's data checks, as plain functions over a DuckDB connection.
 
-They run inside the asset that produces the table, on the partition just written, and are
-blocking: when one fails, nothing downstream of that table runs for the day, because drift
-or alerts computed on top of it would be wrong.
+Two kinds (Dagster turns them into asset checks in defs/warehouse/checks.py):
+- *blocking* table checks (pandera.polars schemas) run on the partition a model just wrote: when
+  one fails, nothing downstream of that table runs for the day, because drift or alerts
+  computed on top of it would be wrong;
+- *visible* checks (WARN) that tell operations about accounts held out or positions that do not
+  reconcile, while the rest of the book still gets its scan.
+Account numbers in what a check reports are masked to their last four characters (core/pii.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 import duckdb
 import pandera.polars as pa
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
 from rebal_pipeline.core.pii import mask_account, masker
 
 WEIGHT_TOLERANCE = 1e-6
-
 
 class HoldingsSchema(pa.DataFrameModel):
     """Every position priced, no negative market value, lots reconcile to positions."""
@@ -54,16 +56,28 @@ class DriftWeightsSchema(pa.DataFrameModel):
 
 
 @dataclass(frozen=True)
+class CheckOutcome:
+    """What a check found. `severity` is "error" (blocking) or "warn"; `metadata` holds plain
+    values, with `json` / `text` / `md` naming how the Dagster UI shows the others."""
+
+    name: str
+    passed: bool
+    severity: str = "error"
+    metadata: dict = field(default_factory=dict)
+    json: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    md: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TableCheck:
     name: str
     description: str
     schema: type[pa.DataFrameModel]
     columns: tuple[str, ...]
+    blocking: bool = True
 
-    def spec(self, asset: str) -> AssetCheckSpec:
-        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=True)
-
-    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> CheckOutcome:
         cols = ", ".join(f'"{c}"' for c in self.columns)
         frame = con.execute(f'select {cols} from "{table}" where as_of = ?', [as_of]).pl()
         # Decimals are checked as floats: the checks compare signs, presence and sums.
@@ -73,24 +87,19 @@ class TableCheck:
         return validate(self.name, self.schema, frame)
 
 
-def validate(check_name: str, schema: type[pa.DataFrameModel], frame: pl.DataFrame) -> AssetCheckResult:
+def validate(check_name: str, schema: type[pa.DataFrameModel], frame: pl.DataFrame) -> CheckOutcome:
     try:
         schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as exc:
         failures = exc.failure_cases
-        return AssetCheckResult(
-            check_name=check_name,
-            passed=False,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={
-                "rows_checked": frame.height,
-                "failures": failures.height,
-                "failed_checks": MetadataValue.json(sorted(set(failures["check"].to_list()))),
-                "examples": MetadataValue.text(masker(frame["account_id"] if "account_id" in frame.columns else ())(
-                    str(failures.head(10)))),  # account numbers: last four only (core/pii.py)
-            },
+        return CheckOutcome(
+            check_name, passed=False, severity="error",
+            metadata={"rows_checked": frame.height, "failures": failures.height},
+            json={"failed_checks": sorted(set(failures["check"].to_list()))},
+            text={"examples": masker(frame["account_id"] if "account_id" in frame.columns else ())(
+                str(failures.head(10)))},  # account numbers: last four only (core/pii.py)
         )
-    return AssetCheckResult(check_name=check_name, passed=True, metadata={"rows_checked": frame.height})
+    return CheckOutcome(check_name, passed=True, metadata={"rows_checked": frame.height})
 
 
 @dataclass(frozen=True)
@@ -100,26 +109,19 @@ class NoAccountsHeldOut:
 
     name: str = "no_accounts_held_out_for_data_quality"
     description: str = "Fails (WARN) when any account is held out because of rejected feed rows."
+    blocking: bool = False
 
-    def spec(self, asset: str) -> AssetCheckSpec:
-        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=False)
-
-    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> CheckOutcome:
         held, rejects = con.execute(
             f'select count(*), coalesce(sum(problem_count), 0) from "{table}" where as_of = ?', [as_of]
         ).fetchone()
         examples = con.execute(
             f'select account_id, reasons from "{table}" where as_of = ? order by account_id limit 5', [as_of]
         ).fetchall()
-        return AssetCheckResult(
-            check_name=self.name,
-            passed=held == 0,
-            severity=AssetCheckSeverity.WARN,
-            metadata={
-                "accounts_held_out": held,
-                "rejected_rows": int(rejects),
-                "examples": MetadataValue.md("\n".join(f"- {mask_account(a)}: {masker([a])(r)}" for a, r in examples) or "none"),
-            },
+        return CheckOutcome(
+            self.name, passed=held == 0, severity="warn",
+            metadata={"accounts_held_out": held, "rejected_rows": int(rejects)},
+            md={"examples": "\n".join(f"- {mask_account(a)}: {masker([a])(r)}" for a, r in examples) or "none"},
         )
 
 
@@ -133,24 +135,17 @@ class PositionsReconcile:
     name: str = "positions_reconcile_with_previous_day"
     description: str = ("Fails (WARN) when a position changed since the previous as-of date by more than its "
                         "transactions explain.")
+    blocking: bool = False
 
-    def spec(self, asset: str) -> AssetCheckSpec:
-        return AssetCheckSpec(self.name, asset=asset, description=self.description, blocking=False)
-
-    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> AssetCheckResult:
+    def run(self, con: duckdb.DuckDBPyConnection, table: str, as_of: date) -> CheckOutcome:
         breaks, accounts = con.execute(
             f'select count(*), count(distinct account_id) from "{table}" where as_of = ?', [as_of]).fetchone()
         examples = con.execute(
             f'select account_id, reason from "{table}" where as_of = ? order by account_id, symbol limit 5', [as_of]).fetchall()
-        return AssetCheckResult(
-            check_name=self.name,
-            passed=breaks == 0,
-            severity=AssetCheckSeverity.WARN,
-            metadata={
-                "unexplained_changes": breaks,
-                "accounts": accounts,
-                "examples": MetadataValue.md("\n".join(f"- {masker([a])(r)}" for a, r in examples) or "none"),
-            },
+        return CheckOutcome(
+            self.name, passed=breaks == 0, severity="warn",
+            metadata={"unexplained_changes": breaks, "accounts": accounts},
+            md={"examples": "\n".join(f"- {masker([a])(r)}" for a, r in examples) or "none"},
         )
 
 
