@@ -105,6 +105,26 @@ def latest_positions(con: duckdb.DuckDBPyConnection, account_ids: list[str]) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def warehouse_positions(connect: Callable[[], Any]) -> PositionsLoader:
+    """The gate's positions loader over a warehouse (`connect`: opens a DuckDB connection as a
+    context manager). A warehouse that cannot be read now (e.g. the daily run holds the file's
+    write lock) is GateCannotCheck caused by the duckdb error: try again later."""
+    def positions_for(account_ids: list[str]) -> tuple[date, Positions]:
+        try:
+            with connect() as con:
+                return latest_positions(con, account_ids)
+        except duckdb.Error as exc:
+            raise GateCannotCheck(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from exc
+    return positions_for
+
+
+def accounts_of(conn: Connection, recommendation_id: str) -> list[str]:
+    """The accounts of a recommendation's package (what a verdict's reason may name)."""
+    package = conn.execute(select(recommendations.c.package).where(
+        recommendations.c.recommendation_id == recommendation_id)).scalar_one()
+    return list(json.loads(package).get("account_ids", ()))
+
+
 def _decider_problems(conn: Connection, decision: dict, rec: dict, policy: lifecycle.LifecyclePolicy) -> list[str]:
     return authority.decider_problems(conn, decision, rec, policy)
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from rebal_pipeline.core.clock import utc as _utc
 from rebal_pipeline.workflow import audit, authority
 from rebal_pipeline.workflow.schema import advisor_team, decisions, notifications, recommendations, users
 
@@ -56,25 +57,22 @@ class LifecyclePolicy:
     micro_trade_rule_version: str = "discretionary-micro-trade/1"
 
 
-def lifecycle_policy(drift_policy=None) -> LifecyclePolicy:
-    """The LifecyclePolicy of the drift policy file in force (REBAL_DRIFT_POLICY or the shipped
-    one), with REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS applied on top."""
-    import os
-
+def lifecycle_policy(drift_policy=None, rebal_settings=None) -> LifecyclePolicy:
+    """The LifecyclePolicy of the drift policy in force (`drift_policy`, else the file
+    REBAL_DRIFT_POLICY names or the shipped one), with the settings' reminder / escalation hours
+    (REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS) applied on top. The one home of that override:
+    the escalation sensor, the publication and the mailer all ask here. `rebal_settings`: a
+    `RebalSettings` (default: the process environment's, read now)."""
     from rebal_pipeline import settings
     from rebal_pipeline.core.policy import load_policy
 
-    rule = (drift_policy or load_policy(settings.policy_file())).approval
+    config = rebal_settings if rebal_settings is not None else settings.current()
+    rule = (drift_policy or load_policy(config.policy_file())).approval
     hours = {"reminder_hours": float(rule.reminder_hours), "escalation_hours": float(rule.escalation_hours)}
-    for variable, field in (("REBAL_REMINDER_HOURS", "reminder_hours"), ("REBAL_ESCALATION_HOURS", "escalation_hours")):
-        raw = os.environ.get(variable, "").strip()
-        if raw:
-            try:
-                hours[field] = float(raw)
-            except ValueError:
-                raise ValueError(f"{variable}={raw!r} is not a number of hours") from None
-            if hours[field] <= 0:
-                raise ValueError(f"{variable} must be positive, not {raw}")
+    # The settings validated the values (numbers of hours, positive) when they were loaded.
+    for field in ("reminder_hours", "escalation_hours"):
+        if getattr(config, field) is not None:
+            hours[field] = float(getattr(config, field))
     if hours["reminder_hours"] >= hours["escalation_hours"]:
         raise ValueError(f"the reminder ({hours['reminder_hours']}h) must come before the escalation "
                          f"({hours['escalation_hours']}h): check the policy's approval section and "
@@ -89,10 +87,6 @@ class DecisionError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _sha(text: str) -> str:

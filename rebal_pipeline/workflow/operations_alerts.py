@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 
 from sqlalchemy import Connection, and_, insert, select
 from sqlalchemy.exc import IntegrityError
 
+# SQLite hands DateTime(timezone=True) back naive; the store writes UTC (core/clock.py).
+from rebal_pipeline.core.clock import utc as _utc
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.schema import notifications, users
 
@@ -50,11 +52,6 @@ class OperationsAlert:
     connection: str | None = None
     as_of: date | None = None
     details: dict = field(default_factory=dict)
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands DateTime(timezone=True) back naive; the store writes UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def operations_recipient(conn: Connection) -> str | None:

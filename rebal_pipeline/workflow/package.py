@@ -1,6 +1,6 @@
 """The trade recommendation package: what the advisor reviews, decides on and the gate re-checks.
 
-Built by the daily run from the warehouse (defs/workflow/assets.py) and stored as canonical JSON
+Built by the daily run from the warehouse (workflow/publishing.py) and stored as canonical JSON
 with the recommendation. Pure functions here validate an advisor's modified quantities and
 check that approved trades still fit today's positions.
 

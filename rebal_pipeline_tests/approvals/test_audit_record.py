@@ -376,7 +376,7 @@ def test_the_anchor_op_anchors_after_a_job_that_appends(tmp_path, monkeypatch):
     """anchor_audit_chain at the end of a job (e.g. execute_rebalance after stage_or_submit_orders)."""
     from dagster import job, op
 
-    from rebal_pipeline.defs.workflow.anchor import anchor_audit_chain
+    from rebal_pipeline.defs.approvals.jobs import anchor_audit_chain
     from rebal_pipeline.resources import FeedLocation, WorkflowStoreResource
     from rebal_pipeline.workflow.store import WorkflowStore
 

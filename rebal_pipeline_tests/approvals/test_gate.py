@@ -8,13 +8,18 @@ import pytest
 from dagster import DagsterInstance, build_sensor_context, instance_for_test
 from sqlalchemy import delete, insert, select
 
-from rebal_pipeline.defs.approvals.jobs import GATE_VERDICT_TAG, approved_trades_path, execute_rebalance
+from rebal_pipeline.defs.approvals.jobs import GATE_VERDICT_TAG, execute_rebalance
+from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals.sensors import approval_decisions
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
-from rebal_pipeline.workflow import audit, lifecycle
+from rebal_pipeline.workflow import audit, lifecycle, outbox
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import advisor_team, audit_events, decisions, recommendations
 from rebal_pipeline_tests.approvals.conftest import AS_OF, PUBLISHED_AT, USERS, package, publish
+
+
+def approved_trades_path(decision_id: str):
+    return outbox.approved_trades_path(settings.outbox_root(), decision_id)
 
 ADVISOR, OTHER_ADVISOR, COMPLIANCE = USERS[0], USERS[1], USERS[2]
 NEXT_SESSION = date(2026, 11, 23)  # Monday after the Friday AS_OF

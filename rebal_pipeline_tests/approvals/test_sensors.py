@@ -27,12 +27,10 @@ from sqlalchemy import insert, select
 from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals import defs as approval_defs
 from rebal_pipeline.defs.approvals.jobs import execute_rebalance, notification_path, notify_recommendation
-from rebal_pipeline.defs.approvals.sensors import (
-    DecisionCursor, advance_cursor, build_approval_decisions_sensor, build_approval_escalations_sensor,
-    policy_from_env,
-)
+from rebal_pipeline.defs.approvals.sensors import build_approval_decisions_sensor, build_approval_escalations_sensor
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource, local_resources
 from rebal_pipeline.workflow import audit, lifecycle
+from rebal_pipeline.workflow.approval_watch import DecisionCursor, advance_cursor
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import audit_events, decisions, notifications, recommendations
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, USERS, package, publish
@@ -264,7 +262,7 @@ def test_reminder_and_escalation_hours_come_from_the_environment(store, monkeypa
     monkeypatch.setenv("REBAL_REMINDER_HOURS", "48")
     monkeypatch.setenv("REBAL_ESCALATION_HOURS", "24")
     with pytest.raises(ValueError, match="must come before the escalation"):
-        policy_from_env()
+        lifecycle.lifecycle_policy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ reminder, an escalation or a weekly digest, recorded once).
 Neither op waits for anybody: the human part happened before the run (a decision recorded in the
 workflow store, or a due time passed), so a run is seconds long and can be re-executed safely.
 
+Thin shell: each op validates its config, calls one domain function (workflow/gate.py,
+workflow/outbox.py, workflow/ticketing.py, workflow/anchoring.py, execution/submit.py) and
+reports what it did.
+
 The gate (`approval_gate`) re-verifies a decision before anything is prepared: the rules and the
 order ledger it commits the accounts to are in rebal_pipeline/workflow/gate.py and ledger.py
 (the state of the decision and its recommendation, who decided, the decision's record, and the
@@ -18,14 +22,12 @@ FAILS (verdict left unrecorded, so a re-execution checks again) only when the ga
 no such decision, the warehouse is busy/unreadable, or it has no holdings as recent as the
 recommendation. A verdict is final: re-running the job reports the recorded verdict.
 
-Copies for people are files, written once (temporary file, then a hard link, which fails
-instead of replacing an existing file); no step reads them back:
-  <REBAL_HOME>/outbox/approved/<decision_id>.json          format rebal.approved_trades/1
-  <REBAL_HOME>/outbox/notifications/<sha256(key)>.json     format rebal.notification/1
-Readers ignore dot-files (the temporary files). Notifications are handed to the mailer through
-the workflow store only (issue #12): the `wf_notifications` row committed with the state change
+Copies for people are files, written once, never read back (workflow/outbox.py: their
+locations under <REBAL_HOME>/outbox/, the write-once protocol, the notification records).
+Notifications are handed to the mailer through the workflow store only (issue #12): the `wf_notifications` row committed with the state change
 is what defs/comms reads (and `wf_messages` makes the email exactly-once); the notification file
-is a copy for people, written after the commit (see `record_and_post_notification`).
+is a copy for people, written after the commit (see `record_and_post_notification`,
+`outbox.record_notification_once`).
 
 Approved trades are handed to ticketing through the workflow store only (issue #12): the
 decision, its `passed` gate verdict and the trades it approved (`gate.passed_trades`). The
@@ -51,72 +53,36 @@ tables at all (never built by the daily scan) tickets nothing: the run succeeds 
 """
 
 
-import hashlib
-import json
-import re
-from datetime import date, datetime, timezone
-from pathlib import Path
-from typing import Any, Callable
+from datetime import datetime
+from typing import Callable
 
 import duckdb
 from dagster import (
-    Backoff, Config, Failure, In, Jitter, MetadataValue, OpExecutionContext, Out, Output, RetryPolicy, job, op,
+    Backoff, Config, Failure, In, Jitter, MetadataValue, Nothing, OpExecutionContext, Out, Output, RetryPolicy, job,
+    op,
 )
 from pydantic import Field
-from sqlalchemy import Connection, and_, select
 
 from rebal_pipeline import settings
+from rebal_pipeline.core.clock import utc, utc_now
 from rebal_pipeline.core.pii import masker
-from rebal_pipeline.core.write_once import remove_abandoned_temps, write_file_once
+from rebal_pipeline.core.write_once import remove_abandoned_temps
 from rebal_pipeline.execution import submit
 from rebal_pipeline.resources import WAREHOUSE_POOL, Warehouse, WorkflowStoreResource
-from rebal_pipeline.tickets import FixSession, TicketError
-from rebal_pipeline.workflow import ledger, lifecycle
-from rebal_pipeline.defs.workflow.anchor import anchor_audit_chain
-from rebal_pipeline.workflow.schema import notifications, recommendations, users
-# The gate's domain code lives in workflow/gate.py (EXECUTABLE is also the decision sensor's).
-from rebal_pipeline.workflow.gate import (  # noqa: F401
-    EXECUTABLE, GateCannotCheck, Positions, _iso, _utc, gate_decision, latest_positions, passed_trades,
-)
+from rebal_pipeline.tickets import FixSession
+from rebal_pipeline.workflow import anchoring, gate, ledger, outbox, ticketing
 
-NOTIFICATION_FORMAT = "rebal.notification/1"
-NOTIFICATION_KINDS = ("reminder", "escalation", "weekly_digest")
 GATE_VERDICT_TAG = "rebal/gate_verdict"
-# Decision ids are hex digests; anything else in a launchpad config is refused before it names a file.
-_DECISION_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-# ---------------------------------------------------------------------------------------------
-# The outbox: files handed to issue #6 (trade tickets, mailer), written once
-# ---------------------------------------------------------------------------------------------
-
-
-def outbox_root() -> Path:
-    return settings.rebal_home() / "outbox"
-
-
-def approved_trades_path(decision_id: str) -> Path:
-    return outbox_root() / "approved" / f"{decision_id}.json"
-
-
-def notification_path(notification_key: str) -> Path:
-    # Keys contain ':' and ISO times: the file is named by the key's digest, the key is inside.
-    return outbox_root() / "notifications" / f"{hashlib.sha256(notification_key.encode()).hexdigest()}.json"
+def notification_path(notification_key: str):
+    """The copy for people of a notification, in the deployment's outbox (workflow/outbox.py)."""
+    return outbox.notification_path(settings.outbox_root(), notification_key)
 
 
 # ---------------------------------------------------------------------------------------------
-# The approval gate: its domain code is workflow/gate.py (plain functions over the store's
-# connection); the names stay importable from here for the op shells and their callers.
-# ---------------------------------------------------------------------------------------------
-
-
-
-# ---------------------------------------------------------------------------------------------
-# execute_rebalance: approval_gate → prepare_approved_trades
+# execute_rebalance: approval_gate → prepare_approved_trades → build_order_tickets →
+# stage_or_submit_orders → anchor_audit_chain
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,23 +114,17 @@ class ApprovalGateConfig(Config):
 )
 def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workflow_store: WorkflowStoreResource,
                   warehouse: Warehouse):
-    if not _DECISION_ID.fullmatch(config.decision_id):
-        raise Failure(description=f"{config.decision_id!r} is not a decision id", allow_retries=False)
-
-    def positions_for(account_ids: list[str]) -> tuple[date, Positions]:
-        try:
-            with warehouse.connect() as con:
-                return latest_positions(con, account_ids)
-        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: try again later
-            raise GateCannotCheck(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from exc
-
+    try:
+        outbox.check_decision_id(config.decision_id)
+    except outbox.OutboxError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
     try:
         with workflow_store.open() as store, store.begin() as conn:
-            verdict = gate_decision(conn, config.decision_id, positions_for, utc_now())
+            verdict = gate.gate_decision(conn, config.decision_id, gate.warehouse_positions(warehouse.connect),
+                                         utc_now())
             # The reason names accounts: the log and the metadata show their last four characters only.
-            mask = masker(json.loads(conn.execute(select(recommendations.c.package).where(
-                recommendations.c.recommendation_id == verdict.recommendation_id)).scalar_one()).get("account_ids", ()))
-    except GateCannotCheck as exc:
+            mask = masker(gate.accounts_of(conn, verdict.recommendation_id))
+    except gate.GateCannotCheck as exc:
         # Retried (WAREHOUSE_READ_RETRY) only when the warehouse could not be opened or read.
         raise Failure(description=f"the approval gate could not check decision {config.decision_id}: {exc}",
                       allow_retries=isinstance(exc.__cause__, duckdb.Error)) from None
@@ -183,7 +143,7 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
             "decision_id": verdict.decision_id,
             "recommendation_id": verdict.recommendation_id,
             "recorded_by_this_run": verdict.recorded_by_this_run,
-            "positions_as_of": _iso(verdict.positions_as_of) if verdict.positions_as_of else "",
+            "positions_as_of": gate._iso(verdict.positions_as_of) if verdict.positions_as_of else "",
             "trades": len(verdict.trades),
         },
     )
@@ -191,15 +151,20 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
         yield Output(verdict.handoff, "approved_trades", metadata={"trades": len(verdict.trades)})
 
 
+def _remove_abandoned_temps(context: OpExecutionContext, folder) -> list[str]:
+    removed = remove_abandoned_temps(folder)
+    if removed:
+        context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
+    return removed
+
+
 @op(ins={"approved_trades": In(dict)}, out=Out(str, description="The decision id, for ticketing."),
     description="Write a copy of the approved trades for people to outbox/approved/ (once per decision); "
                 "ticketing reads them from the workflow store.")
 def prepare_approved_trades(context: OpExecutionContext, approved_trades: dict):
-    path = approved_trades_path(approved_trades["decision_id"])
-    removed = remove_abandoned_temps(path.parent)
-    if removed:
-        context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
-    written = _write_copy_for_people(path, {**approved_trades, "prepared_by_run": context.run_id})
+    path = outbox.approved_trades_path(settings.outbox_root(), approved_trades["decision_id"])
+    removed = _remove_abandoned_temps(context, path.parent)
+    written = outbox.write_copy_for_people(path, {**approved_trades, "prepared_by_run": context.run_id})
     if not written:
         context.log.info(f"{path.name} was already prepared: left as it is")
     yield Output(approved_trades["decision_id"], metadata={
@@ -221,42 +186,26 @@ after_delivery: Callable[[submit.Destination], None] | None = None
     pool=WAREHOUSE_POOL, retry_policy=WAREHOUSE_READ_RETRY)
 def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_store: WorkflowStoreResource,
                         warehouse: Warehouse):
-    # The hand-off is the store: the decision, its gate verdict and the trades it approved
-    # (outbox/approved/<id>.json is a copy for people and is never read back).
     decision_id = prepared
-    trades: list = []  # (the accounts an error names are masked in the failure below)
     try:
-        with workflow_store.open() as store, store.begin() as conn:
-            approved = submit.load_approved_decision(conn, decision_id)
-            try:
-                _handoff, trades = passed_trades(conn, decision_id)
-            except GateCannotCheck as exc:
-                raise submit.ExecutionError(str(exc)) from None
-        day = submit.trading_day(approved.gate_checked_at)
-        try:
-            with warehouse.connect() as con:
-                if not submit.has_reference_tables(con):
-                    context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
-                    context.log.warning(
-                        f"decision {decision_id}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
-                        f"daily scan never built them): no orders staged or submitted; the approved trades "
-                        f"stay in the workflow store (and outbox/approved/{decision_id}.json) for the trading desk")
-                    return
-                securities, accounts = submit.read_reference(
-                    con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
-        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
-            raise Failure(description=f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
-        tickets = submit.build_tickets(approved, trades, securities, accounts,
-                                       auto_submit=submit.auto_submit_discretionary(),
-                                       desk_id=submit.trading_desk_id())
-    except (TicketError, submit.ExecutionError) as exc:
-        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: "
-                                  f"{masker(t.account_id for t in trades)(str(exc))}",
-                      allow_retries=False) from None
+        with workflow_store.open() as store:
+            result = ticketing.order_tickets(store, warehouse.connect, decision_id)
+    except ticketing.WarehouseUnreadable as exc:  # retried by WAREHOUSE_READ_RETRY
+        raise Failure(description=str(exc)) from None
+    except ticketing.TicketsRefused as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
+    if result.tickets is None:
+        context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
+        context.log.warning(
+            f"decision {decision_id}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
+            f"daily scan never built them): no orders staged or submitted; the approved trades "
+            f"stay in the workflow store (and outbox/approved/{decision_id}.json) for the trading desk")
+        return
+    tickets = result.tickets
     yield Output(tickets.to_document(), metadata={
         "decision_id": decision_id, "orders": len(tickets.batch.orders), "blocks": len(tickets.batch.blocks),
         "staged": tickets.count(submit.STAGED), "submitted": tickets.count(submit.SUBMITTED),
-        "placed_at": approved.gate_checked_at.isoformat(), "reference_day": day.isoformat(),
+        "placed_at": result.approved.gate_checked_at.isoformat(), "reference_day": result.reference_day.isoformat(),
     })
 
 
@@ -268,7 +217,7 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
     try:
         with workflow_store.open() as store:
             outcome = submit.stage_and_submit(store, orders, session=FixSession.from_env(), now=utc_now,
-                                              outbox=outbox_root(), after_write=after_delivery)
+                                              outbox=settings.outbox_root(), after_write=after_delivery)
     except submit.ExecutionError as exc:
         raise Failure(description=f"decision {orders.decision_id}: "
                                   f"{masker(o.account_id for o in orders.batch.orders)(str(exc))}") from None
@@ -290,6 +239,22 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
             "files": MetadataValue.json(outcome.sha256),
         },
     )
+
+
+@op(ins={"after": In(Nothing)}, description="Verify the audit chain and anchor its head outside the database.")
+def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource) -> dict:
+    # Jobs launched for one decision carry no feed resource: the archive is the deployment's
+    # (REBAL_ARCHIVE_ROOT), the same folder the feed resource is built from (resources.py).
+    with workflow_store.open() as store, store.begin() as conn:
+        try:
+            document = anchoring.anchor_chain(conn, utc_now(), settings.archive_root())
+        except anchoring.AnchorRefused as refused:
+            raise Failure(description=str(refused)) from None
+    summary = anchoring.anchor_summary(document)
+    if "anchor_file" in summary:
+        summary["anchor_file"] = MetadataValue.path(summary["anchor_file"])
+    context.add_output_metadata(summary)
+    return anchoring.without_signature(document)
 
 
 @job(
@@ -320,93 +285,27 @@ class NotificationConfig(Config):
     recommendation_ids: list[str] = []  # weekly_digest
 
 
-def record_once(conn: Connection, config: NotificationConfig, now: datetime) -> str:
-    """Record the notification unless it is recorded already or no longer due. Returns what happened."""
-    if conn.execute(select(notifications.c.notification_key).where(
-            notifications.c.notification_key == config.notification_key)).first() is not None:
-        return "already recorded"
-    if config.kind in ("reminder", "escalation"):
-        rec = conn.execute(select(recommendations.c.status).where(
-            recommendations.c.recommendation_id == config.recommendation_id)).first()
-        if rec is None:
-            raise Failure(description=f"no recommendation {config.recommendation_id}")
-        # Decided between the sensor's tick and this run: nothing to chase (and an escalation must
-        # not move an approved recommendation back to escalated).
-        if rec.status not in ("pending", "deferred"):
-            return f"no longer due: the recommendation is {rec.status}"
-        done = lifecycle.record_notification(conn, config.kind, config.recommendation_id, config.notification_key, now)
-        return "recorded" if done else "already recorded"
-    waiting = [r.recommendation_id for r in conn.execute(select(recommendations.c.recommendation_id).where(and_(
-        recommendations.c.recommendation_id.in_(config.recommendation_ids), recommendations.c.status == "pending"))
-        .order_by(recommendations.c.recommendation_id))]
-    if not waiting:
-        return "no longer due: none of its recommendations is still pending"
-    done = lifecycle.record_weekly_digest(conn, config.advisor_id, config.notification_key, waiting, now)
-    return "recorded" if done else "already recorded"
-
-
-def notification_document(conn: Connection, notification_key: str) -> dict | None:
-    """The outbox document of a recorded notification (None: not recorded), built from the store's
-    record so that a re-run writes the same message."""
-    row = conn.execute(select(notifications).where(notifications.c.notification_key == notification_key)
-                       ).mappings().first()
-    if row is None:
-        return None
-    recipient = conn.execute(select(users.c.user_id, users.c.name, users.c.email, users.c.role)
-                             .where(users.c.user_id == row["recipient_id"])).mappings().first()
-    document: dict[str, Any] = {
-        "format": NOTIFICATION_FORMAT,
-        "notification_key": notification_key,
-        "kind": row["kind"],
-        "recorded_at": _iso(row["created_at"]),
-        "recipient": dict(recipient) if recipient else {"user_id": row["recipient_id"]},
-    }
-    wanted = ([row["recommendation_id"]] if row["recommendation_id"]
-              else json.loads(row["payload"]).get("recommendations", []))
-    recs = conn.execute(select(recommendations).where(recommendations.c.recommendation_id.in_(wanted))
-                        .order_by(recommendations.c.recommendation_id)).mappings().all()
-    summaries = [{
-        "recommendation_id": r["recommendation_id"], "as_of": _iso(r["as_of"]), "scope": r["scope"],
-        "scope_id": r["scope_id"], "kind": r["kind"], "advisor_id": r["advisor_id"],
-        "household_id": r["household_id"], "tier": r["tier"], "urgency": r["urgency"], "delivery": r["delivery"],
-        "trade_value": r["trade_value"], "waiting_since": _iso(r["clock_started_at"]),
-        "deferred_until": _iso(r["deferred_until"]),
-    } for r in recs]
-    if row["kind"] == "weekly_digest":
-        document["recommendations"] = summaries
-    else:
-        document["recommendation"] = summaries[0] if summaries else {"recommendation_id": row["recommendation_id"]}
-    return document
-
-
-# The notification files are for people (what was sent to whom, readable without a database);
-# nothing reads them to decide anything. A writer holds an exclusive lock on its temporary
-# dot-file while writing it; the kernel drops the lock when the process dies, so a dot-file
-# nobody holds a lock on is the remains of a killed write, and the next run removes it.
-
-
-def _write_copy_for_people(path: Path, document: dict) -> bool:
-    """Write `document` as JSON to `path` once (False: the file was there), by the outbox's
-    write-once protocol (core/write_once.py)."""
-    return write_file_once(path, (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
 @op(description="Record a reminder, escalation or weekly digest exactly once in the workflow store (the mailer's "
                 "hand-off), then write a copy for people to outbox/notifications/.")
 def record_and_post_notification(context: OpExecutionContext, config: NotificationConfig,
                                  workflow_store: WorkflowStoreResource):
-    if config.kind not in NOTIFICATION_KINDS:
-        raise Failure(description=f"unknown notification kind {config.kind!r}; one of {', '.join(NOTIFICATION_KINDS)}")
-    now = _utc(datetime.fromisoformat(config.due_at))
-    path = notification_path(config.notification_key)
-    removed = remove_abandoned_temps(path.parent)
-    if removed:
-        context.log.warning(f"removed {len(removed)} temporary file(s) left by a killed write: {', '.join(removed)}")
-    with workflow_store.open() as store, store.begin() as conn:
-        outcome = record_once(conn, config, now)
-        document = notification_document(conn, config.notification_key)
+    try:
+        outbox.check_notification_kind(config.kind)
+    except outbox.OutboxError as exc:
+        raise Failure(description=str(exc)) from None
+    now = utc(datetime.fromisoformat(config.due_at))
+    path = outbox.notification_path(settings.outbox_root(), config.notification_key)
+    removed = _remove_abandoned_temps(context, path.parent)
+    try:
+        with workflow_store.open() as store, store.begin() as conn:
+            outcome = outbox.record_notification_once(
+                conn, config.kind, config.notification_key, now, recommendation_id=config.recommendation_id,
+                advisor_id=config.advisor_id, recommendation_ids=config.recommendation_ids)
+            document = outbox.notification_document(conn, config.notification_key)
+    except outbox.OutboxError as exc:
+        raise Failure(description=str(exc)) from None
     # After the commit: the copy never shows what the store does not hold.
-    written = _write_copy_for_people(path, document) if document is not None else False
+    written = outbox.write_copy_for_people(path, document) if document is not None else False
     context.log.info(f"{config.kind} {config.notification_key}: {outcome}; copy for people "
                      f"{'written' if written else 'not written'}")
     yield Output(str(path) if document is not None else "", metadata={

@@ -8,21 +8,19 @@
                           database, in a write-once anchor file in the archive and in this
                           asset's metadata (workflow/audit.py). A chain that does not verify fails
                           the asset: nothing is anchored on top of a broken record.
-  anchor_audit_chain      the same anchoring as an op, for jobs that append outside the daily
-                          graph (execute_rebalance: add it after stage_or_submit_orders).
+
+The anchoring itself is workflow/anchoring.py; the same step as an op, for jobs that append
+outside the daily graph, is `anchor_audit_chain` in defs/approvals/jobs.py.
 """
 
-from datetime import date, datetime, timezone
+from datetime import date
 
-from dagster import (
-    AssetExecutionContext, AssetKey, Failure, In, MaterializeResult, MetadataValue, Nothing, OpExecutionContext,
-    asset, op,
-)
+from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, MetadataValue, asset
 
-from rebal_pipeline import settings
+from rebal_pipeline.core.clock import utc_now
 from rebal_pipeline.partitions import daily_partitions
 from rebal_pipeline.resources import WAREHOUSE_POOL, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
-from rebal_pipeline.workflow import audit, config_events
+from rebal_pipeline.workflow import anchoring, config_events
 
 
 @asset(
@@ -40,7 +38,7 @@ def configuration_changes(context: AssetExecutionContext, warehouse: Warehouse,
     with warehouse.connect() as con:
         snapshot = config_events.read_snapshot(con, as_of, policy)
     with workflow_store.open() as store, store.begin() as conn:
-        changes = config_events.record_configuration(conn, as_of, snapshot, datetime.now(timezone.utc))
+        changes = config_events.record_configuration(conn, as_of, snapshot, utc_now())
     context.log.info(f"{changes.events} configuration changes recorded in the audit chain")
     return MaterializeResult(metadata={
         "configuration_events": changes.events, "policy_version": policy.version_id,
@@ -49,21 +47,19 @@ def configuration_changes(context: AssetExecutionContext, warehouse: Warehouse,
     })
 
 
-def _anchor(workflow_store: WorkflowStoreResource, feed: FeedLocation) -> dict | None:
+def _anchor(workflow_store: WorkflowStoreResource, archive_root) -> dict | None:
     with workflow_store.open() as store, store.begin() as conn:
         try:
-            return audit.anchor(conn, datetime.now(timezone.utc), audit.anchor_dir(conn, feed.archive_root))
-        except audit.AuditBroken as broken:
-            raise Failure(description=f"the audit chain does not verify; nothing was anchored. {broken} "
-                                      "(run `rebal audit verify`, find the cause before the next run)") from None
+            return anchoring.anchor_chain(conn, utc_now(), archive_root)
+        except anchoring.AnchorRefused as refused:
+            raise Failure(description=str(refused)) from None
 
 
 def _metadata(document: dict | None) -> dict:
-    if document is None:
-        return {"events": 0}
-    return {"seq": document["seq"], "head_hash": document["hash"], "events": document["events"],
-            "key_id": document["key_id"], "anchored_at": document["anchored_at"],
-            "anchor_file": MetadataValue.path(document["file"])}
+    summary = anchoring.anchor_summary(document)
+    if "anchor_file" in summary:
+        summary["anchor_file"] = MetadataValue.path(summary["anchor_file"])
+    return summary
 
 
 @asset(
@@ -74,20 +70,10 @@ def _metadata(document: dict | None) -> dict:
 )
 def audit_anchor(context: AssetExecutionContext, workflow_store: WorkflowStoreResource, feed: FeedLocation):
     """The audit chain's head after the day's run, verified and written down outside the database."""
-    document = _anchor(workflow_store, feed)
+    document = _anchor(workflow_store, feed.archive_root)
     if document:
         context.log.info(f"audit chain anchored at event {document['seq']} ({document['hash'][:16]}…)")
     return MaterializeResult(metadata=_metadata(document))
-
-
-@op(ins={"after": In(Nothing)}, description="Verify the audit chain and anchor its head outside the database.")
-def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource) -> dict:
-    # Jobs launched for one decision carry no feed resource: the archive is the deployment's
-    # (REBAL_ARCHIVE_ROOT), the same folder the feed resource is built from (resources.py).
-    document = _anchor(workflow_store, FeedLocation(feed_root=str(settings.feed_root()),
-                                                    archive_root=str(settings.archive_root())))
-    context.add_output_metadata(_metadata(document))
-    return {k: v for k, v in (document or {}).items() if k != "signature"}
 
 
 assets = [configuration_changes, audit_anchor]

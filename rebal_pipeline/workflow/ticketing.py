@@ -1,0 +1,76 @@
+"""From an approval that passed the gate to its orders (the hand-off to execution/, issue #12).
+
+`order_tickets` reads the hand-off from the workflow store only (the decision, its `passed` gate
+verdict and the trades it approved: `gate.passed_trades`; outbox/approved/<id>.json is a copy
+for people and is never read back), then the reference data of the gate's trading day from the
+warehouse (stg_feed_securities, stg_feed_accounts, latest as_of on or before it), and builds the
+orders and blocks placed at the gate's time, each routed `staged` or `submitted`
+(execution/submit.py). Outcomes:
+  OrderTickets with tickets        the orders, ready for `submit.stage_and_submit`
+  OrderTickets without tickets     the warehouse has no reference tables at all (never built by
+                                   the daily scan): nothing is ticketed, the hand-off stays for the desk
+  WarehouseUnreadable              the warehouse cannot be read now (e.g. a write lock): try again
+  TicketsRefused                   a trade that cannot be an order (no reference data for its symbol
+                                   or account, a bond, a fractional quantity of a whole-share
+                                   security), or no passed hand-off: fix the feed, then re-execute.
+                                   Its message shows the accounts masked (core/pii.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Callable
+
+import duckdb
+
+from rebal_pipeline.core.pii import masker
+from rebal_pipeline.execution import submit
+from rebal_pipeline.tickets import TicketError
+from rebal_pipeline.workflow import gate
+from rebal_pipeline.workflow.store import WorkflowStore
+
+
+class WarehouseUnreadable(RuntimeError):
+    """The warehouse could not be read now; the message names the DuckDB error."""
+
+
+class TicketsRefused(ValueError):
+    """No orders can be built for the decision; the message says why, accounts masked."""
+
+
+@dataclass(frozen=True)
+class OrderTickets:
+    decision_id: str
+    approved: Any  # submit.load_approved_decision's record (gate_checked_at: when orders are placed)
+    reference_day: date
+    tickets: submit.Tickets | None  # None: the warehouse has no reference tables
+
+
+def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id: str) -> OrderTickets:
+    """The orders of a decision that passed the gate (`connect`: opens the warehouse as a
+    context manager)."""
+    trades: list = []  # (the accounts an error names are masked in the refusal)
+    try:
+        with store.begin() as conn:
+            approved = submit.load_approved_decision(conn, decision_id)
+            try:
+                _handoff, trades = gate.passed_trades(conn, decision_id)
+            except gate.GateCannotCheck as exc:
+                raise submit.ExecutionError(str(exc)) from None
+        day = submit.trading_day(approved.gate_checked_at)
+        try:
+            with connect() as con:
+                if not submit.has_reference_tables(con):
+                    return OrderTickets(decision_id, approved, day, None)
+                securities, accounts = submit.read_reference(
+                    con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
+        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
+            raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+        tickets = submit.build_tickets(approved, trades, securities, accounts,
+                                       auto_submit=submit.auto_submit_discretionary(),
+                                       desk_id=submit.trading_desk_id())
+    except (TicketError, submit.ExecutionError) as exc:
+        raise TicketsRefused(f"decision {decision_id}: no orders staged or submitted: "
+                             f"{masker(t.account_id for t in trades)(str(exc))}") from None
+    return OrderTickets(decision_id, approved, day, tickets)
