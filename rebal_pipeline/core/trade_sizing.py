@@ -114,6 +114,13 @@ _KEY = ["account_id", "symbol"]
 _CLASS_KEY = ["account_id", "asset_class"]
 # Tolerance for comparing weights computed in floating point (e.g. 0.6 × 0.6 / 0.6).
 _EPS = 1e-9
+# Column shorthands shared by the rules (polars expressions are immutable, so sharing is safe).
+_MV = pl.col("market_value")
+_PRICE = pl.col("price")
+# Window over one account: `.over(**_PER_ACCT)`.
+_PER_ACCT = {"partition_by": "account_id"}
+# A security's target before rule 2's cash scaling (tw / f): rules 3t and 8 measure against it.
+_UNSCALED_TW = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
 # Rule 6b: rounds of the top-up pass (a round serves each short class of every account once).
 _TOPUP_ROUNDS = 2
 # Quantities in the canonical text are written with this many decimals (the feed carries at most 8).
@@ -329,20 +336,41 @@ def _top_up_round(u: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def size_trades(
+@dataclass(frozen=True)
+class _Book:
+    """The inputs of one sizing run, cleaned, restricted to the accounts being sized and keyed
+    (built by `_prepare_inputs`)."""
+
+    ct: pl.DataFrame  # account_id, asset_class, target_weight (one row per class, summed)
+    accounts: pl.DataFrame  # account_id of every account to size
+    sec: pl.DataFrame  # the securities shelf, one row per symbol
+    priced: pl.DataFrame  # symbol of every security with a price above 0
+    hv: pl.DataFrame  # holdings of the accounts, one row per account and symbol (CASH is class cash)
+    held: pl.DataFrame  # account_id, symbol, asset_class, market_value of positions worth more than 0
+    no_buy: pl.DataFrame  # account_id, symbol, no_buy (no_buy_symbol restrictions)
+    no_sell: pl.DataFrame  # account_id, symbol, no_sell (no_sell_symbol restrictions)
+    barred: pl.DataFrame  # account_id, asset_class, barred (no_asset_class restrictions)
+    stc: pl.DataFrame  # account_id, symbol, tax (rule 3t tax per dollar of proceeds)
+    taxable: pl.DataFrame  # account_id, taxable (an account with any sell_tax_cost row)
+    min_cash: pl.DataFrame  # account_id, min_cash (min_cash_weight restriction)
+    mw: pl.DataFrame  # the accounts' model weights > 0 with asset_class, one row per account and symbol
+    model_symbols: pl.DataFrame  # symbol, asset_class of every non-cash security of any model
+    model_first: pl.DataFrame  # asset_class, first_symbol (rule 1 last fallback)
+
+
+def _prepare_inputs(
     holdings: pl.DataFrame,
     class_targets: pl.DataFrame,
     model_weights: pl.DataFrame,
     securities: pl.DataFrame,
     restrictions: pl.DataFrame,
-    bands: pl.DataFrame,
-    policy: SizingPolicy = SizingPolicy(),
-    *,
-    sell_tax_cost: pl.DataFrame | None = None,
-) -> SizingResult:
-    """Size whole-share trades for every account in `class_targets`. See the module docstring.
-    `sell_tax_cost` (account_id, symbol, tax_per_dollar; rows only for taxable accounts) turns
-    on rule 3t for the accounts it has rows for."""
+    sell_tax_cost: pl.DataFrame | None,
+) -> _Book:
+    """Set-up: check the input frames against their contracts and turn them into the keyed
+    frames every rule works on (class targets summed per class, holdings one row per account
+    and symbol, restrictions as flags, the rule-3t tax rate per position, model securities with
+    their class). Why: each rule then joins on clean keys and never re-derives an input; only
+    the accounts in `class_targets` are kept, so nothing else is sized."""
     ct = (
         _frame(class_targets, "class_targets")
         .group_by(_CLASS_KEY)
@@ -433,10 +461,40 @@ def size_trades(
             pl.DataFrame({"asset_class": [CASH_CLASS], "first_symbol": [CASH_SYMBOL]}),
         ]
     )
+    return _Book(
+        ct=ct,
+        accounts=accounts,
+        sec=sec,
+        priced=priced,
+        hv=hv,
+        held=held,
+        no_buy=no_buy,
+        no_sell=no_sell,
+        barred=barred,
+        stc=stc,
+        taxable=taxable,
+        min_cash=min_cash,
+        mw=mw,
+        model_symbols=model_symbols,
+        model_first=model_first,
+    )
 
-    # ---- Rule 1: security-level targets (tw0, before the cash target) ---------------------
-    # The model's security weights scaled to the account's class target, so an IPS that
-    # overrides the model's class weights still uses the model's securities inside each class.
+
+def _security_targets(
+    ct: pl.DataFrame, mw: pl.DataFrame, held: pl.DataFrame, model_first: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rule 1: security-level targets `tw0` (before the cash target), and the classes no
+    security can reach.
+
+    The model's security weights are scaled to the account's class target (target × weight /
+    the model's weight in that class), so an IPS that overrides the model's class weights still
+    uses the model's securities inside each class. A class without a model security is split
+    over what the account already holds there, by value (no needless switching); failing that,
+    the alphabetically first symbol of the class in any model (`model_first`, CASH for cash);
+    failing that the class is unreachable.
+
+    Returns (targets: account_id, symbol, asset_class, tw0; unreachable: account_id,
+    asset_class, unreachable)."""
     model_t = (
         mw.join(ct, on=_CLASS_KEY, how="inner")
         .sort(_KEY)
@@ -465,8 +523,26 @@ def size_trades(
         .group_by(_KEY, maintain_order=True)
         .agg(pl.col("asset_class").first(), pl.col("tw0").sum())
     )
+    return targets, unreachable
 
-    # ---- Rule 2: the cash target and the room it needs ------------------------------------
+
+def _cash_target(
+    accounts: pl.DataFrame,
+    hv: pl.DataFrame,
+    targets: pl.DataFrame,
+    min_cash: pl.DataFrame,
+    ct: pl.DataFrame,
+    policy: SizingPolicy,
+) -> pl.DataFrame:
+    """Rule 2: each account's cash target and the room it needs, one row per account.
+
+    CASH is never traded: it is the balancing item. Its target weight `cash_target_w` =
+    max(CASH's share of the cash-class target, the min_cash_weight restriction,
+    policy.default_cash_buffer), clipped to [0, 1]. When that is above what the security
+    targets leave for cash, every non-cash target is scaled down by one factor `f` (never up:
+    money that cannot be invested stays in cash). Also carries the account's market value,
+    cash_before, the cash target in dollars and the rule-6 minimum trade `threshold`
+    (the larger of min_trade_value and min_trade_pct × market value)."""
     acct = (
         accounts.join(
             hv.group_by("account_id").agg(
@@ -514,8 +590,26 @@ def size_trades(
         )
         .sort("account_id")
     )
+    return acct
 
-    # ---- Rule 4 (no-buy): keep at most what is held, move the rest to a substitute ---------
+
+def _no_buy_substitutes(book: _Book, targets: pl.DataFrame, acct: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rule 4 (no_buy_symbol): the final security targets `tw` after rule 2's scaling, with the
+    part of a no-buy security's target above what it holds moved to a substitute.
+
+    Why: a no-buy security may be kept but not added to, yet the class still needs its money.
+    The substitute is the first allowed (not no-buy, priced, not CASH) of: the account's model
+    securities of the class, its holdings of the class, the class's securities in any model,
+    any security of the class on the shelf; alphabetical within each tier. In the cash class
+    the unbought part simply stays in CASH. A barred class is left alone (rule 4
+    no_asset_class). CASH itself is not in the result (rule 2 handles it).
+
+    Returns (final_t: account_id, symbol, asset_class, tw, sub_w = the weight a substitute
+    received; nobuy_unsub: account_id, asset_class, nobuy_syms for classes without a
+    substitute, whose money stays in cash)."""
+    hv, no_buy, barred, mw, held, model_symbols, sec, priced = (
+        book.hv, book.no_buy, book.barred, book.mw, book.held, book.model_symbols, book.sec, book.priced,
+    )
     t2 = (
         targets.filter(pl.col("symbol") != CASH_SYMBOL)
         .join(acct.select("account_id", "f", "market_value"), on="account_id", how="left")
@@ -583,8 +677,19 @@ def size_trades(
         .group_by(_KEY, maintain_order=True)
         .agg(pl.col("asset_class").first(), pl.col("tw").sum(), pl.col("sub_w").sum())
     )
+    return final_t, nobuy_unsub
 
-    # ---- The universe: every (account, non-cash security) with a target or a holding -------
+
+def _universe(book: _Book, final_t: pl.DataFrame, acct: pl.DataFrame, policy: SizingPolicy) -> pl.DataFrame:
+    """The universe the trade rules work on: one row per (account, non-cash security) with a
+    target or a holding, carrying its class, price, share unit (rule 5: 1, or 10^decimals for a
+    fractional security), held quantity and value `cv`, target `tw`, the dollar gap `diff` to
+    target, the account's rule-2 figures, the rule-4 restriction flags and `tradable`.
+
+    Why one frame: every later rule is then a column expression or a window over the account,
+    never a per-account loop. A barred class is frozen (no trade either way); so is anything
+    unpriced, and an account without market value has nothing to rebalance."""
+    hv, sec, no_buy, no_sell, barred = book.hv, book.sec, book.no_buy, book.no_sell, book.barred
     u = (
         final_t.join(
             hv.filter(pl.col("symbol") != CASH_SYMBOL).select(
@@ -621,11 +726,10 @@ def size_trades(
         .sort(_KEY)
     )
 
-    mv = pl.col("market_value")
-    price = pl.col("price")
+    mv = _MV
+    price = _PRICE
     # Share units: 1 for whole shares, 10^decimals for fractional securities.
     unit = pl.when(pl.col("fractional")).then(pl.lit(10.0 ** policy.fractional_decimals)).otherwise(pl.lit(1.0))
-    per_acct = {"partition_by": "account_id"}
 
     u = u.with_columns(
         unit=unit,
@@ -634,15 +738,25 @@ def size_trades(
         # without market value has nothing to rebalance.
         tradable=(price > 0).fill_null(False) & (mv > 0) & ~pl.col("barred"),
     )
+    return u
 
-    # ---- Rule 3t: a taxable account sells an overweight class's net excess, cheapest tax first --
-    # Why: selling every overweight security back to its own model weight realises gains on
-    # positions that merely drifted inside a class, and buying the class's underweights with the
-    # proceeds is a round trip that costs tax for no change in the asset mix. The bands are on
-    # classes, so a taxable account only needs the class back to its target: sell the class's
-    # net excess from the positions whose sale costs the least tax (losses first) and buy
-    # nothing in the class.
-    unscaled_tw = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
+
+def _tax_aware_class_sells(u: pl.DataFrame, taxable: pl.DataFrame, stc: pl.DataFrame) -> pl.DataFrame:
+    """Rule 3t: in a taxable account (one with `sell_tax_cost` rows) an overweight class sells
+    its net excess only, cheapest tax first.
+
+    Why: selling every overweight security back to its own model weight realises gains on
+    positions that merely drifted inside a class, and buying the class's underweights with the
+    proceeds is a round trip that costs tax for no change in the asset mix. The bands are on
+    classes, so a taxable account only needs the class back to its target: sell the class's
+    net excess (current − target of the class) from the positions whose sale costs the least
+    tax (losses first; ties: larger holding, then symbol), each up to its whole holding, and buy
+    nothing in the class. Adds to `u`: taxable, tax, class_cv, class_tv, class_tv0, tax_class
+    (the class is sold down this way), held_v, sellable, tax_sell_v (the dollars to sell) and
+    tax_plain_v (the same fill against the target before the cash scaling, for rule 8). An
+    account without rows gets tax_class = false and is sized by rule 3 as before."""
+    mv = _MV
+    unscaled_tw = _UNSCALED_TW
     u = (
         u.join(taxable, on="account_id", how="left")
         .join(stc, on=_KEY, how="left")
@@ -693,8 +807,21 @@ def size_trades(
         .with_columns(pl.col("tax_sell_v", "tax_plain_v").fill_null(0.0))
         .sort(_KEY)
     )
+    return u
 
-    # ---- Rule 3 + 4 + 5: sells first ---------------------------------------------------------
+
+def _sells(u: pl.DataFrame) -> pl.DataFrame:
+    """Rules 3, 4, 5 and 6 for sells: sell overweights toward target first, never more than held.
+
+    The wanted sell is the rule-3t class fill where it applies, else the overweight (at most the
+    holding). A no-sell security or a barred class sells nothing (its wanted sell is recorded as
+    `blocked_sell_v` for rules 7 and 8). Sells round to the nearest unit, capped at the held
+    quantity, except that an account whose cash would end under its target rounds its sells up
+    instead (`ceil_changed` marks a sell that grew for it). A sell below the minimum trade is
+    dust. Why sells first: their proceeds fund the buys. Adds want_sell_v, sell_blocked,
+    blocked_sell_v, sell_raw_q, sell_q_near, sell_q_up, use_ceil, sell_q, ceil_changed,
+    sell_keep, sell_q_final, sell_dust and the account's `proceeds`."""
+    price, per_acct = _PRICE, _PER_ACCT
     u = u.with_columns(
         # Sell overweights toward target, never more than held.
         want_sell_v=pl.when(pl.col("tax_class"))
@@ -735,8 +862,20 @@ def size_trades(
     ).with_columns(
         proceeds=(pl.col("sell_q_final") * price).fill_null(0.0).sum().over(**per_acct),
     )
+    return u
 
-    # ---- Rule 3 + 4 + 5: then buys, scaled to the cash available -----------------------------
+
+def _buys(u: pl.DataFrame) -> pl.DataFrame:
+    """Rules 3, 5 and 6 for buys: buy underweights with the cash available, scaled to it.
+
+    The cash available is cash + sell proceeds − the cash target; when an account's wanted buys
+    (never a no-buy security, a barred or unpriced one, or a class rule 3t is selling down) need
+    more, every buy is cut by one factor. Buys round down to the unit so cash never goes under
+    its target; a buy below the minimum trade is dust. `buys_cut` (rule 8) counts only a cut of
+    at least one minimum trade, so rounding noise is not a cash decision; `blocked_any` marks an
+    account whose restricted holdings could not be sold. Adds want_buy_v, total_want, avail,
+    scale, buy_raw_v, buy_q, buy_keep, buy_q_final, buy_dust, buys_cut, blocked_any."""
+    price, per_acct = _PRICE, _PER_ACCT
     u = u.with_columns(
         # Rule 3t: nothing is bought in a class a taxable account is selling down.
         want_buy_v=pl.when(pl.col("tradable") & ~pl.col("no_buy") & ~pl.col("tax_class") & (pl.col("diff") > 0))
@@ -764,11 +903,19 @@ def size_trades(
         buys_cut=(pl.col("total_want") - pl.col("avail") >= pl.col("threshold")) & (pl.col("total_want") > 0),
         blocked_any=pl.col("blocked_sell_v").sum().over(**per_acct) > 0.005,
     )
+    return u
 
-    # ---- Rule 6b: top up with the cash that rounding and the minimum trade left over ----------
-    # Without this a small account whose class shortfall is split over several securities ends
-    # outside its band with the cash to get inside: each security's own buy is under one share or
-    # under the minimum trade. The whole class shortfall goes to one security per round instead.
+
+def _top_up(u: pl.DataFrame) -> pl.DataFrame:
+    """Rule 6b: top up with the cash that rounding and the minimum trade left over.
+
+    Why: without this a small account whose class shortfall is split over several securities
+    ends outside its band with the cash to get inside: each security's own buy is under one share
+    or under the minimum trade. The whole class shortfall goes to one security per round instead
+    (`_top_up_round`, `_TOPUP_ROUNDS` vectorised rounds), never a no-buy, barred, unpriced or
+    cash-class security, one being sold, or one in a class rule 3t sells down. The top-up is
+    merged into the proposed buy (`buy_q_final`, re-rounded to the unit); `buy_q_main` keeps the
+    buy before it and `topup_q` the top-up; a security the top-up bought is no longer dust."""
     u = u.with_columns(
         buy_q_main=pl.col("buy_q_final"),
         topup_q=pl.lit(0.0),
@@ -792,8 +939,20 @@ def size_trades(
         # A security the top-up bought is proposed after all: it is no longer dust.
         buy_dust=pl.col("buy_dust") & ~(pl.col("topup_q") > 0),
     )
+    return u
 
-    # ---- Rule 8: one reason per trade -------------------------------------------------------
+
+def _trade_reasons(u: pl.DataFrame) -> pl.DataFrame:
+    """Rule 8: one reason per trade, and each security's value after the trades (`post_v`).
+
+    "restriction" if a restriction changed the trade (a substitute buy for a no-buy security, or
+    a buy cut because restricted holdings could not be sold to fund it); otherwise "cash" if the
+    cash target changed it (a sell enlarged to raise the cash target, or rounded up to protect
+    it; a buy cut for lack of cash); otherwise "rebalance". Why the minimum-trade test: a change
+    counts only when it is at least one minimum trade, so rounding noise never relabels a trade.
+    A top-up of its own is "rebalance"; one merged into a buy keeps that buy's reason. Adds
+    sell_reason, buy_reason and post_v."""
+    mv, price, unscaled_tw = _MV, _PRICE, _UNSCALED_TW
     # The ordinary overweight, measured against the target before the cash-target scaling (for a
     # rule-3t class: that security's share of the class excess over the unscaled target).
     ordinary_sell_v = (
@@ -818,7 +977,14 @@ def size_trades(
         .otherwise(pl.lit("rebalance")),
         post_v=pl.col("cv") - (pl.col("sell_q_final") * price).fill_null(0.0) + (pl.col("buy_q_final") * price).fill_null(0.0),
     )
+    return u
 
+
+def _trade_rows(u: pl.DataFrame) -> pl.DataFrame:
+    """The proposed trades of the universe: one row per account, symbol and side with a quantity
+    above 0 (account_id, symbol, asset_class, side, quantity, est_price, est_value, reason),
+    sorted by (account_id, side, symbol) so the output is deterministic (rule 9)."""
+    price = _PRICE
     trades = pl.concat(
         [
             u.filter(pl.col(f"{side}_q_final") > 0).select(
@@ -834,8 +1000,15 @@ def size_trades(
             for side in ("sell", "buy")
         ]
     ).sort(["account_id", "side", "symbol"])
+    return trades
 
-    # ---- Account totals ----------------------------------------------------------------------
+
+def _account_totals(acct: pl.DataFrame, u: pl.DataFrame) -> pl.DataFrame:
+    """Account totals after the trades: `acct` (rule 2) with proceeds, buy_cost, trade_count,
+    dust_dropped (rule 6), buys_cut, blocked_any, blocked_syms (rules 7 and 8) and cash_after.
+    Why the rounding of cash_after: cents-level float noise of the buy rounding would otherwise
+    show as a non-zero or negative-zero cash balance."""
+    price = _PRICE
     acct_u = u.group_by("account_id", maintain_order=True).agg(
         proceeds=pl.col("proceeds").first(),
         buy_cost=(pl.col("buy_q_final") * price).fill_null(0.0).sum(),
@@ -858,8 +1031,27 @@ def size_trades(
         )
         .sort("account_id")
     )
+    return acct
 
-    # ---- Rule 7: post-trade class weights against the bands ---------------------------------
+
+def _band_check(
+    u: pl.DataFrame,
+    acct: pl.DataFrame,
+    ct: pl.DataFrame,
+    bands: pl.DataFrame,
+    barred: pl.DataFrame,
+    unreachable: pl.DataFrame,
+    nobuy_unsub: pl.DataFrame,
+) -> pl.DataFrame:
+    """Rule 7: post-trade asset-class weights against the bands; account_id → `unresolved`, one
+    row per account with a class still outside its band.
+
+    Why: nothing is ever violated to get inside a band, so the advisor must be told which class
+    is still outside and why, in plain words (every cause that applies: barred class, no
+    reachable security, no-buy without substitute, no-sell, cash shortfall, cash target; else
+    whole-share rounding and the minimum trade size). A class without a band row is held to the
+    account's tightest band; an account without any band row to 0 (strict). `acct` must carry
+    the account totals (cash_after, buys_cut, blocked_any, blocked_syms)."""
     cls = (
         pl.concat(
             [
@@ -1010,8 +1202,13 @@ def size_trades(
         .group_by("account_id", maintain_order=True)
         .agg(unresolved=pl.col("text").str.join(" | "))
     )
+    return breached
 
-    # Rule 4 (no_asset_class): every holding of a barred class goes to compliance review.
+
+def _compliance_review(hv: pl.DataFrame, barred: pl.DataFrame) -> pl.DataFrame:
+    """Rule 4 (no_asset_class): account_id → `compliance_review`, naming every holding of a
+    barred class. Why: an ERISA plan restriction bars the class, so rule 4 trades none of it and
+    the holding must be reviewed with compliance instead of silently left."""
     compliance = (
         hv.filter((pl.col("symbol") != CASH_SYMBOL) & ((pl.col("quantity") != 0) | (pl.col("market_value") != 0)))
         .join(barred, on=_CLASS_KEY, how="semi")
@@ -1032,8 +1229,39 @@ def size_trades(
         .group_by("account_id", maintain_order=True)
         .agg(compliance_review=pl.col("text").str.join("; "))
     )
+    return compliance
 
-    rec = recommendation_ids(accounts, trades, policy.model_version)
+
+def size_trades(
+    holdings: pl.DataFrame,
+    class_targets: pl.DataFrame,
+    model_weights: pl.DataFrame,
+    securities: pl.DataFrame,
+    restrictions: pl.DataFrame,
+    bands: pl.DataFrame,
+    policy: SizingPolicy = SizingPolicy(),
+    *,
+    sell_tax_cost: pl.DataFrame | None = None,
+) -> SizingResult:
+    """Size whole-share trades for every account in `class_targets`. See the module docstring.
+    `sell_tax_cost` (account_id, symbol, tax_per_dollar; rows only for taxable accounts) turns
+    on rule 3t for the accounts it has rows for."""
+    book = _prepare_inputs(holdings, class_targets, model_weights, securities, restrictions, sell_tax_cost)
+    targets, unreachable = _security_targets(book.ct, book.mw, book.held, book.model_first)  # rule 1
+    acct = _cash_target(book.accounts, book.hv, targets, book.min_cash, book.ct, policy)  # rule 2
+    final_t, nobuy_unsub = _no_buy_substitutes(book, targets, acct)  # rule 4 (no-buy)
+    u = _universe(book, final_t, acct, policy)
+    u = _tax_aware_class_sells(u, book.taxable, book.stc)  # rule 3t
+    u = _sells(u)  # rules 3, 4, 5, 6
+    u = _buys(u)  # rules 3, 5, 6
+    u = _top_up(u)  # rule 6b
+    u = _trade_reasons(u)  # rule 8
+    trades = _trade_rows(u)
+    acct = _account_totals(acct, u)
+    breached = _band_check(u, acct, book.ct, bands, book.barred, unreachable, nobuy_unsub)  # rule 7
+    compliance = _compliance_review(book.hv, book.barred)  # rule 4 (no_asset_class)
+
+    rec = recommendation_ids(book.accounts, trades, policy.model_version)
     trades = trades.join(rec, on="account_id", how="left").select(list(TRADES_SCHEMA)).cast(TRADES_SCHEMA)
     accounts_out = (
         acct.join(rec, on="account_id", how="left")
