@@ -37,7 +37,8 @@ def _peak_rss_mb() -> float:
 def _child(mode: str, accounts: int, work: Path) -> dict:
     # A sandbox book: without REBAL_AUDIT_KEY its audit chain is signed with the public sandbox
     # key, as in the drill (workflow/audit.py).
-    env = {**os.environ, "REBAL_SANDBOX": os.environ.get("REBAL_SANDBOX", "1")}
+    env = dict(os.environ)  # the child's environment: a sandbox unless the caller said otherwise
+    env.setdefault("REBAL_SANDBOX", "1")
     out = subprocess.run(
         [sys.executable, "-m", "rebal_pipeline.benchmark", mode, str(accounts), str(work)],
         check=True, capture_output=True, text=True, env=env,

@@ -463,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_benchmark)
 
     args = parser.parse_args(argv)
+    try:  # validated at start: a malformed REBAL_* variable is one line naming it, exit 2
+        settings.load_settings()
+    except settings.SettingsError as exc:
+        print(f"rebal: {exc}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -11,17 +11,22 @@ from rebal_pipeline.defs.trades import assets as trades
 from rebal_pipeline.defs.warehouse import assets as warehouse
 from rebal_pipeline.defs.workflow import assets as workflow
 from rebal_pipeline.defs.workflow import anchor as audit_record
-from rebal_pipeline.resources import local_resources
+from rebal_pipeline.resources import resources_for
+from rebal_pipeline.settings import RebalSettings, load_settings
 
 
-def build_definitions() -> Definitions:
-    """Definitions with resources read from the environment now (see settings.py)."""
+def build_definitions(rebal_settings: RebalSettings | None = None) -> Definitions:
+    """Definitions with resources chosen from `rebal_settings` (default: the environment, read and
+    validated once here, so a malformed REBAL_* variable fails the code location's load with a
+    SettingsError naming it)."""
+    if rebal_settings is None:
+        rebal_settings = load_settings()
     return Definitions(
         assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets, *audit_record.assets],
         jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs, *connections.jobs],
         schedules=[daily_drift_at_market_close],
         sensors=[*approvals.sensors, *comms.sensors, *connections.sensors],
-        resources=local_resources(),
+        resources=resources_for(rebal_settings),
         # DuckDB allows one writing process at a time: run the steps of a run in one process.
         executor=in_process_executor,
     )

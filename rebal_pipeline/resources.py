@@ -130,17 +130,73 @@ class WorkflowStoreResource(ConfigurableResource):
             store.dispose()
 
 
-def local_resources() -> dict:
-    policy = settings.policy_file()
-    return {
+class FixSessionResource(ConfigurableResource):
+    """The FIX session's identity (REBAL_FIX_SENDER_COMP_ID / _TARGET_COMP_ID / _FIRST_SEQ_NUM);
+    empty = tickets/fix.py's defaults. Not secret: CompIDs appear in every FIX message."""
+
+    sender_comp_id: str = ""
+    target_comp_id: str = ""
+    first_seq_num: int = 0
+
+    def session(self):
+        """The tickets/fix.py session these values describe (its defaults for those not set)."""
+        from rebal_pipeline.tickets.fix import FixSession
+
+        values = {key: value for key, value in (("sender_comp_id", self.sender_comp_id),
+                  ("target_comp_id", self.target_comp_id), ("first_seq_num", self.first_seq_num)) if value}
+        return FixSession(**values)
+
+
+def _secret_config(settings_: "settings.RebalSettings", variable: str, value: str):
+    """A secret as resource config: an EnvVar when the process environment holds this very value
+    (so the Dagster UI shows the variable's name, not the secret), else the value itself (settings
+    built from a mapping in tests, where there is no variable to point at)."""
+    from dagster import EnvVar
+
+    if os.environ.get(variable) == value:
+        return EnvVar(variable)
+    return value
+
+
+def resources_for(settings_: "settings.RebalSettings") -> dict:
+    """The resources of the environment `settings_` describes -- the one place they are chosen.
+
+    Environments, told apart by what the settings say:
+      - the embedded sandbox (default): DuckDB and SQLite files under REBAL_HOME;
+      - production: REBAL_WORKFLOW_DB_URL names a Postgres workflow store (its URL, which may
+        carry a password, is passed as EnvVar so the Dagster UI never shows it), paths moved
+        with REBAL_WAREHOUSE / REBAL_FEED_ROOT / REBAL_ARCHIVE_ROOT.
+    The comms resources (SMTP, CRM, links) come from defs/comms/resources.py when present."""
+    policy = settings_.policy_file()
+    if settings_.workflow_db is not None:
+        store_url = _secret_config(settings_, "REBAL_WORKFLOW_DB_URL", settings_.workflow_db_url())
+    else:
+        store_url = settings_.workflow_db_url()
+    chosen = {
         "warehouse": Warehouse(
-            database=str(settings.warehouse_path()),
-            memory_limit=os.environ.get("REBAL_DUCKDB_MEMORY_LIMIT", "4GB"),
+            database=str(settings_.warehouse_path()), memory_limit=settings_.duckdb_memory_limit
         ),
         "feed": FeedLocation(
-            feed_root=str(settings.feed_root()), archive_root=str(settings.archive_root())
+            feed_root=str(settings_.feed_root()), archive_root=str(settings_.archive_root())
         ),
         "drift_policy_source": DriftPolicySource(policy_file=str(policy) if policy else ""),
-        "advisor_overrides": AdvisorOverrides(wash_sale_file=str(settings.wash_sale_overrides_path())),
-        "workflow_store": WorkflowStoreResource(url=settings.workflow_db_url()),
+        "advisor_overrides": AdvisorOverrides(wash_sale_file=str(settings_.wash_sale_overrides_path())),
+        "workflow_store": WorkflowStoreResource(url=store_url),
+        "fix_session": FixSessionResource(
+            sender_comp_id=settings_.fix_sender_comp_id or "",
+            target_comp_id=settings_.fix_target_comp_id or "",
+            first_seq_num=settings_.fix_first_seq_num or 0,
+        ),
     }
+    try:  # written concurrently by the comms helper; merged when it exists
+        from rebal_pipeline.defs.comms.resources import comms_resources
+    except ImportError:
+        comms_resources = None
+    if comms_resources is not None:
+        chosen.update(comms_resources(settings_))
+    return chosen
+
+
+def local_resources() -> dict:
+    """Kept for callers and tests: the resources of the process environment now."""
+    return resources_for(settings.current())

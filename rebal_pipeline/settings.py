@@ -111,6 +111,23 @@ class RebalSettings(BaseSettings):
     # --- custodian connections ----------------------------------------------------------------
     token_key: SecretStr | None = _var("REBAL_TOKEN_KEY")
 
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _sandbox(cls, value) -> bool:
+        # As rebal has always read it: 1/true/yes is a sandbox, anything else is not.
+        return str(value).strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
+
+    @field_validator("auto_submit_discretionary", mode="before")
+    @classmethod
+    def _true_or_false(cls, value) -> bool:
+        # Orders reach the desk on this flag: anything but true/false is refused, not guessed.
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return text == "true"
+
     @field_validator("client_confirmation")
     @classmethod
     def _style(cls, value: str) -> str:

@@ -68,3 +68,16 @@ def test_default_as_of_is_the_latest_closed_nyse_session(now, expected):
     from rebal_pipeline.core.market_calendar import latest_closed_session
 
     assert latest_closed_session(now).isoformat() == expected
+
+
+def test_a_malformed_variable_fails_the_code_location_load_naming_it(tmp_path):
+    # The code location's load as Dagster does it: importing definitions.py in a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REBAL_HOME": str(tmp_path), "REBAL_LINK_TTL_HOURS": "abc"}
+    done = subprocess.run([sys.executable, "-c", "import rebal_pipeline.definitions"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "SettingsError: REBAL_LINK_TTL_HOURS='abc': " in done.stderr

@@ -19,11 +19,12 @@ import hmac
 import json
 import os
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from rebal_pipeline.connections.config import Connection, inbound_dir
 from rebal_pipeline.connections.oauth_api import CustodianApi, OAuthApiConfig, OAuthApiError, Tokens
+from rebal_pipeline.core.clock import utc_now
 
 STATE_TTL = timedelta(minutes=15)
 
@@ -47,7 +48,7 @@ def _require_api(connection: Connection) -> None:
 def start_authorization(connection: Connection, now: datetime | None = None) -> str:
     """Step 1: the URL the operator opens (a fresh state is kept for step 2)."""
     _require_api(connection)
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     state = secrets.token_urlsafe(24)
     path = _state_file(connection)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def finish_authorization(connection: Connection, code: str, state: str, now: dat
                          **api_options) -> Tokens:
     """Step 2: check the state, exchange the code, store the tokens (encrypted)."""
     _require_api(connection)
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     path = _state_file(connection)
     try:
         pending = json.loads(path.read_text())

@@ -1,7 +1,8 @@
 """Custodian connections: which firm gets which custodian's files, how, and by when.
 
-One YAML file (REBAL_CONNECTIONS, default $REBAL_HOME/connections.yaml) lists the connections;
-secrets are never in it — it names the environment variables that hold them. Validated here at
+One YAML file (REBAL_CONNECTIONS, default $REBAL_HOME/connections.yaml; `connections_file`)
+lists the connections; secrets are never in it — it names the environment variables that hold
+them (read by name in connections/credentials.py). Validated here at
 the boundary (pydantic): a typo fails loudly with the file and the field.
 
     connections:
@@ -44,7 +45,6 @@ whole canonical feed itself, so it is the only connection when used.
 
 from __future__ import annotations
 
-import os
 from datetime import time
 from pathlib import Path
 from typing import Literal
@@ -139,12 +139,15 @@ class ConnectionsFileError(ValueError):
     pass
 
 
-def connections_file() -> Path:
-    return Path(os.environ.get("REBAL_CONNECTIONS") or settings.rebal_home() / "connections.yaml")
+def connections_file(config: settings.RebalSettings | None = None) -> Path:
+    """REBAL_CONNECTIONS, else $REBAL_HOME/connections.yaml (`config` default: the settings now)."""
+    config = settings.current() if config is None else config
+    return Path(config.connections_file or config.rebal_home() / "connections.yaml")
 
 
 def load_connections(path: Path | None = None) -> Connections:
-    """The connections file; no file = no connections (the drop folder alone)."""
+    """The connections file (default: `connections_file()`); no file = no connections (the drop
+    folder alone)."""
     path = path or connections_file()
     if not path.exists():
         return Connections()

@@ -39,6 +39,7 @@ from pathlib import Path
 from rebal_pipeline import settings
 from rebal_pipeline.connections import dialects
 from rebal_pipeline.connections.config import Connection, inbound_dir, part_dir
+from rebal_pipeline.connections.credentials import custodian_secret
 from rebal_pipeline.connections.sftp import SftpConfigError, SftpSource, pull_new
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.core.folders import swap_in
@@ -76,7 +77,7 @@ class Delivery:
 def sftp_source(connection: Connection) -> SftpSource:
     """The SftpSource of a connection; the key file's path comes from the env variable it names."""
     sftp = connection.sftp
-    key_file = os.environ.get(sftp.private_key_file_env)
+    key_file = custodian_secret(sftp.private_key_file_env)
     if not key_file:
         raise SftpConfigError(f"connection {connection.name}: {sftp.private_key_file_env} is not set "
                               "(the path of the SFTP private key)")

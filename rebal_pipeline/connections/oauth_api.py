@@ -45,9 +45,11 @@ below) unless that is longer than `max_retry_after`, which fails at once; 5xx an
 are retried with exponential backoff (tenacity); both bounded by `max_attempts` per request.
 Other 4xx fail at once.
 
-Secrets: tokens live only in the token file, encrypted with Fernet (key: env `REBAL_TOKEN_KEY`,
-a urlsafe-base64 32-byte key, `Fernet.generate_key()`), written atomically with mode 0600. The
-client secret and tokens are never in a repr, a log line or an exception message.
+Secrets: tokens live only in the token file, encrypted with Fernet (key: `REBAL_TOKEN_KEY`, read
+through `settings.RebalSettings.token_key`, a urlsafe-base64 32-byte key, `Fernet.generate_key()`),
+written atomically with mode 0600. The client id and secret come from the environment variables the
+connection names (connections/credentials.py). The client secret and tokens are never in a repr, a
+log line or an exception message.
 
 `pull_day(api, as_of, out_dir)` writes positions.csv, lots.csv, transactions.csv and prices.csv
 into a temporary sibling of `out_dir` and renames it into place only once every endpoint and
@@ -60,6 +62,7 @@ replaced.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -68,20 +71,23 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlencode
 
 import httpx
-
-from rebal_pipeline.core.retry_after import retry_after_seconds
 from cryptography.fernet import Fernet, InvalidToken
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from rebal_pipeline import settings
+from rebal_pipeline.connections.credentials import custodian_secret
+from rebal_pipeline.core.clock import utc_now
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.core.folders import swap_in
+from rebal_pipeline.core.retry_after import retry_after_seconds
+from rebal_pipeline.core.write_once import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +167,8 @@ class Tokens:
 
 
 class TokenStore:
-    """The token file: Fernet-encrypted JSON, written atomically, mode 0600."""
+    """The token file: Fernet-encrypted JSON, written atomically, mode 0600. Without a `key`, the
+    key is REBAL_TOKEN_KEY of the settings at the moment the file is read or written."""
 
     def __init__(self, path: str | os.PathLike, key: str | bytes | None = None):
         self.path = Path(path)
@@ -171,7 +178,7 @@ class TokenStore:
         return f"TokenStore({str(self.path)!r})"
 
     def _fernet(self) -> Fernet:
-        key = self._key if self._key is not None else os.environ.get(TOKEN_KEY_ENV)
+        key = self._key if self._key is not None else _token_key()
         if not key:
             raise TokenKeyError(f"{TOKEN_KEY_ENV} is not set: the token file {self.path} cannot be "
                                 f"read or written (generate a key with Fernet.generate_key())")
@@ -231,15 +238,19 @@ class OAuthApiConfig:
     transactions_lookback_days: int = 61
 
     @classmethod
-    def from_connection(cls, connection, *, environ=os.environ, **overrides) -> "OAuthApiConfig":
-        """From a `config.Connection` of kind oauth_api; secrets read from the env vars it names."""
+    def from_connection(cls, connection, *, environ=None, **overrides) -> "OAuthApiConfig":
+        """From a `config.Connection` of kind oauth_api; secrets read from the env vars it names
+        (`environ` replaces the process environment)."""
         o = connection.oauth
-        missing = [n for n in (o.client_id_env, o.client_secret_env) if not environ.get(n)]
+        client_id, client_secret = (custodian_secret(o.client_id_env, environ),
+                                    custodian_secret(o.client_secret_env, environ))
+        missing = [n for n, value in ((o.client_id_env, client_id), (o.client_secret_env, client_secret))
+                   if not value]
         if missing:
             raise OAuthApiError(f"connection {connection.name}: environment variable(s) "
                                 f"{', '.join(missing)} not set")
         return cls(name=connection.name, base_url=o.base_url, token_url=o.token_url,
-                   client_id=environ[o.client_id_env], client_secret=environ[o.client_secret_env],
+                   client_id=client_id, client_secret=client_secret,
                    token_file=o.token_file, **{"authorize_url": o.authorize_url, "redirect_uri": o.redirect_uri,
                                                "scope": o.scope, "page_size": o.page_size, **overrides})
 
@@ -251,7 +262,7 @@ class CustodianApi:
     """One custodian API connection. Use as a context manager (closes the HTTP client)."""
 
     def __init__(self, config: OAuthApiConfig, *, token_store: TokenStore | None = None,
-                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 now: Callable[[], datetime] = utc_now,
                  sleep: Callable[[float], None] = time.sleep,
                  transport: httpx.BaseTransport | None = None):
         self.config = config
@@ -530,12 +541,15 @@ def pull_day(api: CustodianApi, as_of: date, out_dir: str | os.PathLike) -> Pull
                 handle.flush()
                 os.fsync(handle.fileno())
         manifest = {"connection": api.config.name, "as_of": as_of.isoformat(),
-                    "pulled_at": datetime.now(timezone.utc).isoformat(), "rows": rows, "pages": pages}
+                    "pulled_at": utc_now().isoformat(), "rows": rows, "pages": pages}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         # Every endpoint and page completed: swap the new folder in.
         _check_owned(out_dir)
         swap_in(staging, out_dir)
-        _fsync_dir(out_dir.parent)
+        # Best effort: the folder is complete and in place; a filesystem that cannot fsync a
+        # directory must not fail a pull that already succeeded.
+        with contextlib.suppress(OSError):
+            fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -546,14 +560,6 @@ def pull_day(api: CustodianApi, as_of: date, out_dir: str | os.PathLike) -> Pull
     return PullResult(as_of, out_dir, rows, pages)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _token_key() -> str | None:
+    key = settings.current().token_key
+    return key.get_secret_value() if key is not None else None

@@ -55,6 +55,9 @@ from pathlib import Path
 import paramiko
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rebal_pipeline.connections.credentials import custodian_secret
+from rebal_pipeline.core.write_once import fsync_dir
+
 log = logging.getLogger(__name__)
 
 LEDGER_NAME = ".fetched.json"
@@ -161,13 +164,13 @@ class _PinnedHostKeyPolicy(paramiko.RejectPolicy):
 def _load_private_key(source: SftpSource) -> paramiko.PKey:
     password = None
     if source.passphrase_env is not None:
-        password = os.environ.get(source.passphrase_env)
+        password = custodian_secret(source.passphrase_env)
         if password is None:
             raise SftpConfigError(f"environment variable {source.passphrase_env} is not set")
     try:
         if source.private_key_path is not None:
             return paramiko.PKey.from_path(source.private_key_path, password)
-        text = os.environ.get(source.private_key_env or "")
+        text = custodian_secret(source.private_key_env or "")
         if not text:
             raise SftpConfigError(f"environment variable {source.private_key_env} is not set")
         last: Exception | None = None
@@ -269,14 +272,6 @@ def _list(sftp: paramiko.SFTPClient, source: SftpSource) -> list[RemoteFile]:
 
 
 # ------------------------------------------------------------------------------ local file utils
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_json(path: Path, data: object) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -289,7 +284,7 @@ def _atomic_write_json(path: Path, data: object) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _stamp_path(dest_dir: Path, local_name: str) -> Path:
@@ -404,7 +399,7 @@ def _fetch(
             f"(file growing on the server?); partial download discarded"
         )
     os.replace(part, final)
-    _fsync_dir(dest_dir)
+    fsync_dir(dest_dir)
     stamp_path.unlink(missing_ok=True)
     digest = h.hexdigest()
     log.info("sftp fetched %s from %s: %d bytes sha256=%s", name, source.label, size, digest)

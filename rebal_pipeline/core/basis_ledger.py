@@ -1,6 +1,6 @@
 """rebal's own cost-basis ledger: the wash-sale adjustments rebal computes, kept per lot and
-carried from one session to the next (pure polars, no Dagster; the asset is
-defs/trades/basis.py, the table `basis_adjustments`).
+carried from one session to the next (pure polars, no Dagster; its warehouse reads and
+writes are core/basis_ledger_store.py, the asset defs/trades/basis.py, the table `basis_adjustments`).
 
 Why rebal keeps a ledger. A broker adjusts basis for a wash sale only when the loss sale and the
 replacement purchase are in the same account (IRC §6045(g)(2)(B)(ii), Treas. Reg.

@@ -16,3 +16,10 @@ def utc(moment: datetime) -> datetime:
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def run_time(configured: str) -> datetime:
+    """A run's clock: the sensor tick's time carried in the run config as ISO text (so a message
+    or a pull is recorded as of the tick that found it due, and tests choose the time), else the
+    wall clock."""
+    return utc(datetime.fromisoformat(configured)) if configured else utc_now()

@@ -1,6 +1,6 @@
 """The tax engine: one day's proposals → lots relieved, tax, wash sales, harvests, advice.
 
-Pure polars over the whole book (no Dagster, no DuckDB). The asset in defs/trades/assets.py
+Pure polars over the whole book (no Dagster, no DuckDB). The proposal orchestration (core/proposals.py)
 reads the frames, calls `past_wash_sales` before sizing (so every basis is right) and
 `apply_tax_engine` after sizing, and writes what comes back.
 

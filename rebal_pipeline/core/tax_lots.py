@@ -1,8 +1,8 @@
 """The tax engine's pure core: holding periods, lot relief, tax estimates, tax-loss harvesting.
 
 Plain polars over whole-book frames (no Dagster, no DuckDB, no per-account loop). The wash-sale
-matching lives in core/wash_sales.py; the asset that wires both to the warehouse is in
-defs/trades/assets.py.
+matching lives in core/wash_sales.py; the orchestration that wires both to the warehouse is
+core/proposals.py (its asset: defs/trades/assets.py).
 
 Money is computed in double precision and every dollar amount leaving the core is rounded to
 cents; quantities keep the feed's 8 decimals.

@@ -96,12 +96,18 @@ def _utc(moment: datetime) -> datetime:
 
 
 def outbox_root() -> Path:
-    return settings.rebal_home() / "outbox"
+    return settings.outbox_root()
 
 
-def auto_submit_discretionary(environ: Mapping[str, str] = os.environ) -> bool:
+def auto_submit_discretionary(environ: Mapping[str, str] | None = None, rebal_settings=None) -> bool:
     """REBAL_AUTO_SUBMIT_DISCRETIONARY: `true` submits discretionary accounts' orders, `false`
-    (the default) stages them with the rest. Anything else is refused rather than guessed."""
+    (the default) stages them with the rest. Anything else is refused rather than guessed.
+    From `rebal_settings` when given (already typed), else from `environ` (tests) or, with
+    neither, from settings.current()."""
+    if environ is None:
+        if rebal_settings is None:
+            rebal_settings = settings.current()
+        return rebal_settings.auto_submit_discretionary
     value = environ.get(AUTO_SUBMIT_ENV, "").strip().lower()
     if value in ("", "false"):
         return False
@@ -110,8 +116,12 @@ def auto_submit_discretionary(environ: Mapping[str, str] = os.environ) -> bool:
     raise ExecutionError(f"{AUTO_SUBMIT_ENV} is {environ[AUTO_SUBMIT_ENV]!r}; it must be true or false")
 
 
-def trading_desk_id(environ: Mapping[str, str] = os.environ) -> str:
+def trading_desk_id(environ: Mapping[str, str] | None = None, rebal_settings=None) -> str:
     """Who places staged orders (the 204-2 memo's "placed by"): REBAL_TRADING_DESK_ID, else the desk."""
+    if environ is None:
+        if rebal_settings is None:
+            rebal_settings = settings.current()
+        return (rebal_settings.trading_desk_id or "").strip() or DEFAULT_TRADING_DESK
     return environ.get(TRADING_DESK_ENV, "").strip() or DEFAULT_TRADING_DESK
 
 

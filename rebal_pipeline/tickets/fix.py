@@ -40,12 +40,19 @@ class FixSession(BaseModel):
     first_seq_num: int = Field(default=1, ge=1)
 
     @classmethod
-    def from_env(cls) -> FixSession:
-        """REBAL_FIX_SENDER_COMP_ID, REBAL_FIX_TARGET_COMP_ID, REBAL_FIX_FIRST_SEQ_NUM (defaults otherwise)."""
-        values = {key: os.environ[env] for key, env in (
-            ("sender_comp_id", "REBAL_FIX_SENDER_COMP_ID"), ("target_comp_id", "REBAL_FIX_TARGET_COMP_ID"),
-            ("first_seq_num", "REBAL_FIX_FIRST_SEQ_NUM")) if os.environ.get(env)}
+    def from_settings(cls, rebal_settings) -> FixSession:
+        """REBAL_FIX_SENDER_COMP_ID, REBAL_FIX_TARGET_COMP_ID, REBAL_FIX_FIRST_SEQ_NUM of a
+        RebalSettings (defaults for those not set)."""
+        values = {key: getattr(rebal_settings, f"fix_{key}") for key in (
+            "sender_comp_id", "target_comp_id", "first_seq_num") if getattr(rebal_settings, f"fix_{key}")}
         return cls(**values)
+
+    @classmethod
+    def from_env(cls) -> FixSession:
+        """The session of the process environment's settings (settings.current())."""
+        from rebal_pipeline import settings
+
+        return cls.from_settings(settings.current())
 
 
 def utc_timestamp(value: datetime) -> str:

@@ -70,8 +70,21 @@ class AuditBroken(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def sandbox() -> bool:
-    return os.environ.get("REBAL_SANDBOX", "").strip().lower() in ("1", "true", "yes")
+def _settings(rebal_settings=None):
+    """The settings given, else the process environment's (settings.py validates them)."""
+    if rebal_settings is not None:
+        return rebal_settings
+    from rebal_pipeline import settings
+
+    return settings.current()
+
+
+def _secret(value) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
+def sandbox(rebal_settings=None) -> bool:
+    return _settings(rebal_settings).sandbox
 
 
 def key_id_of(key: bytes) -> str:
@@ -87,33 +100,35 @@ def _checked(raw: str, variable: str) -> bytes:
     return key
 
 
-def signing_key() -> tuple[str, bytes]:
+def signing_key(rebal_settings=None) -> tuple[str, bytes]:
     """(key id, key) that signs new events: REBAL_AUDIT_KEY, or the sandbox key with REBAL_SANDBOX=1."""
-    raw = os.environ.get("REBAL_AUDIT_KEY", "")
+    current = _settings(rebal_settings)
+    raw = _secret(current.audit_key)
     if raw.strip():
         key = _checked(raw, "REBAL_AUDIT_KEY")
         return key_id_of(key), key
-    if sandbox():
+    if current.sandbox:
         return SANDBOX_KEY_ID, _SANDBOX_KEY
     raise AuditKeyError("REBAL_AUDIT_KEY is not set: the audit chain is signed with a key from the environment "
                         "(at least 32 characters; keep it out of the database). Only a sandbox (REBAL_SANDBOX=1) "
                         "runs without one.")
 
 
-def keyring() -> dict[str, bytes]:
+def keyring(rebal_settings=None) -> dict[str, bytes]:
     """Every key that may verify: the current one and the old ones in REBAL_AUDIT_KEYS."""
+    current = _settings(rebal_settings)
     keys: dict[str, bytes] = {}
-    for raw in os.environ.get("REBAL_AUDIT_KEYS", "").replace("\n", ",").split(","):
+    for raw in _secret(current.audit_keys).replace("\n", ",").split(","):
         if raw.strip():
             key = _checked(raw, "REBAL_AUDIT_KEYS")
             keys[key_id_of(key)] = key
-    if os.environ.get("REBAL_AUDIT_KEY", "").strip():
-        key = _checked(os.environ["REBAL_AUDIT_KEY"], "REBAL_AUDIT_KEY")
+    if _secret(current.audit_key).strip():
+        key = _checked(_secret(current.audit_key), "REBAL_AUDIT_KEY")
         keys[key_id_of(key)] = key
-    if sandbox():
+    if current.sandbox:
         keys[SANDBOX_KEY_ID] = _SANDBOX_KEY
     if not keys:
-        signing_key()  # raises the explanation
+        signing_key(current)  # raises the explanation
     return keys
 
 
@@ -316,13 +331,11 @@ def store_identity(conn: Connection) -> str:
 def anchor_dir(conn: Connection, archive_root: Path | str | None = None) -> Path:
     """REBAL_AUDIT_ANCHOR_DIR, else <archive>/audit_anchors/<store digest>/, the archive being the
     one given (the Dagster feed resource's) or settings.archive_root() (REBAL_ARCHIVE_ROOT)."""
-    explicit = os.environ.get("REBAL_AUDIT_ANCHOR_DIR", "").strip()
-    if explicit:
-        return Path(explicit)
+    current = _settings()
+    if current.audit_anchor_dir is not None and str(current.audit_anchor_dir).strip():
+        return Path(str(current.audit_anchor_dir).strip())
     if archive_root is None:
-        from rebal_pipeline import settings
-
-        archive_root = settings.archive_root()
+        archive_root = current.archive_root()
     return Path(archive_root) / "audit_anchors" / sha256_text(store_identity(conn))[:16]
 
 

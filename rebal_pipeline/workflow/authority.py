@@ -167,7 +167,7 @@ def compliance_review(rec: dict) -> str | None:
     """What needs compliance review in a recommendation to be published (None: nothing). The trade
     sizing flags every holding of a class the account's ERISA plan bars (`no_asset_class`
     restriction) in `compliance_review` (core/trade_sizing.py rule 4; per household in
-    defs/trades/assets.py); the publish step passes it as `rec["compliance_review"]` (or inside
+    core/proposals.py); the publish step passes it as `rec["compliance_review"]` (or inside
     the package)."""
     text = rec.get("compliance_review")
     if text is None and isinstance(rec.get("package"), dict):

@@ -8,7 +8,8 @@ from dagster import DagsterInstance, build_sensor_context
 from rebal_pipeline import settings
 from rebal_pipeline.connections.dialects import REFERENCE_FILES
 from rebal_pipeline.core.feed_contract import FEED_FILES
-from rebal_pipeline.defs.connections.sensors import custodian_files, feed_arrivals, pull_custodian_files
+from rebal_pipeline.defs.connections.jobs import pull_custodian_files
+from rebal_pipeline.defs.connections.sensors import custodian_files, feed_arrivals
 from rebal_pipeline.sandbox.dialects import emit_dialect
 from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
 from rebal_pipeline.sandbox.sftp_server import SftpTestServer, make_ed25519

@@ -26,11 +26,11 @@ from sqlalchemy import select
 from rebal_pipeline.connections.authorize import AuthorizationError, finish_authorization, start_authorization
 from rebal_pipeline.connections.config import load_connections
 from rebal_pipeline.connections.dialects import REFERENCE_FILES
+from rebal_pipeline.connections.pull import reauthorization_key
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.comms.sensors import build_operations_alerts_sensor
-from rebal_pipeline.defs.connections.sensors import (
-    build_custodian_api_pulls_sensor, custodian_files, pull_custodian_files, reauthorization_key,
-)
+from rebal_pipeline.defs.connections.jobs import pull_custodian_files
+from rebal_pipeline.defs.connections.sensors import build_custodian_api_pulls_sensor, custodian_files
 from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline.sandbox.custodian_api import SandboxCustodianApi
 from rebal_pipeline.sandbox.dialects import emit_dialect

@@ -125,10 +125,11 @@ def test_the_same_batch_encodes_to_the_same_bytes(batch):
     assert encode_batch(batch, SESSION) == encode_batch(build_blocks(book_orders()), SESSION)
 
 
-def test_the_default_session_and_environment_overrides(monkeypatch, batch):
+def test_the_default_session_and_environment_overrides(batch):
+    from rebal_pipeline.settings import load_settings
+
     order = batch.standalone[0]
     assert new_order_single(order, FixSession(), 1).get(49) == b"REBAL"
-    monkeypatch.setenv("REBAL_FIX_SENDER_COMP_ID", "FIRM1")
-    monkeypatch.setenv("REBAL_FIX_FIRST_SEQ_NUM", "7")
-    session = FixSession.from_env()
+    session = FixSession.from_settings(
+        load_settings({"REBAL_FIX_SENDER_COMP_ID": "FIRM1", "REBAL_FIX_FIRST_SEQ_NUM": "7"}))
     assert (session.sender_comp_id, session.target_comp_id, session.first_seq_num) == ("FIRM1", "DESK", 7)

@@ -129,11 +129,5 @@ def build_approval_escalations_sensor(clock: Clock = utc_now, policy: lifecycle.
     return _approval_escalations
 
 
-# Kept for defs/comms/jobs.py until it asks workflow.lifecycle itself (issue #15: no defs module
-# imports another); the one home of the hours override is `lifecycle.lifecycle_policy`.
-def policy_from_env() -> lifecycle.LifecyclePolicy:
-    return lifecycle.lifecycle_policy(rebal_settings=settings.current())
-
-
 approval_decisions = build_approval_decisions_sensor()
 approval_escalations = build_approval_escalations_sensor()

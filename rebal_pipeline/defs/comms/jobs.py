@@ -55,7 +55,7 @@ import logging
 import os
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Callable
@@ -69,7 +69,9 @@ from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.comms import emails, outbound, smtp
 from rebal_pipeline.comms.chart import class_label
 from rebal_pipeline.comms.crm import RedtailStyleClient, RetryPolicy, WealthboxStyleClient
+from rebal_pipeline.comms.keys import alert_key, confirmation_key, crm_note_key, crm_task_key
 from rebal_pipeline.comms.outbound import Delivery, Permanent, Transient
+from rebal_pipeline.core.clock import run_time, utc as _utc
 from rebal_pipeline.core.pii import mask_account
 from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import authority, operations_alerts
@@ -91,42 +93,6 @@ CONFIRMATION_STYLES = ("simple", "detailed")
 # operations alert is about no recommendation: it is always still due, never skipped.
 STILL_WAITING = {"reminder": ("pending", "deferred"), "escalation": ("escalated", "pending", "deferred"),
                  "weekly_digest": ("pending", "deferred")}
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands DateTime(timezone=True) back naive; the store writes UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-
-
-def run_time(configured: str) -> datetime:
-    """The run's clock: the sensor tick's time carried in the config (so a message is recorded
-    as of the tick that found it due, and tests inject time), else the wall clock."""
-    return _utc(datetime.fromisoformat(configured)) if configured else utc_now()
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-# ---------------------------------------------------------------------------------------------
-
-
-def alert_key(recommendation_id: str, advisor_id: str | None) -> str:
-    return f"alert:{recommendation_id}:{advisor_id or '-'}"
-
-
-def crm_task_key(recommendation_id: str) -> str:
-    return f"crm_task:{recommendation_id}"
-
-
-def confirmation_key(decision_id: str, account_id: str) -> str:
-    return f"confirmation:{decision_id}:{account_id}"
-
-
-def crm_note_key(decision_id: str) -> str:
-    return f"crm_note:{decision_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,11 +406,11 @@ def _crm_task(store: WorkflowStore, rec: dict, package: RecommendationPackage, n
         skipped = _skip(store, key, "crm_task", "no CRM is configured", now,
                         recommendation_id=rec["recommendation_id"])
         return skipped or outbound_state(store, key)
-    from rebal_pipeline.defs.approvals.sensors import policy_from_env
+    from rebal_pipeline.workflow.lifecycle import lifecycle_policy
 
     def call(client: CrmClient, message_key: str):
         try:
-            reminder_hours = policy_from_env().reminder_hours
+            reminder_hours = lifecycle_policy().reminder_hours
         except ValueError as exc:
             raise Transient(str(exc)) from None
         due = _utc(rec["clock_started_at"]) + timedelta(hours=reminder_hours)
@@ -623,8 +589,8 @@ def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notifica
         client_name = client_name_of(contacts, package.account_ids)
         if kind == "reminder":
             try:
-                from rebal_pipeline.defs.approvals.sensors import policy_from_env
-                escalation_hours = policy_from_env().escalation_hours
+                from rebal_pipeline.workflow.lifecycle import lifecycle_policy
+                escalation_hours = lifecycle_policy().escalation_hours
             except ValueError as exc:
                 raise Transient(str(exc)) from None
             started = _utc(rec["clock_started_at"])
