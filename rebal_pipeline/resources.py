@@ -166,7 +166,7 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
       - production: REBAL_WORKFLOW_DB_URL names a Postgres workflow store (its URL, which may
         carry a password, is passed as EnvVar so the Dagster UI never shows it), paths moved
         with REBAL_WAREHOUSE / REBAL_FEED_ROOT / REBAL_ARCHIVE_ROOT.
-    The comms resources (SMTP, CRM, links) come from defs/comms/resources.py when present."""
+    SMTP, CRM and link settings are still read by the comms ops at send time (comms/, issue #15)."""
     policy = settings_.policy_file()
     if settings_.workflow_db is not None:
         store_url = _secret_config(settings_, "REBAL_WORKFLOW_DB_URL", settings_.workflow_db_url())
@@ -188,12 +188,6 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
             first_seq_num=settings_.fix_first_seq_num or 0,
         ),
     }
-    try:  # written concurrently by the comms helper; merged when it exists
-        from rebal_pipeline.defs.comms.resources import comms_resources
-    except ImportError:
-        comms_resources = None
-    if comms_resources is not None:
-        chosen.update(comms_resources(settings_))
     return chosen
 
 

@@ -128,6 +128,13 @@ class RebalSettings(BaseSettings):
             raise ValueError("must be true or false")
         return text == "true"
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Only what load_settings passes counts: it reads the environment (or a test's mapping)
+        # itself, so a test's settings never mix with the process environment, and no .env file.
+        return (init_settings,)
+
     @field_validator("client_confirmation")
     @classmethod
     def _style(cls, value: str) -> str:

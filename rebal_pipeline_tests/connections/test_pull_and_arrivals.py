@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from rebal_pipeline.connections import arrivals, pull
+from rebal_pipeline.core import clock
 from rebal_pipeline.connections.config import Connection, Connections, OAuthSettings, connections_file
 from rebal_pipeline.connections.credentials import custodian_secret
 from rebal_pipeline.connections.ingest import Assembly, Delivery
@@ -107,10 +108,10 @@ def test_only_complete_as_of_folders_count_and_a_touched_file_changes_the_digest
 
 
 def test_the_run_time_is_the_ticks_time_in_utc_else_the_wall_clock():
-    assert pull.run_time("2026-11-24T05:00:00-05:00") == datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
-    assert pull.run_time("2026-11-24T10:00:00") == datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+    assert clock.run_time("2026-11-24T05:00:00-05:00") == datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+    assert clock.run_time("2026-11-24T10:00:00") == datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
     before = datetime.now(timezone.utc)
-    assert before <= pull.run_time("") <= datetime.now(timezone.utc)
+    assert before <= clock.run_time("") <= datetime.now(timezone.utc)
 
 
 def test_an_unknown_connection_is_named(tmp_path):

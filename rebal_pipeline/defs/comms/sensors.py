@@ -50,8 +50,9 @@ from sqlalchemy import and_, case, func, select
 from rebal_pipeline.comms import outbound
 from rebal_pipeline.defs.comms.jobs import (
     OPERATIONS_ALERT, communicate_execution, notifications_waiting_for_email, operations_alerts_waiting_for_email,
-    recommendations_waiting_for_alert, retry_target, send_advisor_alert, send_notification, utc_now,
+    recommendations_waiting_for_alert, retry_target, send_advisor_alert, send_notification,
 )
+from rebal_pipeline.core.clock import utc_now
 from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline.workflow.schema import messages, submissions
 
