@@ -32,6 +32,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from rebal_pipeline.core.clock import utc as _utc
+
 LINK_ACTIONS = ("approve", "defer", "escalate", "review")
 DECISION_LINK_ACTIONS = ("approve", "defer", "escalate")
 MIN_SECRET_BYTES = 32
@@ -90,10 +92,6 @@ def _b64d(text: str) -> bytes:
 
 def _sign(secret: bytes, payload_b64: str) -> bytes:
     return hmac.new(bytes(secret), _CONTEXT + payload_b64.encode("ascii"), hashlib.sha256).digest()
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def make_link_token(secret: bytes, recommendation_id: str, advisor_id: str, action: str, expires_at: datetime,

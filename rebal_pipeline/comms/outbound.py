@@ -63,7 +63,7 @@ import logging
 import smtplib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Callable, Literal
@@ -75,6 +75,7 @@ from rebal_pipeline.comms import smtp
 from rebal_pipeline.comms.crm import CrmRejected, CrmUnavailable
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.schema import messages
+from rebal_pipeline.core.clock import utc as _utc
 
 log = logging.getLogger("rebal.comms.outbound")
 
@@ -161,10 +162,6 @@ class Failure:
     reason: str  # plain words, no PII, no secrets
     retry_after: float | None = None
     unexpected: bool = False
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------

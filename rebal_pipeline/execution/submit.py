@@ -50,7 +50,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 from zoneinfo import ZoneInfo
@@ -71,6 +71,7 @@ from rebal_pipeline.tickets.orders import (
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage
 from rebal_pipeline.workflow.schema import decisions, recommendations, submissions
+from rebal_pipeline.core.clock import utc as _utc
 
 EXECUTOR = "rebal:execute_rebalance"
 DEFAULT_TRADING_DESK = "trading_desk"
@@ -88,11 +89,6 @@ _SAFE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 class ExecutionError(RuntimeError):
     """The orders cannot be staged or submitted as asked; nothing more is written (the reason says why)."""
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands DateTime(timezone=True) back naive; the store writes UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def outbox_root() -> Path:

@@ -41,6 +41,7 @@ from typing import Any, Iterable
 from sqlalchemy import Connection, func, insert, select, text
 
 from rebal_pipeline.workflow.schema import audit_events, decisions, recommendations
+from rebal_pipeline.core.clock import utc as _utc
 
 GENESIS = "0" * 64
 HASH_ALGORITHM = "HMAC-SHA256"
@@ -151,10 +152,6 @@ def _encode(value: Any) -> str:
     if isinstance(value, date):
         return value.isoformat()
     raise TypeError(f"not JSON-serialisable in an audit event: {type(value).__name__}")
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _moment(value: datetime | str) -> datetime:

@@ -41,7 +41,7 @@ clock). The tick's time travels to the run in its config (`now`), as in the appr
 
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
@@ -55,15 +55,12 @@ from rebal_pipeline.defs.comms.jobs import (
 from rebal_pipeline.core.clock import utc_now
 from rebal_pipeline.resources import WorkflowStoreResource
 from rebal_pipeline.workflow.schema import messages, submissions
+from rebal_pipeline.core.clock import utc as _utc
 
 Clock = Callable[[], datetime]
 
 RECOMMENDATION_TAG = "rebal/recommendation"
 MESSAGE_TAG = "rebal/message"
-
-
-def _utc(moment: datetime) -> datetime:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------
