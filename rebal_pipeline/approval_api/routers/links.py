@@ -83,6 +83,17 @@ def links_router(store: WorkflowStore, secret: bytes, clock: Callable[[], dateti
             user = _link_user(conn, claims, rec)
         return rec, user
 
+    def _record_use(conn: Connection, claims: LinkClaims, now: datetime) -> None:
+        """Spend the link inside the decision's transaction: the store's unique link id makes a
+        second use (a double click, a replay) a 410, never a second decision."""
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(used_links).values(link_id=claims.link_id, used_at=now,
+                                                       recommendation_id=claims.recommendation_id,
+                                                       action=claims.action))
+        except IntegrityError:
+            raise ApiError(410, "this link has already been used") from None
+
     def _use_link(claims: LinkClaims, body: LinkUse, now: datetime) -> tuple[dict, DecisionResult]:
         """The link's decision, as the link's advisor (via=link), for the JSON route and the
         portal's form alike. The link id is recorded in the decision's transaction: single use."""
@@ -93,13 +104,7 @@ def links_router(store: WorkflowStore, secret: bytes, clock: Callable[[], dateti
         with store.begin() as conn:
             rec = _load(conn, claims.recommendation_id)
             user = _link_user(conn, claims, rec)
-            try:
-                with conn.begin_nested():
-                    conn.execute(insert(used_links).values(link_id=claims.link_id, used_at=now,
-                                                           recommendation_id=claims.recommendation_id,
-                                                           action=claims.action))
-            except IntegrityError:
-                raise ApiError(410, "this link has already been used") from None
+            _record_use(conn, claims, now)
             result = _decide(conn, user, claims.recommendation_id, claims.action, now, reason=body.reason,
                              deferred_until=body.deferred_until, via="link")
         return rec, result
@@ -148,13 +153,7 @@ def links_router(store: WorkflowStore, secret: bytes, clock: Callable[[], dateti
             if _is_used(conn, claims.link_id):
                 raise ApiError(410, "this link has already been used")
             changes = portal.trade_changes(fields, _package(rec))
-            try:
-                with conn.begin_nested():
-                    conn.execute(insert(used_links).values(link_id=claims.link_id, used_at=now,
-                                                           recommendation_id=claims.recommendation_id,
-                                                           action=claims.action))
-            except IntegrityError:
-                raise ApiError(410, "this link has already been used") from None
+            _record_use(conn, claims, now)
             result = _decide(conn, user, claims.recommendation_id, "modify", now, reason=reason, trades=changes,
                              via="link")
         return rec, result
