@@ -5,6 +5,10 @@ the day's frames from the warehouse, call the pure cores, write the results. No 
 Account-scope alerts go straight to the sizing core (core/trade_sizing.py); households
 rebalanced as one first go through the asset-location optimiser (core/household_location.py),
 which decides each member account's class targets, then through the same sizing core.
+
+Until the tax engine has made the trades final, each recommendation is known by its provisional
+key (`recommendation_key`: kind|scope|scope_id); `propose_trades` then mints every id once, from
+the final trades (core/recommendation_identity.py), and writes only minted ids.
 """
 
 from datetime import date
@@ -12,8 +16,9 @@ from datetime import date
 import polars as pl
 
 from rebal_pipeline.core.basis_ledger_store import prior_ledger, with_ledger_lots
+from rebal_pipeline.core.recommendation_identity import KEY, mint_recommendation_ids, provisional_key
 from rebal_pipeline.core.sql_models import replace_partition
-from rebal_pipeline.core.tax_engine import TaxOutcome, apply_tax_engine, past_wash_sales, sell_tax_cost, stable_id
+from rebal_pipeline.core.tax_engine import TaxOutcome, apply_tax_engine, past_wash_sales, sell_tax_cost
 from rebal_pipeline.core.tax_lots import TaxPolicy, with_terms
 from rebal_pipeline.core.trade_sizing import SizingPolicy, size_trades
 
@@ -153,6 +158,10 @@ def _sizing_policy(policy) -> SizingPolicy:
     )
 
 
+# The member accounts of a recommendation, with the model version its id records for each.
+_MEMBERS_SCHEMA = {KEY: pl.String, "account_id": pl.String, "model_version": pl.String}
+
+
 def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame,
                        tax_cost: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     frames = _read(con, QUERIES, ACCOUNT_SCOPE, as_of)
@@ -160,31 +169,23 @@ def _account_proposals(con, as_of: date, policy, securities: pl.DataFrame,
         frames["holdings"], frames["class_targets"], frames["model_weights"], securities,
         frames["restrictions"], frames["bands"], _sizing_policy(policy), sell_tax_cost=tax_cost,
     )
-    # Identity: the same as-of date, account, policy, model version and trades give the
-    # same recommendation_id, so re-running a day creates no duplicate recommendation.
     accounts = sized.accounts.join(frames["versions"], on="account_id", how="left").with_columns(
         pl.col("model_version").fill_null("ips"),
-        pl.concat_str(
-            [pl.lit(as_of.isoformat()), pl.col("account_id"), pl.lit(policy.version_id),
-             pl.col("model_version").fill_null("ips"), pl.col("recommendation_id")],
-            separator="|",
-        )
-        .map_elements(stable_id, return_dtype=pl.String)
-        .alias("recommendation_id"),
         pl.lit("account").alias("scope"),
         pl.col("account_id").alias("scope_id"),
-    )
-    trades = sized.trades.drop("recommendation_id").join(
-        accounts.select("account_id", "recommendation_id", "model_version"), on="account_id", how="left"
-    )
+    ).select("account_id", provisional_key("rebalance", "account", pl.col("account_id")).alias(KEY),
+             pl.all().exclude("account_id"))
+    trades = sized.trades.join(accounts.select("account_id", KEY, "model_version"), on="account_id", how="left")
     return trades, accounts
 
 
 def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
-                         tax_cost: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+                         tax_cost: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Aggregated households: the optimiser places each class across the member accounts
     (asset location, no gains realised in taxable where avoidable), then the sizing core turns
-    each member's class targets into whole-share trades. One recommendation per household."""
+    each member's class targets into whole-share trades. One recommendation per household.
+    Returns its trades, the recommendations and their members (recommendation_key, account_id,
+    model_version: what the id records of each member account)."""
     from rebal_pipeline.core.household_location import LocationPolicy, hold_taxable_classes, locate_households
 
     # Class targets come from the optimiser and bands from the household, so the accounts'
@@ -193,7 +194,7 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
     frames = _read(con, {name: QUERIES[name] for name in wanted}, HOUSEHOLD_MEMBERS, as_of)
     lp = _read(con, HOUSEHOLD_QUERIES, HOUSEHOLD_MEMBERS, as_of)
     if lp["members"].height == 0:
-        return pl.DataFrame(), pl.DataFrame()
+        return pl.DataFrame(), pl.DataFrame(), pl.DataFrame(schema=_MEMBERS_SCHEMA)
     # Turnover at 0.1% of each dollar traded (spread and costs): low enough that moving bonds
     # from taxable into an IRA (four trades per dollar, saving ~3 cents a year in location
     # penalty) is worth doing; at 1% the optimiser would only fix the household's mix.
@@ -213,7 +214,8 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
     members = (
         sized.accounts.join(lp["members"].select("account_id", "household_id"), on="account_id")
         .join(frames["versions"], on="account_id", how="left")
-        .with_columns(pl.col("model_version").fill_null("ips"))
+        .with_columns(pl.col("model_version").fill_null("ips"),
+                      provisional_key("rebalance", "household", pl.col("household_id")).alias(KEY))
     )
     optimiser = located.group_by("account_id").agg(pl.col("status").first())
     members = members.join(optimiser, on="account_id", how="left")
@@ -221,8 +223,7 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
         members.sort("account_id")
         .group_by("household_id", maintain_order=True)
         .agg(
-            pl.concat_str([pl.col("account_id"), pl.col("model_version"), pl.col("recommendation_id")], separator=":")
-            .str.join(";").alias("identity"),
+            pl.col(KEY).first(),
             pl.col("market_value").sum(),
             pl.col("cash_before").sum(),
             pl.col("cash_after").sum(),
@@ -236,19 +237,12 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
             pl.col("status").filter(pl.col("status") != "optimal").first().alias("optimiser_status"),
         )
         .with_columns(
-            pl.concat_str(
-                [pl.lit(as_of.isoformat()), pl.col("household_id"), pl.lit(policy.version_id), pl.col("identity")],
-                separator="|",
-            )
-            .map_elements(stable_id, return_dtype=pl.String)
-            .alias("recommendation_id"),
             pl.when(pl.col("unresolved") == "").then(None).otherwise(pl.col("unresolved")).alias("unresolved"),
             pl.when(pl.col("compliance_review") == "").then(None).otherwise(pl.col("compliance_review"))
             .alias("compliance_review"),
             pl.lit("household").alias("scope"),
             pl.col("household_id").alias("scope_id"),
         )
-        .drop("identity")
         .join(_household_post_trade_check(lp["members"], lp["current"], sized.trades, lp["household_drift"]),
               on="household_id", how="left")
         .with_columns(
@@ -273,9 +267,9 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
     # changing the household's mix (buying a class the household is not short of, or selling
     # one it is not over in).
     trades = (
-        sized.trades.drop("recommendation_id")
+        sized.trades
         .join(lp["members"].select("account_id", "household_id"), on="account_id")
-        .join(households.select("household_id", "recommendation_id", "model_version"), on="household_id")
+        .join(households.select("household_id", KEY, "model_version"), on="household_id")
         .join(lp["household_drift"].select("household_id", "asset_class", "drift"),
               on=["household_id", "asset_class"], how="left")
         .with_columns(
@@ -290,7 +284,16 @@ def _household_proposals(con, as_of: date, policy, securities: pl.DataFrame,
         )
         .drop("drift", "household_id")
     )
-    return trades, households.drop("household_id").with_columns(pl.lit(None, pl.String).alias("account_id"))
+    return (trades, households.drop("household_id").with_columns(pl.lit(None, pl.String).alias("account_id")),
+            members.select(list(_MEMBERS_SCHEMA)))
+
+
+def _members(recommendations: pl.DataFrame, household_members: pl.DataFrame) -> pl.DataFrame:
+    """Every recommendation's member accounts: an account-scope one (a rebalance, with its model
+    version, or a harvest, which records none) its own account, a household its sized members."""
+    own = recommendations.filter(pl.col("scope") == "account").select(
+        KEY, pl.col("scope_id").alias("account_id"), "model_version")
+    return pl.concat([own.cast(_MEMBERS_SCHEMA), household_members.cast(_MEMBERS_SCHEMA)])
 
 
 # Everything the tax engine needs about an account: household, rates, lot-relief method, and
@@ -373,21 +376,27 @@ def propose_trades(con, as_of: date, policy, overrides: pl.DataFrame | None = No
     )
     clock.lap("tax")
     account_trades, account_recs = _account_proposals(con, as_of, policy, securities, tax_cost)
-    household_trades, household_recs = _household_proposals(con, as_of, policy, securities, tax_cost)
+    household_trades, household_recs, household_members = _household_proposals(con, as_of, policy, securities,
+                                                                               tax_cost)
     trades = pl.concat([account_trades, household_trades], how="diagonal_relaxed")
     recs = pl.concat([account_recs, household_recs], how="diagonal_relaxed")
-    severity = recs.select("recommendation_id", "scope", "scope_id").join(
+    severity = recs.select(KEY, "scope", "scope_id").join(
         con.execute(SEVERITY, params).pl(), on=["scope", "scope_id"], how="left"
-    ).select("recommendation_id", "drift_to_band")
+    ).select(KEY, "drift_to_band")
     if overrides is None:
         overrides = pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String})
     clock.lap("sizing")
-    outcome = apply_tax_engine(
+    keyed = apply_tax_engine(
         trades, recs, past, accounts, securities, con.execute(QUERIES["restrictions"].format(
             who="(select account_id from stg_feed_accounts where as_of = $as_of)"), params).pl(),
-        severity, overrides, as_of, tax_policy, float(policy.trade_sizing.min_trade_value), policy.version_id,
+        severity, overrides, as_of, tax_policy, float(policy.trade_sizing.min_trade_value),
     )
     clock.lap("tax")
+    # The trades are final: each recommendation's id is minted, once, and replaces its key everywhere.
+    outcome = keyed.identified(mint_recommendation_ids(
+        keyed.recommendations, _members(keyed.recommendations, household_members), keyed.trades,
+        as_of, policy.version_id,
+    ))
     stamp = [pl.lit(as_of).alias("as_of")]
     tables = {
         "trade_proposals": outcome.trades.with_columns(*stamp),

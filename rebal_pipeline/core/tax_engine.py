@@ -19,12 +19,17 @@ Order of work, and why:
    purchase of the household in the window would wash the loss.
 5. A final wash-sale match over everything proposed gives the disallowed amounts that tax_impact
    and recommendation_summary report.
+
+The engine mints no recommendation id: a substitution (step 3) or a harvest (step 4) changes the
+trades, and an id is minted once, from the final trades (core/recommendation_identity.py). Every
+frame in and out is keyed by the recommendation's provisional key (`recommendation_key`), and so
+are the ids of today's proposed sales and buys ("S:<key>:…", "B:<key>:…"); the orchestration
+mints the ids from the outcome and puts them in its place with `TaxOutcome.identified`.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 
 import polars as pl
@@ -43,6 +48,7 @@ from rebal_pipeline.core.wash_sales import (
     WASH_WINDOW_DAYS, match_wash_sales,
 )
 from rebal_pipeline.core.money import tax_effect_words
+from rebal_pipeline.core.recommendation_identity import ID, KEY, provisional_key, with_recommendation_ids
 
 _PURCHASE_TYPES = ("buy", "reinvest")
 
@@ -64,8 +70,16 @@ class PastWashSales:
     already_replaced: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ALREADY_REPLACED_SCHEMA))
 
 
+# On the wash_sales rows of today's proposed sales: the provisional key of the sale's and of the
+# buy's recommendation (null for a past transaction), until `TaxOutcome.identified`.
+SALE_KEY, PURCHASE_KEY = "sale_recommendation_key", "purchase_recommendation_key"
+
+
 @dataclass(frozen=True)
 class TaxOutcome:
+    """What `apply_tax_engine` returns, keyed by `recommendation_key`; `identified` gives the
+    same frames with the minted recommendation_id instead (what the warehouse gets)."""
+
     trades: pl.DataFrame
     recommendations: pl.DataFrame
     tax_impact: pl.DataFrame
@@ -73,9 +87,42 @@ class TaxOutcome:
     tlh_candidates: pl.DataFrame
     wash_sales: pl.DataFrame
 
+    def identified(self, ids: pl.DataFrame) -> TaxOutcome:
+        """Every frame with the minted id (`ids`: recommendation_key → recommendation_id, from
+        core/recommendation_identity.py) in place of the key, sorted as the engine sorts; in
+        wash_sales, "S:<key>:…" and "B:<key>:…" become "S:<id>:…" and "B:<id>:…"."""
+        wash = self.wash_sales
+        if SALE_KEY in wash.columns:  # only a day with a wash sale proposed names a key there
+            wash = wash.with_columns(
+                _rekeyed("sale_id", "S:", SALE_KEY, ids), _rekeyed("purchase_id", "B:", PURCHASE_KEY, ids),
+            ).drop(SALE_KEY, PURCHASE_KEY).sort("when", "sale_id", "purchase_date")
+        return replace(
+            self,
+            trades=with_recommendation_ids(self.trades, ids).sort(ID, "account_id", "side", "symbol"),
+            recommendations=with_recommendation_ids(self.recommendations, ids),
+            tax_impact=with_recommendation_ids(self.tax_impact, ids).sort(
+                ID, "account_id", "symbol", "lot_id", "lot_part"),
+            summary=with_recommendation_ids(self.summary, ids).sort(ID),
+            tlh_candidates=with_recommendation_ids(self.tlh_candidates, ids),
+            wash_sales=wash,
+        )
 
-def stable_id(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+def _rekeyed(column: str, prefix: str, key: str, ids: pl.DataFrame) -> pl.Expr:
+    """`<prefix><key>:…` → `<prefix><id>:…` where the row names a key; otherwise as it is."""
+    minted = pl.col(key).replace_strict(ids[KEY], ids[ID], return_dtype=pl.String)
+    rest = pl.col(column).str.slice(pl.col(key).str.len_chars() + len(prefix))
+    return pl.when(pl.col(key).is_not_null()).then(pl.concat_str(pl.lit(prefix), minted, rest)).otherwise(
+        pl.col(column)).alias(column)
+
+
+# core/tax_lots names the recommendation column recommendation_id; in the engine it is the key.
+def _to_tax_lots(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.rename({KEY: ID})
+
+
+def _from_tax_lots(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.rename({ID: KEY})
 
 
 def _group_of(securities: pl.DataFrame) -> pl.DataFrame:
@@ -339,12 +386,12 @@ def _proposed_loss_sales(relieved: pl.DataFrame, accounts: pl.DataFrame, securit
     return relieved.filter(pl.col("taxable") & (pl.col("gain") < 0)).join(
         accounts.select("account_id", "household_id"), on="account_id"
     ).join(_group_of(securities), on="symbol").join(created_by, on="lot_id", how="left").select(
-        pl.format("S:{}:{}:{}:{}", "recommendation_id", "account_id", "lot_id", "lot_part").alias("sale_id"),
+        pl.format("S:{}:{}:{}:{}", KEY, "account_id", "lot_id", "lot_part").alias("sale_id"),
         "household_id", "wash_group", "account_id", "symbol",
         pl.lit(as_of).alias("sale_date"), "quantity", (-pl.col("gain")).alias("loss"),
         "acquired_date",
         (pl.lit(as_of) - pl.col("holding_from")).dt.total_days().alias("holding_days"),
-        "recommendation_id", "lot_id", "lot_part",
+        KEY, "lot_id", "lot_part",
         # A lot whose purchase is older than the look-back: no purchase in view created it.
         pl.col(ACQUIRED_PURCHASE_IDS).fill_null(pl.lit([], pl.List(pl.String))),
     )
@@ -355,9 +402,9 @@ def _proposed_purchases(trades: pl.DataFrame, accounts: pl.DataFrame, securities
     return trades.filter(pl.col("side") == "buy").join(
         accounts.select("account_id", "household_id", "account_type"), on="account_id"
     ).join(_group_of(securities), on="symbol").select(
-        pl.format("B:{}:{}:{}", "recommendation_id", "account_id", "symbol").alias("purchase_id"),
+        pl.format("B:{}:{}:{}", KEY, "account_id", "symbol").alias("purchase_id"),
         "household_id", "wash_group", "account_id", "account_type", "symbol",
-        pl.lit(as_of).alias("trade_date"), "quantity",
+        pl.lit(as_of).alias("trade_date"), "quantity", KEY,
     )
 
 
@@ -367,7 +414,7 @@ def _relieve(trades: pl.DataFrame, lots: pl.DataFrame, accounts: pl.DataFrame, a
     )
     # tax_min orders lots by tax per share at the household's rates (accounts carries them).
     rates = accounts.select("account_id", "taxable", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate")
-    relieved = relieve_lots(sells, lots, as_of, rates)
+    relieved = _from_tax_lots(relieve_lots(_to_tax_lots(sells), lots, as_of, rates))
     return relieved.join(accounts.select("account_id", "taxable"), on="account_id", how="left").with_columns(
         pl.col("taxable").fill_null(False)
     )
@@ -432,9 +479,9 @@ def _substitute_washing_buys(trades: pl.DataFrame, loss_groups: pl.DataFrame, ac
         .with_columns(_units(pl.col("sub_fractional"), policy.fractional_decimals).alias("_u"))
         .with_columns(((pl.col("est_value") / pl.col("sub_price") * pl.col("_u")).floor() / pl.col("_u")).alias("_q"))
         .filter(pl.col("_q") > 0)
-        .select("recommendation_id", "account_id", "symbol", "substitute", "sub_price", "_q")
+        .select(KEY, "account_id", "symbol", "substitute", "sub_price", "_q")
     )
-    key = ["recommendation_id", "account_id", "symbol"]
+    key = [KEY, "account_id", "symbol"]
     out = trades.join(candidates, on=key, how="left").with_columns(
         pl.when(pl.col("substitute").is_not_null()).then(pl.col("symbol")).otherwise(None).alias("replaces_symbol"),
         pl.coalesce("substitute", "symbol").alias("symbol"),
@@ -458,7 +505,7 @@ def _substitute_washing_buys(trades: pl.DataFrame, loss_groups: pl.DataFrame, ac
 def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame, securities: pl.DataFrame,
               restrictions: pl.DataFrame, past_purchases: pl.DataFrame, proposed_buys: pl.DataFrame,
               loss_groups: pl.DataFrame, as_of: date, policy: TaxPolicy, min_trade_value: float,
-              policy_version: str, lot_links: pl.DataFrame | None = None,
+              lot_links: pl.DataFrame | None = None,
               ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Tax-loss harvests: (tlh_candidates, trades, recommendations). A harvest is proposed only
     when nothing would wash its loss and its substitute would not wash another loss of the
@@ -573,30 +620,23 @@ def _harvests(lots: pl.DataFrame, relieved: pl.DataFrame, accounts: pl.DataFrame
              pl.col("sub_price").alias("est_price"),
              (pl.col("buy_qty") * pl.col("sub_price")).round(2).alias("est_value"),
              pl.lit("substitute").alias("reason"))
-    trades = pl.concat([sells, buys]).sort("account_id", "side", "symbol")
-    ids = trades.group_by("account_id", maintain_order=True).agg(
-        pl.format("{}:{}:{}", "side", "symbol", pl.col("quantity").round(8)).str.join(";").alias("_text"),
-        pl.col("est_value").sum().alias("trade_value"),
-        pl.len().alias("trade_count"),
-    ).with_columns(
-        pl.format("{}|{}|harvest|{}|{}", pl.lit(as_of.isoformat()), "account_id", pl.lit(policy_version), "_text")
-        .map_elements(stable_id, return_dtype=pl.String).alias("recommendation_id")
-    )
-    trades = trades.join(ids.select("account_id", "recommendation_id"), on="account_id")
-    recs = ids.select(
-        "recommendation_id", pl.lit("account").alias("scope"), pl.col("account_id").alias("scope_id"), "account_id",
+    # One harvest recommendation per account, its own (kind harvest), apart from the rebalance.
+    trades = pl.concat([sells, buys]).sort("account_id", "side", "symbol").with_columns(
+        provisional_key("harvest", "account", pl.col("account_id")).alias(KEY))
+    harvested_accounts = trades.group_by("account_id", KEY, maintain_order=True).agg(pl.len().alias("trade_count"))
+    recs = harvested_accounts.select(
+        KEY, pl.lit("account").alias("scope"), pl.col("account_id").alias("scope_id"), "account_id",
         "trade_count", pl.lit("harvest").alias("kind"), pl.lit(True).alias("inside_bands"),
     )
     candidates = candidates.join(
-        ids.select("account_id", "recommendation_id"), on="account_id", how="left"
+        harvested_accounts.select("account_id", KEY), on="account_id", how="left"
     ).with_columns(
-        pl.when(pl.col("status") == "proposed").then(pl.col("recommendation_id")).otherwise(None)
-        .alias("recommendation_id")
+        pl.when(pl.col("status") == "proposed").then(pl.col(KEY)).otherwise(None).alias(KEY)
     ).select(
         pl.lit(as_of).alias("as_of"), "account_id", "symbol", "lot_id", "lot_part", "quantity",
         "market_value", "cost_basis", "unrealized_loss", pl.col("loss_pct").round(6), "term",
         "wash_sale_conflict", "conflict_reason", "conflict_clears_on", "substitute_symbol", "status",
-        "harvest_quantity", "recommendation_id",
+        "harvest_quantity", KEY,
     ).sort("account_id", "symbol", "lot_id", "lot_part")
     return candidates, trades, recs
 
@@ -612,48 +652,36 @@ def _all_sales(past: PastWashSales, proposed: pl.DataFrame) -> pl.DataFrame:
 def apply_tax_engine(
     trades: pl.DataFrame, recommendations: pl.DataFrame, past: PastWashSales, accounts: pl.DataFrame,
     securities: pl.DataFrame, restrictions: pl.DataFrame, severity: pl.DataFrame, overrides: pl.DataFrame,
-    as_of: date, policy: TaxPolicy, min_trade_value: float, policy_version: str,
+    as_of: date, policy: TaxPolicy, min_trade_value: float,
 ) -> TaxOutcome:
     """Steps 3–5 of the module docstring over the day's proposals (see there).
 
-    accounts: account_id, household_id, account_type, taxable, lot_relief_method,
-    federal_ordinary_rate, federal_ltcg_rate, state_rate, harvest_eligible. securities: symbol,
-    asset_class, fractional, price, wash_group, tlh_substitute. overrides: account_id, symbol,
-    reason (the advisor keeps a buy that washes a loss). severity: recommendation_id,
-    drift_to_band."""
+    trades: recommendation_key, account_id, symbol, asset_class, side, quantity, est_price,
+    est_value, reason. recommendations: recommendation_key, scope, scope_id, …. accounts:
+    account_id, household_id, account_type, taxable, lot_relief_method, federal_ordinary_rate,
+    federal_ltcg_rate, state_rate, harvest_eligible. securities: symbol, asset_class, fractional,
+    price, wash_group, tlh_substitute. overrides: account_id, symbol, reason (the advisor keeps a
+    buy that washes a loss). severity: recommendation_key, drift_to_band."""
     lots = past.lots
     # Step 3: loss sells of today × purchases (past 30 days and today's buys).
     relieved = _relieve(trades, lots, accounts, as_of)
     loss_groups = _loss_groups(past, _proposed_loss_sales(relieved, accounts, securities, as_of, past.lot_links), as_of)
+    # A substitution replaces buys only: the lots the sells relieve stand. It changes the trades,
+    # and so the recommendation's id, which is minted from the final trades (not here).
     trades = _substitute_washing_buys(trades, loss_groups, accounts, securities, restrictions, overrides, policy)
-    # A substitution changes the trades, so it changes the recommendation's identity.
-    changed = trades.filter(pl.col("replaces_symbol").is_not_null()).group_by("recommendation_id").agg(
-        pl.format("{}:{}>{}", "account_id", "replaces_symbol", "symbol").sort().str.join(";").alias("_subs")
-    ).with_columns(
-        pl.format("{}|substitutes|{}", "recommendation_id", "_subs").map_elements(stable_id, return_dtype=pl.String)
-        .alias("_new_id")
-    ).select("recommendation_id", "_new_id")
-    trades = trades.join(changed, on="recommendation_id", how="left").with_columns(
-        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id")).drop("_new_id")
-    recommendations = recommendations.join(changed, on="recommendation_id", how="left").with_columns(
-        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id"),
-        pl.lit("rebalance").alias("kind"),
-    ).drop("_new_id")
-    severity = severity.join(changed, on="recommendation_id", how="left").with_columns(
-        pl.coalesce("_new_id", "recommendation_id").alias("recommendation_id")).drop("_new_id")
-    relieved = _relieve(trades, lots, accounts, as_of)
+    recommendations = recommendations.with_columns(pl.lit("rebalance").alias("kind"))
 
     # Step 4: harvests, kept apart from rebalancing.
     proposed_buys = _proposed_purchases(trades, accounts, securities, as_of)
     candidates, harvest_trades, harvest_recs = _harvests(
         lots, relieved, accounts, securities, restrictions, past.purchases, proposed_buys, loss_groups, as_of,
-        policy, min_trade_value, policy_version, past.lot_links,
+        policy, min_trade_value, past.lot_links,
     )
     harvest_relieved = candidates.filter(pl.col("status") == "proposed").join(
         lots.select("account_id", "lot_id", "lot_part", "acquired_date", "holding_from", "quantity", "cost_basis"),
         on=["account_id", "lot_id", "lot_part"], suffix="_lot",
     ).join(securities.select("symbol", "price"), on="symbol").select(
-        "recommendation_id", "account_id", "symbol", "lot_id", "lot_part",
+        KEY, "account_id", "symbol", "lot_id", "lot_part",
         pl.lit("specific_id").alias("lot_relief_method"), "acquired_date", "holding_from",
         pl.col("harvest_quantity").alias("quantity"),
         (pl.col("harvest_quantity") * pl.col("price")).round(2).alias("proceeds"),
@@ -666,54 +694,57 @@ def apply_tax_engine(
 
     # Step 5: the final wash-sale match over everything proposed.
     proposed_sales = _proposed_loss_sales(all_relieved, accounts, securities, as_of, past.lot_links)
+    proposed_purchases = _proposed_purchases(all_trades, accounts, securities, as_of)
     final = match_wash_sales(
         _all_sales(past, proposed_sales),
-        pl.concat([past.purchases.select(list(PURCHASES_SCHEMA)),
-                   _proposed_purchases(all_trades, accounts, securities, as_of)], how="diagonal_relaxed"),
+        pl.concat([past.purchases.select(list(PURCHASES_SCHEMA)), proposed_purchases.select(list(PURCHASES_SCHEMA))],
+                  how="diagonal_relaxed"),
         past.already_replaced,
     )
     per_sale = final.group_by("sale_id").agg(pl.col("disallowed_loss").sum().alias("wash_sale_disallowed"),
                                              pl.col("loss_lost_permanently").any().alias("loss_lost_permanently"))
     disallowed = proposed_sales.join(per_sale, on="sale_id").select(
-        "recommendation_id", "account_id", "lot_id", "lot_part", "wash_sale_disallowed", "loss_lost_permanently")
+        KEY, "account_id", "lot_id", "lot_part", "wash_sale_disallowed", "loss_lost_permanently")
     rates = accounts.select("account_id", "taxable", "federal_ordinary_rate", "federal_ltcg_rate", "state_rate")
-    per_lot = estimate_lot_tax(all_relieved.drop("taxable"), rates,
-                               disallowed.drop("loss_lost_permanently")).join(
-        disallowed.select("recommendation_id", "account_id", "lot_id", "lot_part", "loss_lost_permanently"),
-        on=["recommendation_id", "account_id", "lot_id", "lot_part"], how="left",
+    per_lot = _from_tax_lots(estimate_lot_tax(_to_tax_lots(all_relieved.drop("taxable")), rates,
+                                              _to_tax_lots(disallowed.drop("loss_lost_permanently")))).join(
+        disallowed.select(KEY, "account_id", "lot_id", "lot_part", "loss_lost_permanently"),
+        on=[KEY, "account_id", "lot_id", "lot_part"], how="left",
     ).with_columns(pl.col("loss_lost_permanently").fill_null(False))
     # A buy that washes a loss (kept by override or for want of a substitute) says so.
     buys_washing = final.filter(pl.col("purchase_id").str.starts_with("B:")).group_by("purchase_id").agg(
         pl.col("disallowed_loss").sum().alias("wash_sale_disallowed"))
     all_trades = all_trades.with_columns(
-        pl.format("B:{}:{}:{}", "recommendation_id", "account_id", "symbol").alias("purchase_id")
+        pl.format("B:{}:{}:{}", KEY, "account_id", "symbol").alias("purchase_id")
     ).join(buys_washing, on="purchase_id", how="left").with_columns(
         pl.when(pl.col("side") == "buy").then(pl.col("wash_sale_disallowed").fill_null(0.0)).otherwise(0.0)
         .alias("wash_sale_disallowed")
     ).drop("purchase_id")
     # The per-sell figure is the sum over its lots.
-    sell_disallowed = per_lot.group_by("recommendation_id", "account_id", "symbol").agg(
+    sell_disallowed = per_lot.group_by(KEY, "account_id", "symbol").agg(
         pl.col("wash_sale_disallowed").sum().alias("_sell_disallowed"))
     all_trades = all_trades.join(
-        sell_disallowed, on=["recommendation_id", "account_id", "symbol"], how="left"
+        sell_disallowed, on=[KEY, "account_id", "symbol"], how="left"
     ).with_columns(
         pl.when(pl.col("side") == "sell").then(pl.col("_sell_disallowed").fill_null(0.0))
         .otherwise(pl.col("wash_sale_disallowed")).round(2).alias("wash_sale_disallowed")
-    ).drop("_sell_disallowed").sort("recommendation_id", "account_id", "side", "symbol")
+    ).drop("_sell_disallowed").sort(KEY, "account_id", "side", "symbol")
 
     recs = pl.concat([recommendations, harvest_recs], how="diagonal_relaxed")
     summary = _summary(all_trades, per_lot, recs, severity, accounts, securities, as_of, policy)
     tax_impact = per_lot.select(
-        pl.lit(as_of).alias("as_of"), "recommendation_id", "account_id", "symbol", "lot_id", "lot_part",
+        pl.lit(as_of).alias("as_of"), KEY, "account_id", "symbol", "lot_id", "lot_part",
         "lot_relief_method", "acquired_date", "holding_from", "quantity", "proceeds", "cost_basis", "gain", "term",
         "est_tax", "wash_sale_disallowed", "loss_lost_permanently", "days_to_long_term", "long_term_from",
         "taxable",
-    ).sort("recommendation_id", "account_id", "symbol", "lot_id", "lot_part")
-    wash_events = pl.concat([
-        past.events,
-        _washed_events(final.filter(pl.col("sale_id").str.starts_with("S:")), proposed_sales, None)
-        .with_columns(pl.lit("proposed").alias("when")),
-    ], how="diagonal_relaxed")
+    ).sort(KEY, "account_id", "symbol", "lot_id", "lot_part")
+    proposed_events = _washed_events(final.filter(pl.col("sale_id").str.starts_with("S:")), proposed_sales, None)
+    if proposed_events.height:
+        # Which recommendations the ids of today's sales and buys name, for `TaxOutcome.identified`.
+        proposed_events = proposed_events.with_columns(pl.lit("proposed").alias("when")).join(
+            proposed_sales.select("sale_id", pl.col(KEY).alias(SALE_KEY)), on="sale_id", how="left",
+        ).join(proposed_purchases.select("purchase_id", pl.col(KEY).alias(PURCHASE_KEY)), on="purchase_id", how="left")
+    wash_events = pl.concat([past.events, proposed_events], how="diagonal_relaxed")
     if wash_events.height:
         wash_events = wash_events.with_columns(pl.lit(as_of).alias("as_of")).sort("when", "sale_id", "purchase_date")
     return TaxOutcome(all_trades, recs, tax_impact, summary, candidates, wash_events)
@@ -727,33 +758,32 @@ def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, se
     recommendations of its accounts (household_est_tax_this_year, household_loss_carryforward):
     the limit is per taxpayer, so the household figure applies it once, not once per
     recommendation. net_tax_pct is this year's figure over the trade value."""
-    values = trades.group_by("recommendation_id").agg(
+    values = trades.group_by(KEY).agg(
         pl.col("est_value").sum().round(2).alias("trade_value"),
         pl.col("est_value").filter(pl.col("side") == "sell").sum().round(2).alias("sell_value"),
     )
     # A filing status the feed may one day carry (married filing separately: $1,500, §1211(b)).
     if "capital_loss_limit" in accounts.columns and "capital_loss_limit" not in per_lot.columns:
         per_lot = per_lot.join(accounts.select("account_id", "capital_loss_limit"), on="account_id", how="left")
-    gains = net_capital_gains(per_lot, ["recommendation_id"]) if per_lot.height else pl.DataFrame(
-        schema={"recommendation_id": pl.String})
+    gains = net_capital_gains(per_lot, [KEY]) if per_lot.height else pl.DataFrame(schema={KEY: pl.String})
     households = net_capital_gains(
         per_lot.join(accounts.select("account_id", "household_id"), on="account_id", how="left"), ["household_id"]
     ).select("household_id", pl.col("est_tax_this_year").alias("household_est_tax_this_year"),
              pl.col("loss_carryforward").alias("household_loss_carryforward")) if per_lot.height else pl.DataFrame(
         schema={"household_id": pl.String})
-    waits = wait_for_long_term(per_lot, severity, policy) if per_lot.height else pl.DataFrame(
-        schema={"recommendation_id": pl.String})
+    waits = (_from_tax_lots(wait_for_long_term(_to_tax_lots(per_lot), _to_tax_lots(severity), policy))
+             if per_lot.height else pl.DataFrame(schema={KEY: pl.String}))
     # After a loss sale, a purchase of the same wash group in any household account within 30
     # days would wash it: the advisor is told which groups and until when.
     watch = per_lot.filter(pl.col("taxable") & (pl.col("gain") < 0)).join(
-        securities.select("symbol", "wash_group"), on="symbol").group_by("recommendation_id").agg(
+        securities.select("symbol", "wash_group"), on="symbol").group_by(KEY).agg(
         pl.format("do not buy {} (wash group {}) in any of the household's accounts, IRAs included, through {}",
                   pl.col("symbol"), pl.col("wash_group"), pl.lit(as_of + timedelta(days=WASH_WINDOW_DAYS)))
         .unique().sort().str.join("; ").alias("wash_sale_watch")
     )
-    out = recs.select("recommendation_id", "scope", "scope_id", "kind").join(values, on="recommendation_id", how="left")
+    out = recs.select(KEY, "scope", "scope_id", "kind").join(values, on=KEY, how="left")
     for frame in (gains, waits, watch):
-        out = out.join(frame, on="recommendation_id", how="left")
+        out = out.join(frame, on=KEY, how="left")
     out = out.join(accounts.select(pl.col("account_id").alias("scope_id"), pl.col("household_id").alias("_hh")),
                    on="scope_id", how="left").with_columns(
         pl.when(pl.col("scope") == "household").then(pl.col("scope_id")).otherwise(pl.col("_hh")).alias("household_id")
@@ -781,10 +811,10 @@ def _summary(trades: pl.DataFrame, per_lot: pl.DataFrame, recs: pl.DataFrame, se
         # The words every surface shows (core/money.py): a saving is called a saving.
         pl.col("est_tax_this_year").map_elements(tax_effect_words, return_dtype=pl.String).alias("tax_effect_words"),
     ).select(
-        "as_of", "recommendation_id", "scope", "scope_id", "kind", "trade_value", "sell_value", "st_gain", "lt_gain",
+        "as_of", KEY, "scope", "scope_id", "kind", "trade_value", "sell_value", "st_gain", "lt_gain",
         "realized_loss", "wash_sale_disallowed", "est_tax", "net_tax_pct", "wait_for_long_term", "wait_until",
         "tax_saved_by_waiting", "wait_reason", "wash_sale_watch",
         "est_tax_this_year", "loss_carryforward", "tax_effect_words", "household_id",
         "household_est_tax_this_year", "household_loss_carryforward",
-    ).sort("recommendation_id")
+    ).sort(KEY)
 

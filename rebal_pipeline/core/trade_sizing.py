@@ -2,15 +2,17 @@
 
 Pure and vectorised: plain functions over polars DataFrames, no Dagster, no DuckDB, and no
 per-account Python loop (every step is a join, a group_by or a window `over` the account), so a
-book of 100,000 accounts sizes in a few seconds. The only per-account Python is the final SHA-256
-of one canonical string per account (`recommendation_ids`), which is not the hot path.
+book of 100,000 accounts sizes in a few seconds.
 
     result = size_trades(holdings, class_targets, model_weights, securities, restrictions, bands,
-                         SizingPolicy(model_version="..."), sell_tax_cost=None)
-    result.trades     # account_id, recommendation_id, symbol, asset_class, side, quantity,
-                      # est_price, est_value, reason
-    result.accounts   # account_id, recommendation_id, market_value, cash_before, cash_after,
-                      # trade_count, dust_dropped, inside_bands, unresolved, compliance_review
+                         SizingPolicy(), sell_tax_cost=None)
+    result.trades     # account_id, symbol, asset_class, side, quantity, est_price, est_value, reason
+    result.accounts   # account_id, market_value, cash_before, cash_after, trade_count,
+                      # dust_dropped, inside_bands, unresolved, compliance_review
+
+The sizing is not the final word on the trades (the tax engine may replace a buy that would wash
+a loss), so it mints no recommendation id: core/recommendation_identity.py does, once, from the
+final trades.
 
 Only accounts present in `class_targets` are sized (the caller passes just the breached ones).
 
@@ -91,21 +93,18 @@ The rules, in the order they are applied (each is also commented where it is imp
    it is at least one minimum trade, so rounding noise never relabels a trade (except a sell
    rounded up to protect the cash target, which is "cash"). A rule-6b top-up merged into a
    proposed buy keeps that buy's reason; a top-up that is a trade of its own is "rebalance".
-9. Determinism: intermediate frames are sorted before every floating-point aggregation, outputs
-   are sorted by (account_id, side, symbol), and `recommendation_id` is the first 32 hex of the
-   SHA-256 of a canonical text of the account id, its trades and policy.model_version
-   (`canonical_text`).
+9. Determinism: intermediate frames are sorted before every floating-point aggregation, and
+   outputs are sorted by (account_id, side, symbol).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import polars as pl
 
 from rebal_pipeline.core.frames import conform
+from rebal_pipeline.core.recommendation_identity import QUANTITY_DECIMALS
 
 CASH_SYMBOL = "CASH"
 CASH_CLASS = "cash"
@@ -123,12 +122,9 @@ _PER_ACCT = {"partition_by": "account_id"}
 _UNSCALED_TW = pl.when(pl.col("f") > 0).then(pl.col("tw") / pl.col("f")).otherwise(0.0)
 # Rule 6b: rounds of the top-up pass (a round serves each short class of every account once).
 _TOPUP_ROUNDS = 2
-# Quantities in the canonical text are written with this many decimals (the feed carries at most 8).
-_QTY_DECIMALS = 8
 
 TRADES_SCHEMA: dict[str, pl.DataType] = {
     "account_id": pl.String(),
-    "recommendation_id": pl.String(),
     "symbol": pl.String(),
     "asset_class": pl.String(),
     "side": pl.String(),
@@ -139,7 +135,6 @@ TRADES_SCHEMA: dict[str, pl.DataType] = {
 }
 ACCOUNTS_SCHEMA: dict[str, pl.DataType] = {
     "account_id": pl.String(),
-    "recommendation_id": pl.String(),
     "market_value": pl.Float64(),
     "cash_before": pl.Float64(),
     "cash_after": pl.Float64(),
@@ -174,7 +169,6 @@ class SizingPolicy:
     min_trade_pct: float = 0.001  # of the account's market value; the larger of the two applies
     default_cash_buffer: float = 0.0  # minimum cash weight when the account has no min_cash_weight
     fractional_decimals: int = 3  # share decimals for securities with fractional = true
-    model_version: str = ""  # recorded in every recommendation_id
 
     def __post_init__(self) -> None:
         if self.min_trade_value < 0:
@@ -183,73 +177,16 @@ class SizingPolicy:
             raise ValueError("min_trade_pct must be in [0, 1)")
         if not 0 <= self.default_cash_buffer < 1:
             raise ValueError("default_cash_buffer must be in [0, 1)")
-        if not 0 <= self.fractional_decimals <= _QTY_DECIMALS:
-            raise ValueError(f"fractional_decimals must be in [0, {_QTY_DECIMALS}]")
+        # No finer than the recommendation id writes quantities: two quantities must never
+        # share an id's text.
+        if not 0 <= self.fractional_decimals <= QUANTITY_DECIMALS:
+            raise ValueError(f"fractional_decimals must be in [0, {QUANTITY_DECIMALS}]")
 
 
 @dataclass(frozen=True)
 class SizingResult:
     trades: pl.DataFrame
     accounts: pl.DataFrame
-
-
-# --------------------------------------------------------------------------------------------
-# Recommendation ids
-# --------------------------------------------------------------------------------------------
-
-
-def _qty_text_py(quantity: float) -> str:
-    units = int(round(quantity * 10**_QTY_DECIMALS))
-    whole, frac = divmod(units, 10**_QTY_DECIMALS)
-    return f"{whole}.{frac:0{_QTY_DECIMALS}d}"
-
-
-def _qty_text_expr(quantity: pl.Expr) -> pl.Expr:
-    # Integer micro-units rendered by hand: float-to-text casting is not promised stable across
-    # polars versions, integer-to-text is.
-    units = (quantity * 10**_QTY_DECIMALS).round(0).cast(pl.Int64)
-    return pl.concat_str(
-        (units // 10**_QTY_DECIMALS).cast(pl.String),
-        pl.lit("."),
-        (units % 10**_QTY_DECIMALS).cast(pl.String).str.zfill(_QTY_DECIMALS),
-    )
-
-
-def canonical_text(account_id: str, trades: Iterable[tuple[str, str, float]], model_version: str) -> str:
-    """The text hashed into a recommendation id: `account_id=<id>;trades=<symbol>:<side>:<qty>,...;
-    model_version=<v>`, trades sorted by (symbol, side), quantities with 8 decimals."""
-    lines = ",".join(f"{s}:{side}:{_qty_text_py(q)}" for s, side, q in sorted(trades, key=lambda t: (t[0], t[1])))
-    return f"account_id={account_id};trades={lines};model_version={model_version}"
-
-
-def recommendation_id(account_id: str, trades: Iterable[tuple[str, str, float]], model_version: str) -> str:
-    """sha256 hex (first 32) of `canonical_text` (the scalar twin of `recommendation_ids`)."""
-    return hashlib.sha256(canonical_text(account_id, trades, model_version).encode("utf-8")).hexdigest()[:32]
-
-
-def recommendation_ids(account_ids: pl.Series | pl.DataFrame, trades: pl.DataFrame, model_version: str) -> pl.DataFrame:
-    """account_id → recommendation_id for every account given (an account without trades still
-    gets one), from trades with account_id, symbol, side, quantity. The canonical text is built
-    vectorised; SHA-256 runs once per account on that one string."""
-    ids = account_ids.select("account_id") if isinstance(account_ids, pl.DataFrame) else account_ids.to_frame("account_id")
-    ids = ids.unique().sort("account_id")
-    lines = (
-        trades.sort(["account_id", "symbol", "side"])
-        .group_by("account_id", maintain_order=True)
-        .agg(lines=pl.concat_str("symbol", "side", _qty_text_expr(pl.col("quantity")), separator=":").str.join(","))
-    )
-    text = ids.join(lines, on="account_id", how="left").select(
-        "account_id",
-        text=pl.concat_str(
-            pl.lit("account_id="),
-            pl.col("account_id"),
-            pl.lit(";trades="),
-            pl.col("lines").fill_null(""),
-            pl.lit(f";model_version={model_version}"),
-        ),
-    )
-    digests = [hashlib.sha256(t.encode("utf-8")).hexdigest()[:32] for t in text["text"].to_list()]
-    return text.select("account_id").with_columns(recommendation_id=pl.Series(digests, dtype=pl.String))
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,7 +869,7 @@ def _top_up(u: pl.DataFrame) -> pl.DataFrame:
         u = _top_up_round(u)
     u = u.with_columns(
         # One row per account/symbol/side: the top-up is merged into the proposed buy (re-rounded to
-        # the unit so float noise of the sum never reaches the recommendation id).
+        # the unit so float noise of the sum never reaches the quantity, nor the recommendation id).
         buy_q_final=((pl.col("buy_q_main") + pl.col("topup_q")) * pl.col("unit")).round(0) / pl.col("unit"),
     ).with_columns(
         buy_q_final=pl.col("buy_q_final").fill_null(0.0),
@@ -1261,11 +1198,9 @@ def size_trades(
     breached = _band_check(u, acct, book.ct, bands, book.barred, unreachable, nobuy_unsub)  # rule 7
     compliance = _compliance_review(book.hv, book.barred)  # rule 4 (no_asset_class)
 
-    rec = recommendation_ids(book.accounts, trades, policy.model_version)
-    trades = trades.join(rec, on="account_id", how="left").select(list(TRADES_SCHEMA)).cast(TRADES_SCHEMA)
+    trades = trades.select(list(TRADES_SCHEMA)).cast(TRADES_SCHEMA)
     accounts_out = (
-        acct.join(rec, on="account_id", how="left")
-        .join(breached, on="account_id", how="left")
+        acct.join(breached, on="account_id", how="left")
         .join(compliance, on="account_id", how="left")
         .with_columns(
             unresolved=pl.when(pl.col("market_value") <= 0)

@@ -4,6 +4,7 @@ from datetime import date
 
 import polars as pl
 
+from rebal_pipeline.core.recommendation_identity import KEY, mint_recommendation_ids
 from rebal_pipeline.core.tax_engine import PastWashSales, apply_tax_engine
 from rebal_pipeline.core.tax_lots import TaxPolicy
 from rebal_pipeline.core.wash_sales import LOSS_SALES_SCHEMA, PURCHASES_SCHEMA
@@ -33,21 +34,28 @@ def household_recommendation(trades):
     frame = pl.DataFrame(trades, schema={"account_id": pl.String, "symbol": pl.String, "asset_class": pl.String,
                                          "side": pl.String, "quantity": pl.Float64, "est_price": pl.Float64,
                                          "est_value": pl.Float64, "reason": pl.String}, orient="row")
-    return frame.with_columns(pl.lit("REC-HH").alias("recommendation_id"))
+    return frame.with_columns(pl.lit("REC-HH").alias(KEY))
 
 
 def run(trades, overrides=None):
     past = PastWashSales(LOTS, pl.DataFrame(schema=LOSS_SALES_SCHEMA), pl.DataFrame(schema=PURCHASES_SCHEMA),
                          pl.DataFrame())
-    recs = pl.DataFrame({"recommendation_id": ["REC-HH"], "scope": ["household"], "scope_id": ["HH"]})
+    recs = pl.DataFrame({KEY: ["REC-HH"], "scope": ["household"], "scope_id": ["HH"]})
     return apply_tax_engine(
         trades, recs, past, ACCOUNTS, SECURITIES, pl.DataFrame(schema={"account_id": pl.String, "kind": pl.String,
                                                                        "value": pl.String}),
-        pl.DataFrame({"recommendation_id": ["REC-HH"], "drift_to_band": [1.5]}),
+        pl.DataFrame({KEY: ["REC-HH"], "drift_to_band": [1.5]}),
         overrides if overrides is not None else pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String,
                                                                      "reason": pl.String}),
-        AS_OF, TaxPolicy(tlh_min_loss=1e9), 100.0, "test-policy",
+        AS_OF, TaxPolicy(tlh_min_loss=1e9), 100.0,
     )
+
+
+def minted_id(recommendations, trades) -> str:
+    """The id core/recommendation_identity.py mints for the one recommendation from these trades."""
+    members = pl.DataFrame({KEY: ["REC-HH"] * 2, "account_id": ["TAX", "IRA"], "model_version": ["m@1"] * 2})
+    recs = recommendations.with_columns(pl.lit("rebalance").alias("kind"))
+    return mint_recommendation_ids(recs, members, trades, AS_OF, "test-policy")["recommendation_id"].item()
 
 
 TRADES = [("TAX", "VTI", "equity", "sell", 20.0, 100.0, 2000.0, "location"),
@@ -63,7 +71,8 @@ def test_a_buy_in_the_same_recommendation_that_would_wash_its_own_loss_becomes_t
     # 20 sh × ($100 − $110) = −$200 long-term, deductible: saves $40; nothing disallowed.
     assert (sale["gain"], sale["wash_sale_disallowed"], sale["est_tax"]) == (-200.0, 0.0, -40.0)
     # The substitution changed the trades, so the recommendation has a new identity.
-    assert outcome.recommendations["recommendation_id"].item() != "REC-HH"
+    assert minted_id(outcome.recommendations, outcome.trades) != minted_id(
+        outcome.recommendations, household_recommendation(TRADES))
 
 
 def test_kept_by_override_the_ira_buy_loses_the_loss_for_good():
@@ -73,6 +82,18 @@ def test_kept_by_override_the_ira_buy_loses_the_loss_for_good():
     assert (sale["wash_sale_disallowed"], sale["loss_lost_permanently"], sale["est_tax"]) == (200.0, True, 0.0)
     summary = outcome.summary.row(0, named=True)
     assert (summary["realized_loss"], summary["wash_sale_disallowed"]) == (0.0, 200.0)
+
+
+def test_the_minted_id_replaces_the_key_in_every_frame_and_in_the_wash_sale_ids():
+    overrides = pl.DataFrame({"account_id": ["IRA"], "symbol": ["VTI"], "reason": ["model fidelity (ADV-1)"]})
+    keyed = run(household_recommendation(TRADES), overrides)
+    outcome = keyed.identified(pl.DataFrame({KEY: ["REC-HH"], "recommendation_id": ["ID-1"]}))
+    for frame in (outcome.trades, outcome.recommendations, outcome.tax_impact, outcome.summary):
+        assert KEY not in frame.columns and frame["recommendation_id"].unique().to_list() == ["ID-1"]
+    # The wash sale the kept buy causes names the sale and the buy by the minted id.
+    proposed = outcome.wash_sales.filter(pl.col("when") == "proposed")
+    assert proposed.select("sale_id", "purchase_id").rows() == [("S:ID-1:TAX:T1:", "B:ID-1:IRA:VTI")]
+    assert outcome.wash_sales.columns == [c for c in keyed.wash_sales.columns if not c.endswith("_recommendation_key")]
 
 
 def test_two_harvested_positions_sharing_a_substitute_buy_it_on_one_line():
@@ -95,11 +116,11 @@ def test_two_harvested_positions_sharing_a_substitute_buy_it_on_one_line():
                          pl.DataFrame())
     no_trades = household_recommendation([]).head(0)
     outcome = apply_tax_engine(
-        no_trades, pl.DataFrame(schema={"recommendation_id": pl.String, "scope": pl.String, "scope_id": pl.String}),
+        no_trades, pl.DataFrame(schema={KEY: pl.String, "scope": pl.String, "scope_id": pl.String}),
         past, ACCOUNTS, securities, pl.DataFrame(schema={"account_id": pl.String, "kind": pl.String, "value": pl.String}),
-        pl.DataFrame(schema={"recommendation_id": pl.String, "drift_to_band": pl.Float64}),
+        pl.DataFrame(schema={KEY: pl.String, "drift_to_band": pl.Float64}),
         pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String}),
-        AS_OF, TaxPolicy(), 100.0, "test-policy",
+        AS_OF, TaxPolicy(), 100.0,
     )
     harvest = outcome.trades.sort("side", "symbol").select("side", "symbol", "quantity").rows()
     assert harvest == [("buy", "SCHB", 140.0), ("sell", "ITOT", 40.0), ("sell", "VTI", 50.0)]

@@ -172,20 +172,21 @@ def test_the_household_figure_applies_the_limit_once_across_its_recommendations(
         "acquired_date": [RECENT] * 2, "holding_from": [RECENT] * 2, "quantity": [100.0] * 2,
         "cost_basis": [14000.0] * 2, "taxable": [True, True]})
     trades = pl.DataFrame({
-        "recommendation_id": ["R1", "R2"], "account_id": ["T1", "T2"], "symbol": ["VTI", "VTI"],
+        "recommendation_key": ["R1", "R2"], "account_id": ["T1", "T2"], "symbol": ["VTI", "VTI"],
         "asset_class": ["equity", "equity"], "side": ["sell", "sell"], "quantity": [100.0, 100.0],
         "est_price": [100.0, 100.0], "est_value": [10000.0, 10000.0], "reason": ["rebalance", "rebalance"]})
-    recs = pl.DataFrame({"recommendation_id": ["R1", "R2"], "scope": ["account"] * 2, "scope_id": ["T1", "T2"]})
+    recs = pl.DataFrame({"recommendation_key": ["R1", "R2"], "scope": ["account"] * 2, "scope_id": ["T1", "T2"]})
     past = PastWashSales(lot_rows, pl.DataFrame(schema=LOSS_SALES_SCHEMA), pl.DataFrame(schema=PURCHASES_SCHEMA),
                          pl.DataFrame())
     outcome = apply_tax_engine(
         trades, recs, past, ACCOUNTS, SECURITIES,
         pl.DataFrame(schema={"account_id": pl.String, "kind": pl.String, "value": pl.String}),
-        pl.DataFrame({"recommendation_id": ["R1", "R2"], "drift_to_band": [1.5, 1.5]}),
+        pl.DataFrame({"recommendation_key": ["R1", "R2"], "drift_to_band": [1.5, 1.5]}),
         pl.DataFrame(schema={"account_id": pl.String, "symbol": pl.String, "reason": pl.String}),
-        AS_OF, TaxPolicy(tlh_min_loss=1e9), 100.0, "test-policy")
-    rows = outcome.summary.sort("recommendation_id").select(
-        "recommendation_id", "est_tax_this_year", "loss_carryforward", "tax_effect_words",
+        AS_OF, TaxPolicy(tlh_min_loss=1e9), 100.0)
+    # The engine's recommendations are known by their provisional key (ids are minted after it).
+    rows = outcome.summary.sort("recommendation_key").select(
+        "recommendation_key", "est_tax_this_year", "loss_carryforward", "tax_effect_words",
         "household_est_tax_this_year", "household_loss_carryforward").rows()
     assert rows == [
         ("R1", -1110.0, 1000.0, "estimated tax saving $1,110.00", -1110.0, 5000.0),

@@ -40,7 +40,7 @@ def _size(f, holdings, model, tax_cost):
                           "band": [0.05] * 4})
     weights = hold_taxable_classes(located, holdings, model, f["accounts"], SECURITIES)
     sized = size_trades(holdings, located.select("account_id", "asset_class", "target_weight"), weights, SECURITIES,
-                        NO_RESTRICTIONS, bands, SizingPolicy(model_version="m"), sell_tax_cost=tax_cost)
+                        NO_RESTRICTIONS, bands, SizingPolicy(), sell_tax_cost=tax_cost)
     return located, sized.trades
 
 
