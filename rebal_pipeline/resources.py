@@ -147,6 +147,101 @@ class FixSessionResource(ConfigurableResource):
         return FixSession(**values)
 
 
+def _setting(name: str):
+    """A resource field that carries the RebalSettings field `name` as text (validated again by
+    `load_settings` when the run uses it), described by its environment variable."""
+    from pydantic import Field
+
+    alias = settings.RebalSettings.model_fields[name].validation_alias.choices[0]  # type: ignore[union-attr]
+    return Field(default="", description=f"{alias} (empty: not set)")
+
+
+class SettingsPart(ConfigurableResource):
+    """A part of the settings (rebal_pipeline/settings.py) as a Dagster resource: each field is
+    named after a RebalSettings field and holds its value as text; a secret is an EnvVar naming
+    its variable (the Dagster UI shows the name, never the value). `from_settings` is how
+    resources_for builds one; `variables()` gives the values back under their variable names,
+    for `load_settings` to validate and type again."""
+
+    @classmethod
+    def from_settings(cls, settings_: "settings.RebalSettings") -> "SettingsPart":
+        from pydantic import SecretStr
+
+        values = {}
+        for name in cls.model_fields:
+            value = getattr(settings_, name)
+            if value is None:
+                continue
+            alias = settings.RebalSettings.model_fields[name].validation_alias.choices[0]  # type: ignore[union-attr]
+            values[name] = (_secret_config(settings_, alias, value.get_secret_value())
+                            if isinstance(value, SecretStr) else str(value))
+        return cls(**values)
+
+    def variables(self) -> dict[str, str]:
+        fields = settings.RebalSettings.model_fields
+        return {fields[name].validation_alias.choices[0]: value  # type: ignore[union-attr]
+                for name in type(self).model_fields if (value := getattr(self, name))}
+
+
+class EmailResource(SettingsPart):
+    """The mail relay (REBAL_SMTP_*) and what client emails say about the firm."""
+
+    smtp_host: str = _setting("smtp_host")
+    smtp_from: str = _setting("smtp_from")
+    smtp_port: str = _setting("smtp_port")
+    smtp_username: str = _setting("smtp_username")
+    smtp_password: str = _setting("smtp_password")
+    smtp_starttls: str = _setting("smtp_starttls")
+    smtp_timeout: str = _setting("smtp_timeout")
+    smtp_ca_file: str = _setting("smtp_ca_file")
+    firm_name: str = _setting("firm_name")
+    client_confirmation: str = _setting("client_confirmation")
+
+
+class CrmResource(SettingsPart):
+    """The CRM connection (REBAL_CRM, REBAL_WEALTHBOX_* / REBAL_REDTAIL_*); none set = no CRM."""
+
+    crm: str = _setting("crm")
+    crm_max_attempts: str = _setting("crm_max_attempts")
+    wealthbox_base_url: str = _setting("wealthbox_base_url")
+    wealthbox_access_token: str = _setting("wealthbox_access_token")
+    wealthbox_token_url: str = _setting("wealthbox_token_url")
+    wealthbox_client_id: str = _setting("wealthbox_client_id")
+    wealthbox_client_secret: str = _setting("wealthbox_client_secret")
+    wealthbox_refresh_token: str = _setting("wealthbox_refresh_token")
+    redtail_base_url: str = _setting("redtail_base_url")
+    redtail_api_key: str = _setting("redtail_api_key")
+    redtail_user_key: str = _setting("redtail_user_key")
+
+
+class LinksResource(SettingsPart):
+    """The one-click links in emails: the secret that signs them (the approval API's), where they
+    point and how long they stay valid."""
+
+    link_secret_value: str = _setting("link_secret_value")
+    link_ttl_hours: str = _setting("link_ttl_hours")
+    public_url: str = _setting("public_url")
+
+
+class ApprovalClockResource(SettingsPart):
+    """REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS over the drift policy's approval section."""
+
+    reminder_hours: str = _setting("reminder_hours")
+    escalation_hours: str = _setting("escalation_hours")
+
+
+def comms_settings(email: EmailResource, crm: CrmResource, links: LinksResource, clock: ApprovalClockResource,
+                   drift_policy_source: DriftPolicySource):
+    """The comms ops' resources as the one `CommsSettings` the senders take (comms/settings.py),
+    validated by load_settings (a malformed value fails the run at its start, naming the variable)."""
+    from rebal_pipeline.comms.settings import CommsSettings
+
+    variables = {**email.variables(), **crm.variables(), **links.variables(), **clock.variables()}
+    if drift_policy_source.policy_file:
+        variables["REBAL_DRIFT_POLICY"] = drift_policy_source.policy_file
+    return CommsSettings.from_settings(settings.load_settings(variables))
+
+
 def _secret_config(settings_: "settings.RebalSettings", variable: str, value: str):
     """A secret as resource config: an EnvVar when the process environment holds this very value
     (so the Dagster UI shows the variable's name, not the secret), else the value itself (settings
@@ -166,7 +261,8 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
       - production: REBAL_WORKFLOW_DB_URL names a Postgres workflow store (its URL, which may
         carry a password, is passed as EnvVar so the Dagster UI never shows it), paths moved
         with REBAL_WAREHOUSE / REBAL_FEED_ROOT / REBAL_ARCHIVE_ROOT.
-    SMTP, CRM and link settings are still read by the comms ops at send time (comms/, issue #15)."""
+    SMTP, CRM, links and the approval clock are parts of the same settings (`SettingsPart`), their
+    secrets EnvVars naming the variable."""
     policy = settings_.policy_file()
     if settings_.workflow_db is not None:
         store_url = _secret_config(settings_, "REBAL_WORKFLOW_DB_URL", settings_.workflow_db_url())
@@ -187,6 +283,10 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
             target_comp_id=settings_.fix_target_comp_id or "",
             first_seq_num=settings_.fix_first_seq_num or 0,
         ),
+        "email": EmailResource.from_settings(settings_),
+        "crm": CrmResource.from_settings(settings_),
+        "links": LinksResource.from_settings(settings_),
+        "approval_clock": ApprovalClockResource.from_settings(settings_),
     }
     return chosen
 

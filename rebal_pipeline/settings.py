@@ -117,6 +117,19 @@ class RebalSettings(BaseSettings):
         # As rebal has always read it: 1/true/yes is a sandbox, anything else is not.
         return str(value).strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
+    @field_validator("smtp_starttls", mode="before")
+    @classmethod
+    def _flag(cls, value) -> bool:
+        # The relay's flag as rebal has always read it: 1/true/yes/on or 0/false/no/off.
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be true or false")
+
     @field_validator("auto_submit_discretionary", mode="before")
     @classmethod
     def _true_or_false(cls, value) -> bool:

@@ -4,11 +4,16 @@ Every test package describes its own book (accounts, prices, trades) and builds 
 users here, so a new required field of RecommendationPackage or users.csv is added once.
 
 - `make_package(**fields)`: a RecommendationPackage with the daily run's defaults for what the
-  test does not say; the positions fingerprint is computed from the holdings, as the daily run
-  does (workflow/package.py).
-- `holding(...)`, `trade(...)`: lines with market value / trade value computed from quantity × price.
+  test does not say: one account (`scope_id`, default ACC-1), or a household when it names
+  several `account_ids` (its scope_id the household_id, as the daily run's); the positions
+  fingerprint is computed from the holdings, as the daily run does (workflow/package.py), unless
+  the test gives one. Any other field (kind="harvest", trade_rules, restrictions, tax, ...) as a
+  keyword.
+- `holding(...)`, `trade(...)`: lines with market value / trade value computed from quantity × price
+  (trade value rounded to the cent); any other field (fractional, security_type, replaces_symbol,
+  wash_sale_disallowed, or a hand-set market_value / est_value) as a keyword.
 - `user(user_id, role=...)`: one users.csv row; `USERS` the standard firm (two advisors,
-  compliance, operations).
+  compliance, operations); `DESK` the trading desk some tests add to it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ USERS = [
     user("CCO-1", "compliance", name="Chris Compliance", email="cco@example-ria.com"),
     user("OPS-1", "operations", name="Olu Operations", email="ops@example-ria.com"),
 ]
+DESK = user("DESK-1", "trading_desk", name="Toni Desk", email="desk@example-ria.com")
 
 
 def holding(account_id: str, symbol: str, asset_class: str, quantity: float, price: float, **fields) -> PackageHolding:
@@ -51,13 +57,16 @@ def trade(account_id: str, symbol: str, asset_class: str, side: str, quantity: f
 
 
 def make_package(**fields) -> RecommendationPackage:
-    """A package of one account (or of `account_ids`) with the daily run's defaults."""
+    """A package of one account (or a household package of `account_ids`) with the daily run's defaults."""
     account_ids = fields.get("account_ids") or [fields.get("scope_id", "ACC-1")]
+    household_id = fields.get("household_id", "HH-1")
+    scope = fields.get("scope", "account" if len(account_ids) == 1 else "household")
     holdings = fields.get("holdings", [])
     defaults = dict(
-        recommendation_id="REC-1", as_of=AS_OF, scope="account" if len(account_ids) == 1 else "household",
-        scope_id=account_ids[0], kind="rebalance", advisor_id="ADV-1", household_id="HH-1",
-        account_ids=account_ids, policy_version="2026.11-2+test", trades=[], holdings=holdings,
+        recommendation_id="REC-1", as_of=AS_OF, scope=scope,
+        scope_id=household_id if scope == "household" else account_ids[0], kind="rebalance", advisor_id="ADV-1",
+        household_id=household_id, account_ids=account_ids, policy_version="2026.11-2+test", trades=[],
+        holdings=holdings,
         positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in holdings]),
     )
     return RecommendationPackage(**{**defaults, **fields})

@@ -1,11 +1,16 @@
 """The settings object: malformed values name the variable, secrets are never echoed, defaults,
 and REBAL_HOME moves every embedded file under it."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from dagster import EnvVar
 
-from rebal_pipeline.resources import FixSessionResource, resources_for
+from rebal_pipeline.comms.outbound import Transient
+from rebal_pipeline.comms.settings import CommsSettings
+from rebal_pipeline.comms.smtp import SmtpConfigError
+from rebal_pipeline.resources import FixSessionResource, comms_settings, resources_for
 from rebal_pipeline.settings import SettingsError, load_settings
 
 
@@ -81,3 +86,43 @@ def test_the_sandbox_and_auto_submit_flags_read_as_before():
     assert load_settings({"REBAL_AUTO_SUBMIT_DISCRETIONARY": "TRUE"}).auto_submit_discretionary is True
     with pytest.raises(SettingsError, match="^REBAL_AUTO_SUBMIT_DISCRETIONARY='yes': .*must be true or false"):
         load_settings({"REBAL_AUTO_SUBMIT_DISCRETIONARY": "yes"})
+
+
+def test_the_message_resources_carry_the_settings_to_the_senders(tmp_path):
+    s = load_settings({"REBAL_HOME": str(tmp_path), "REBAL_SMTP_HOST": "relay.example-ria.com",
+                       "REBAL_SMTP_FROM": "Harbor RIA <alerts@example-ria.com>", "REBAL_SMTP_STARTTLS": "no",
+                       "REBAL_LINK_SECRET": "l" * 40, "REBAL_PUBLIC_URL": "https://rebal.example-ria.com/",
+                       "REBAL_LINK_TTL_HOURS": "12", "REBAL_REDTAIL_BASE_URL": "https://crm.example.com/api",
+                       "REBAL_REDTAIL_API_KEY": "k", "REBAL_REDTAIL_USER_KEY": "u", "REBAL_REMINDER_HOURS": "4",
+                       "REBAL_ESCALATION_HOURS": "8", "REBAL_CLIENT_CONFIRMATION": "detailed"})
+    chosen = resources_for(s)
+    comms = comms_settings(chosen["email"], chosen["crm"], chosen["links"], chosen["approval_clock"],
+                           chosen["drift_policy_source"])
+    relay = comms.relay()
+    assert (relay.host, relay.port, relay.starttls, relay.sender) == (
+        "relay.example-ria.com", 25, False, "Harbor RIA <alerts@example-ria.com>")
+    assert comms.link_secret() == b"l" * 40 and comms.link_ttl == timedelta(hours=12)
+    assert comms.public_url == "https://rebal.example-ria.com"
+    assert comms.crm_style() == "redtail" and comms.confirmation_style == "detailed"
+    assert comms.firm_name(relay.sender) == "Harbor RIA"
+    clock = comms.approval_clock()
+    assert (clock.reminder_hours, clock.escalation_hours) == (4.0, 8.0)
+
+
+def test_a_secret_reaches_dagster_as_the_name_of_its_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("REBAL_LINK_SECRET", "s" * 40)  # a deployment's environment
+    monkeypatch.setenv("REBAL_HOME", str(tmp_path))
+    links = resources_for(load_settings())["links"]
+    assert isinstance(links.link_secret_value, EnvVar) and links.link_secret_value == "REBAL_LINK_SECRET"
+
+
+def test_what_cannot_be_sent_with_is_a_retry_that_names_the_variable():
+    comms = CommsSettings.from_settings(load_settings({"REBAL_WEALTHBOX_BASE_URL": "https://a.example.com",
+                                                       "REBAL_REDTAIL_BASE_URL": "https://b.example.com"}))
+    with pytest.raises(Transient, match="REBAL_LINK_SECRET must be set"):
+        comms.link_secret()
+    with pytest.raises(SmtpConfigError, match="set REBAL_SMTP_HOST, REBAL_SMTP_FROM"):
+        comms.relay()
+    with pytest.raises(Transient, match="choose one with REBAL_CRM"):
+        comms.crm_style()
+    assert comms.crm_configured()  # meant to be used: its messages wait for the fix

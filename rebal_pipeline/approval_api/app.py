@@ -17,7 +17,6 @@ The review link's page also offers a quantities form (when its advisor may decid
 """
 
 import logging
-import os
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -138,22 +137,19 @@ class ConfigurationError(SystemExit):
     pass
 
 
-def link_secret_from_env() -> bytes:
-    value = os.environ.get("REBAL_LINK_SECRET", "")
-    raw = value.encode("utf-8")
-    if len(raw) < link_tokens.MIN_SECRET_BYTES:
-        raise ConfigurationError(
-            "REBAL_LINK_SECRET must be set to a random secret of at least "
-            f"{link_tokens.MIN_SECRET_BYTES} bytes (it signs the one-click approval links), e.g. "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`. "
-            + ("It is not set." if not value else f"It is only {len(raw)} bytes long.")
-            + " The approval API does not start without it.")
-    return raw
+def link_secret_from_env(rebal_settings: settings.RebalSettings | None = None) -> bytes:
+    """REBAL_LINK_SECRET (RebalSettings.link_secret, the one home of that rule); without a usable
+    one the API does not start."""
+    try:
+        return (rebal_settings or settings.current()).link_secret()
+    except settings.SettingsError as exc:
+        raise ConfigurationError(f"{exc} The approval API does not start without it.") from None
 
 
-def build_app_from_env(migrate: bool = True) -> FastAPI:
-    secret = link_secret_from_env()
-    store = WorkflowStore(settings.workflow_db_url())
+def build_app_from_env(migrate: bool = True, rebal_settings: settings.RebalSettings | None = None) -> FastAPI:
+    rebal_settings = rebal_settings or settings.current()
+    secret = link_secret_from_env(rebal_settings)
+    store = WorkflowStore(rebal_settings.workflow_db_url())
     if migrate:
         store.migrate()
     return create_app(store, secret)

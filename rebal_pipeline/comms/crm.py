@@ -38,7 +38,7 @@ The contract with the caller (the execute job's CRM step, an outbox worker):
 - Both are `CrmError`. A CRM outage must never block trading: the caller catches CrmError, records
   it (audit event + outbox row) and carries on with the execution.
 
-Secrets (tokens, keys, client secret) come from the environment (`from_env`), are never logged and
+Secrets (tokens, keys, client secret) come from `RebalSettings` (`from_settings`), are never logged and
 are kept out of reprs; nothing of the note's text or the contact reference is logged either.
 """
 
@@ -48,19 +48,21 @@ import base64
 import hashlib
 import ipaddress
 import logging
-import os
 import random
 import threading
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from rebal_pipeline.core.retry_after import retry_after_seconds
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
+
+if TYPE_CHECKING:
+    from rebal_pipeline.settings import RebalSettings
 
 log = logging.getLogger("rebal.comms.crm")
 
@@ -143,6 +145,20 @@ def _iso(due: date | datetime) -> str:
             due = due.replace(tzinfo=timezone.utc)
         return due.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     return due.isoformat()
+
+
+def _secret(value) -> str | None:
+    """A SecretStr's value (None when not set); kept out of every message and repr."""
+    return (value.get_secret_value() or None) if value is not None else None
+
+
+def _load(environ: Mapping[str, str] | None) -> "RebalSettings":
+    from rebal_pipeline.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_base_url(base_url: str) -> str:
@@ -297,18 +313,24 @@ class WealthboxStyleClient(_CrmClient):
         return f"WealthboxStyleClient({self.base_url!r})"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> "WealthboxStyleClient":
+    def from_settings(cls, settings: "RebalSettings", **kwargs) -> "WealthboxStyleClient":
         """REBAL_WEALTHBOX_BASE_URL, REBAL_WEALTHBOX_ACCESS_TOKEN (required); REBAL_WEALTHBOX_TOKEN_URL,
         REBAL_WEALTHBOX_REFRESH_TOKEN, REBAL_WEALTHBOX_CLIENT_ID, REBAL_WEALTHBOX_CLIENT_SECRET (for refresh)."""
-        env = os.environ if environ is None else environ
-        missing = [n for n in ("REBAL_WEALTHBOX_BASE_URL", "REBAL_WEALTHBOX_ACCESS_TOKEN") if not env.get(n)]
+        token = _secret(settings.wealthbox_access_token)
+        missing = [n for n, v in (("REBAL_WEALTHBOX_BASE_URL", settings.wealthbox_base_url),
+                                  ("REBAL_WEALTHBOX_ACCESS_TOKEN", token)) if not v]
         if missing:
             raise ValueError(f"set {', '.join(missing)}")
-        return cls(env["REBAL_WEALTHBOX_BASE_URL"], access_token=env["REBAL_WEALTHBOX_ACCESS_TOKEN"],
-                   token_url=env.get("REBAL_WEALTHBOX_TOKEN_URL") or None,
-                   refresh_token=env.get("REBAL_WEALTHBOX_REFRESH_TOKEN") or None,
-                   client_id=env.get("REBAL_WEALTHBOX_CLIENT_ID") or None,
-                   client_secret=env.get("REBAL_WEALTHBOX_CLIENT_SECRET") or None, **kwargs)
+        return cls(settings.wealthbox_base_url, access_token=token,
+                   token_url=settings.wealthbox_token_url or None,
+                   refresh_token=_secret(settings.wealthbox_refresh_token),
+                   client_id=settings.wealthbox_client_id or None,
+                   client_secret=_secret(settings.wealthbox_client_secret), **kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> "WealthboxStyleClient":
+        """`from_settings` of the settings in `environ` (default: the process environment)."""
+        return cls.from_settings(_load(environ), **kwargs)
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._access_token}"}
@@ -381,15 +403,21 @@ class RedtailStyleClient(_CrmClient):
         return f"RedtailStyleClient({self.base_url!r})"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> "RedtailStyleClient":
+    def from_settings(cls, settings: "RebalSettings", **kwargs) -> "RedtailStyleClient":
         """REBAL_REDTAIL_BASE_URL, REBAL_REDTAIL_API_KEY, REBAL_REDTAIL_USER_KEY (all required)."""
-        env = os.environ if environ is None else environ
-        names = ("REBAL_REDTAIL_BASE_URL", "REBAL_REDTAIL_API_KEY", "REBAL_REDTAIL_USER_KEY")
-        missing = [n for n in names if not env.get(n)]
+        values = {"REBAL_REDTAIL_BASE_URL": settings.redtail_base_url,
+                  "REBAL_REDTAIL_API_KEY": _secret(settings.redtail_api_key),
+                  "REBAL_REDTAIL_USER_KEY": _secret(settings.redtail_user_key)}
+        missing = [n for n, v in values.items() if not v]
         if missing:
             raise ValueError(f"set {', '.join(missing)}")
-        return cls(env["REBAL_REDTAIL_BASE_URL"], api_key=env["REBAL_REDTAIL_API_KEY"],
-                   user_key=env["REBAL_REDTAIL_USER_KEY"], **kwargs)
+        return cls(values["REBAL_REDTAIL_BASE_URL"], api_key=values["REBAL_REDTAIL_API_KEY"],
+                   user_key=values["REBAL_REDTAIL_USER_KEY"], **kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> "RedtailStyleClient":
+        """`from_settings` of the settings in `environ` (default: the process environment)."""
+        return cls.from_settings(_load(environ), **kwargs)
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": self._authorization}

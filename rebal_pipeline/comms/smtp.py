@@ -1,6 +1,6 @@
-"""Email delivery over SMTP (smtplib), settings from the environment only.
+"""Email delivery over SMTP (smtplib), settings from `RebalSettings` (the environment only).
 
-Environment:
+Settings (`SmtpSettings.from_settings`):
 
 | variable | default | meaning |
 |---|---|---|
@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import os
 import re
 import smtplib
 import ssl
@@ -44,17 +43,18 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import format_datetime
 from datetime import datetime, timezone
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from rebal_pipeline.settings import RebalSettings
 
 log = logging.getLogger("rebal.comms.smtp")
 
 _DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 class SmtpConfigError(ValueError):
-    """The SMTP settings in the environment are missing or malformed."""
+    """The SMTP settings (REBAL_SMTP_*) are missing or malformed."""
 
 
 def make_message_id(key: str, domain: str) -> str:
@@ -68,15 +68,6 @@ def make_message_id(key: str, domain: str) -> str:
         raise ValueError(f"make_message_id: {domain!r} is not a domain name")
     digest = hashlib.sha256(f"rebal-message-id/v1\x00{key}".encode()).hexdigest()[:40]
     return f"<rebal.{digest}@{domain.lower()}>"
-
-
-def _flag(value: str, name: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise SmtpConfigError(f"{name} must be true or false, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,24 +85,28 @@ class SmtpSettings:
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SmtpSettings":
-        env = os.environ if environ is None else environ
-        host = env.get("REBAL_SMTP_HOST", "").strip()
-        sender = env.get("REBAL_SMTP_FROM", "").strip()
+    def from_settings(cls, settings: "RebalSettings") -> "SmtpSettings":
+        """The relay of rebal's settings (REBAL_SMTP_*; typed and validated when they were loaded).
+        Port: REBAL_SMTP_PORT, else 587 with STARTTLS and 25 without."""
+        host, sender = (settings.smtp_host or "").strip(), (settings.smtp_from or "").strip()
         missing = [n for n, v in (("REBAL_SMTP_HOST", host), ("REBAL_SMTP_FROM", sender)) if not v]
         if missing:
             raise SmtpConfigError(f"set {', '.join(missing)}")
-        starttls = _flag(env.get("REBAL_SMTP_STARTTLS", "true"), "REBAL_SMTP_STARTTLS")
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        return cls(host=host, sender=sender, port=settings.smtp_port or (587 if settings.smtp_starttls else 25),
+                   username=settings.smtp_username or None, password=password or None,
+                   starttls=settings.smtp_starttls, timeout=settings.smtp_timeout,
+                   ca_file=settings.smtp_ca_file or None)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SmtpSettings":
+        """`from_settings` of the settings in `environ` (default: the process environment)."""
+        from rebal_pipeline.settings import SettingsError, load_settings
+
         try:
-            port = int(env.get("REBAL_SMTP_PORT") or (587 if starttls else 25))
-            timeout = float(env.get("REBAL_SMTP_TIMEOUT") or 30)
-        except ValueError as exc:
-            raise SmtpConfigError(f"REBAL_SMTP_PORT / REBAL_SMTP_TIMEOUT: {exc}") from None
-        if not 0 < port < 65536 or not timeout > 0:
-            raise SmtpConfigError("REBAL_SMTP_PORT must be 1-65535 and REBAL_SMTP_TIMEOUT positive")
-        return cls(host=host, sender=sender, port=port, username=env.get("REBAL_SMTP_USERNAME") or None,
-                   password=env.get("REBAL_SMTP_PASSWORD") or None, starttls=starttls, timeout=timeout,
-                   ca_file=env.get("REBAL_SMTP_CA_FILE") or None)
+            return cls.from_settings(load_settings(environ))
+        except SettingsError as exc:
+            raise SmtpConfigError(str(exc)) from None
 
     def tls_context(self) -> ssl.SSLContext:
         if self.ssl_context is not None:

@@ -47,13 +47,6 @@ class FixSession(BaseModel):
             "sender_comp_id", "target_comp_id", "first_seq_num") if getattr(rebal_settings, f"fix_{key}")}
         return cls(**values)
 
-    @classmethod
-    def from_env(cls) -> FixSession:
-        """The session of the process environment's settings (settings.current())."""
-        from rebal_pipeline import settings
-
-        return cls.from_settings(settings.current())
-
 
 def utc_timestamp(value: datetime) -> str:
     """FIX UTCTIMESTAMP with milliseconds: YYYYMMDD-HH:MM:SS.sss."""

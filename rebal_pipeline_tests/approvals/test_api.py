@@ -17,13 +17,15 @@ from sqlalchemy import func, select
 from rebal_pipeline.approval_api import app as api_app
 from rebal_pipeline.approval_api import create_app
 from rebal_pipeline.approval_api.testing import running_server
+from rebal_pipeline.settings import load_settings
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.package import PackageRestriction
 from rebal_pipeline.workflow.schema import advisor_team, audit_events, decisions, recommendations
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, USERS, package, publish
 
 SECRET = b"test-link-secret-" + b"s" * 32
-TEAM_MEMBER = {"user_id": "ADV-3", "name": "Pat Associate", "email": "pat@example-ria.com", "role": "advisor"}
+TEAM_MEMBER = factories.user("ADV-3", name="Pat Associate", email="pat@example-ria.com")
 
 
 class Clock:
@@ -407,23 +409,21 @@ def test_logs_carry_ids_not_pii(api, caplog):
 
 
 def test_link_secret_from_env(monkeypatch):
-    monkeypatch.delenv("REBAL_LINK_SECRET", raising=False)
     with pytest.raises(SystemExit, match="REBAL_LINK_SECRET must be set.*It is not set"):
-        api_app.link_secret_from_env()
-    monkeypatch.setenv("REBAL_LINK_SECRET", "short-secret")
+        api_app.link_secret_from_env(load_settings({}))
     with pytest.raises(SystemExit) as refused:
-        api_app.build_app_from_env()
+        api_app.build_app_from_env(rebal_settings=load_settings({"REBAL_LINK_SECRET": "short-secret"}))
     assert "only 12 bytes" in str(refused.value) and "short-secret" not in str(refused.value)
-    monkeypatch.setenv("REBAL_LINK_SECRET", "k" * 40)
+    assert str(refused.value).endswith(" The approval API does not start without it.")
+    monkeypatch.setenv("REBAL_LINK_SECRET", "k" * 40)  # the process environment, as `rebal api` reads it
     assert api_app.link_secret_from_env() == b"k" * 40
     with pytest.raises(ValueError):
         create_app(object(), b"too short")
 
 
-def test_app_from_env_serves(monkeypatch, tmp_path):
-    monkeypatch.setenv("REBAL_LINK_SECRET", secrets.token_urlsafe(48))
-    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", f"sqlite:///{tmp_path / 'wf.sqlite'}")
-    app = api_app.build_app_from_env()
+def test_app_from_env_serves(tmp_path):
+    app = api_app.build_app_from_env(rebal_settings=load_settings({
+        "REBAL_LINK_SECRET": secrets.token_urlsafe(48), "REBAL_WORKFLOW_DB_URL": f"sqlite:///{tmp_path / 'wf.sqlite'}"}))
     with running_server(app) as url, httpx.Client(base_url=url) as c:
         assert c.get("/health").json() == {"status": "ok", "store": "sqlite"}
         assert c.get("/recommendations").status_code == 401

@@ -12,7 +12,8 @@ fills seen on the next day's positions, and the desk's cancellations. After ever
     for the gate, or has its orders open;
   - the audit chain verifies.
 A few dozen examples by default (REBAL_HYPOTHESIS_EXAMPLES for more), on SQLite always and on
-Postgres when CI=true (the `store` fixture)."""
+Postgres when CI=true (the `store` fixture). Packages and people are built through
+rebal_pipeline_tests/factories.py."""
 
 from __future__ import annotations
 
@@ -34,13 +35,13 @@ from rebal_pipeline.tickets import FixSession
 from rebal_pipeline.tickets.orders import AccountRef, SecurityRef
 from rebal_pipeline.workflow import audit, gate, ledger, lifecycle
 from rebal_pipeline.workflow.package import (
-    PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules, positions_fingerprint,
+    PackageRestriction, RecommendationPackage, TradeRules,
 )
 from rebal_pipeline.workflow.schema import decisions, ledger_orders, order_sets, recommendations, users
-from rebal_pipeline_tests.approvals.conftest import USERS
+from rebal_pipeline_tests import factories
+from rebal_pipeline_tests.factories import DESK, USERS
 
 EXAMPLES = int(os.environ.get("REBAL_HYPOTHESIS_EXAMPLES", "30"))
-DESK = {"user_id": "DESK-1", "name": "Toni Desk", "email": "desk@example-ria.com", "role": "trading_desk"}
 PEOPLE = [*USERS, DESK]
 PRICES = {"VTI": 100.0, "BND": 50.0, "CASH": 1.0}
 CLASSES = {"VTI": "equity", "BND": "fixed_income", "CASH": "cash"}
@@ -92,8 +93,8 @@ class World:
         self.published = 0
         # Advisors of this example's own (the users table is shared by every example of the run):
         # A is the advisor of record until a "leave" step hands the account to B.
-        self.advisors = [{"user_id": f"P{n}-ADV-{x}", "name": f"Advisor {x} {n}", "email": f"adv{x}{n}@example-ria.com",
-                          "role": "advisor"} for x in "AB"]
+        self.advisors = [factories.user(f"P{n}-ADV-{x}", name=f"Advisor {x} {n}", email=f"adv{x}{n}@example-ria.com")
+                         for x in "AB"]
         self.advisor, self.departed = self.advisors[0]["user_id"], None
         self.people = [*STAFF, *self.advisors]
         with store.begin() as conn:
@@ -115,27 +116,22 @@ class World:
         self.published += 1
         prices = {s: (p * (1 + drift) if s != "CASH" else p) for s, p in PRICES.items()}
         held = self.positions[day]
-        holdings = [PackageHolding(account_id=self.account, symbol=s, asset_class=CLASSES[s], quantity=q,
-                                   price=prices[s], market_value=q * prices[s], fractional=False,
-                                   security_type="cash" if s == "CASH" else "etf") for s, q in held.items()]
+        holdings = [factories.holding(self.account, s, CLASSES[s], q, prices[s], fractional=False,
+                                      security_type="cash" if s == "CASH" else "etf") for s, q in held.items()]
         trades = []
+        # est_value unrounded (quantity × the drawn price): the values these examples have always drawn.
         if sell:
-            trades.append(PackageTrade(account_id=self.account, symbol="VTI", asset_class="equity", side="sell",
-                                       quantity=sell, est_price=prices["VTI"], est_value=sell * prices["VTI"],
-                                       reason=kind, fractional=False, security_type="etf"))
+            trades.append(factories.trade(self.account, "VTI", "equity", "sell", sell, prices["VTI"], kind,
+                                          est_value=sell * prices["VTI"], fractional=False, security_type="etf"))
         if buy:
-            trades.append(PackageTrade(account_id=self.account, symbol="BND", asset_class="fixed_income",
-                                       side="buy", quantity=buy, est_price=prices["BND"],
-                                       est_value=buy * prices["BND"], reason=kind, fractional=False,
-                                       security_type="etf"))
-        return RecommendationPackage(
+            trades.append(factories.trade(self.account, "BND", "fixed_income", "buy", buy, prices["BND"], kind,
+                                          est_value=buy * prices["BND"], fractional=False, security_type="etf"))
+        return factories.make_package(
             recommendation_id=f"{self.account}-{kind}-{day}-{self.published}", as_of=self.as_of(day),
-            scope="account", scope_id=self.account, kind=kind, advisor_id=self.advisor, household_id=None,
-            account_ids=[self.account], discretionary=False, policy_version="test", trades=trades,
-            holdings=holdings, restrictions=[PackageRestriction(account_id=self.account, kind="min_cash_weight",
-                                                                value=str(FLOOR))],
-            trade_rules=TradeRules(),
-            positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in holdings]))
+            scope_id=self.account, kind=kind, advisor_id=self.advisor, household_id=None, policy_version="test",
+            trades=trades, holdings=holdings,
+            restrictions=[PackageRestriction(account_id=self.account, kind="min_cash_weight", value=str(FLOOR))],
+            trade_rules=TradeRules())
 
     def publish(self, package: RecommendationPackage, day: int) -> None:
         with self.store.begin() as conn:

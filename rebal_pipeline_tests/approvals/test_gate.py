@@ -11,7 +11,7 @@ from sqlalchemy import delete, insert, select
 from rebal_pipeline.defs.approvals.jobs import GATE_VERDICT_TAG, execute_rebalance
 from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals.sensors import approval_decisions
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import audit, lifecycle, outbox
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import advisor_team, audit_events, decisions, recommendations
@@ -65,7 +65,8 @@ def run_gate(store, wh: Warehouse, instance: DagsterInstance, decision_id: str):
     return execute_rebalance.execute_in_process(
         run_config={"ops": {"approval_gate": {"config": {"decision_id": decision_id}}}},
         instance=instance,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": wh},
+        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": wh,
+                   "fix_session": FixSessionResource()},
         raise_on_error=False,
     )
 
@@ -272,7 +273,8 @@ def test_an_approval_found_by_the_decision_sensor_passes_the_gate(store, warehou
 
     result = execute_rebalance.execute_in_process(
         run_config=request.run_config, instance=instance, tags=request.tags,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse})
+        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse,
+                   "fix_session": FixSessionResource()})
 
     assert result.success and gate_metadata(result)["verdict"] == "passed"
     assert approved_trades_path(decision["decision_id"]).exists()

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, text
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import audit_events, decisions, recommendations
 from rebal_pipeline_tests.approvals.conftest import AS_OF, PUBLISHED_AT, package, publish
+from rebal_pipeline_tests.factories import user
 
 
 def rec(store, recommendation_id):
@@ -127,8 +128,7 @@ def test_verify_names_a_deleted_event(store):
 
 def test_a_team_member_may_decide_for_their_advisor_and_an_outsider_may_not(store):
     publish(store, package("REC-1"))
-    team = [{"user_id": "ASSOC-1", "name": "Ari Associate", "email": "ari@example-ria.com", "role": "advisor",
-             "team_of": "ADV-1"}]
+    team = [user("ASSOC-1", name="Ari Associate", email="ari@example-ria.com", team_of="ADV-1")]
     with store.begin() as conn:
         lifecycle.sync_users(conn, team, PUBLISHED_AT)
         associate = {"user_id": "ASSOC-1", "role": "advisor"}

@@ -25,8 +25,9 @@ from rebal_pipeline.approval_api import portal
 from rebal_pipeline.approval_api.links import LinkClaims, make_link_token
 from rebal_pipeline.approval_api.models import RecommendationSummary
 from rebal_pipeline.workflow import audit
-from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage
+from rebal_pipeline.workflow.package import RecommendationPackage
 from rebal_pipeline.workflow.schema import decisions, recommendations, used_links
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, package
 from rebal_pipeline_tests.approvals.test_api import SECRET, api, assert_error, leave_team  # noqa: F401  (fixture)
 
@@ -475,8 +476,7 @@ def test_a_household_page_masks_every_account():
     base = package("REC-9", "ACC-0042")
     pkg = base.model_copy(update={
         "scope": "household", "scope_id": "HH-0007", "household_id": "HH-0007", "account_ids": ["ACC-0042", "ACC-0043"],
-        "trades": [*base.trades, PackageTrade(account_id="ACC-0043", symbol="BND", asset_class="fixed_income",
-                                              side="buy", quantity=10, est_price=50, est_value=500, reason="location")],
+        "trades": [*base.trades, factories.trade("ACC-0043", "BND", "fixed_income", "buy", 10, 50, reason="location")],
         "unresolved": "<b>cash</b> short by $12",
     })
     summary = RecommendationSummary(

@@ -28,7 +28,7 @@ from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals import defs as approval_defs
 from rebal_pipeline.defs.approvals.jobs import execute_rebalance, notification_path, notify_recommendation
 from rebal_pipeline.defs.approvals.sensors import build_approval_decisions_sensor, build_approval_escalations_sensor
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource, local_resources
+from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource, local_resources
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.approval_watch import DecisionCursor, advance_cursor
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
@@ -49,7 +49,7 @@ daemon_definitions = Definitions(
     sensors=[build_approval_decisions_sensor(clock=lambda: CLOCK["now"]),
              build_approval_escalations_sensor(clock=lambda: CLOCK["now"])],
     resources={"workflow_store": WorkflowStoreResource(url=EnvVar(STORE_URL_VAR)),
-               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR))},
+               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR)), "fix_session": FixSessionResource()},
     executor=in_process_executor,
 )
 

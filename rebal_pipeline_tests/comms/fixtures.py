@@ -1,12 +1,14 @@
 """A hand-made recommendation package with every feature the advisor alert shows: a band
 breach, sells and buys, a substitute for a washed buy, a tax-loss harvest with a disallowed loss,
-wait-for-long-term advice and the wash-sale watch."""
+wait-for-long-term advice and the wash-sale watch. Built through rebal_pipeline_tests/factories.py;
+its positions fingerprint is a fixed placeholder (no email reads it)."""
 
 from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from rebal_pipeline.workflow.package import PackageBand, PackageHolding, PackageTrade, RecommendationPackage
+from rebal_pipeline.workflow.package import PackageBand, RecommendationPackage
+from rebal_pipeline_tests import factories
 
 AS_OF = date(2026, 11, 20)
 PUBLISHED_AT = datetime(2026, 11, 20, 21, 30, tzinfo=timezone.utc)
@@ -24,29 +26,20 @@ LINKS = {
 
 def make_package(**overrides) -> RecommendationPackage:
     fields = dict(
-        recommendation_id="9f2c1e0a7b6d5c4e3f2a1b0c9d8e7f60", as_of=AS_OF, scope="account", scope_id=ACCOUNT_ID,
-        kind="rebalance", advisor_id="ADV-1", household_id="HH-0007", account_ids=[ACCOUNT_ID], tier="standard",
-        urgency="medium", delivery="within_48h", discretionary=False,
+        recommendation_id="9f2c1e0a7b6d5c4e3f2a1b0c9d8e7f60", as_of=AS_OF, scope_id=ACCOUNT_ID,
+        household_id="HH-0007", tier="standard", urgency="medium", delivery="within_48h",
         policy_version="2026.1+3fa85f64", model_version="growth-60-40@7c1d2e3f",
         trades=[
-            PackageTrade(account_id=ACCOUNT_ID, symbol="VTI", asset_class="equity", side="sell", quantity=120,
-                         est_price=251.35, est_value=30162.00, reason="rebalance"),
-            PackageTrade(account_id=ACCOUNT_ID, symbol="VNQ", asset_class="alternatives", side="sell", quantity=40,
-                         est_price=90.00, est_value=3600.00, reason="tlh", wash_sale_disallowed=212.50),
-            PackageTrade(account_id=ACCOUNT_ID, symbol="SCHH", asset_class="alternatives", side="buy", quantity=171,
-                         est_price=21.00, est_value=3591.00, reason="substitute", replaces_symbol="VNQ"),
-            PackageTrade(account_id=ACCOUNT_ID, symbol="BND", asset_class="fixed_income", side="buy",
-                         quantity=412.3456, est_price=72.80, est_value=30018.76, reason="rebalance"),
+            factories.trade(ACCOUNT_ID, "VTI", "equity", "sell", 120, 251.35),
+            factories.trade(ACCOUNT_ID, "VNQ", "alternatives", "sell", 40, 90.00, "tlh", wash_sale_disallowed=212.50),
+            factories.trade(ACCOUNT_ID, "SCHH", "alternatives", "buy", 171, 21.00, "substitute", replaces_symbol="VNQ"),
+            factories.trade(ACCOUNT_ID, "BND", "fixed_income", "buy", 412.3456, 72.80),
         ],
         holdings=[
-            PackageHolding(account_id=ACCOUNT_ID, symbol="VTI", asset_class="equity", quantity=800, price=251.35,
-                           market_value=201080.00),
-            PackageHolding(account_id=ACCOUNT_ID, symbol="BND", asset_class="fixed_income", quantity=1100,
-                           price=72.80, market_value=80080.00),
-            PackageHolding(account_id=ACCOUNT_ID, symbol="VNQ", asset_class="alternatives", quantity=200,
-                           price=90.00, market_value=18000.00),
-            PackageHolding(account_id=ACCOUNT_ID, symbol="CASH", asset_class="cash", quantity=3000, price=1.0,
-                           market_value=3000.00),
+            factories.holding(ACCOUNT_ID, "VTI", "equity", 800, 251.35),
+            factories.holding(ACCOUNT_ID, "BND", "fixed_income", 1100, 72.80),
+            factories.holding(ACCOUNT_ID, "VNQ", "alternatives", 200, 90.00),
+            factories.holding(ACCOUNT_ID, "CASH", "cash", 3000, 1.0),
         ],
         bands=[
             PackageBand(asset_class="equity", target_weight=0.55, band=0.05, current_weight=0.6654, drift=0.1154),
@@ -68,4 +61,4 @@ def make_package(**overrides) -> RecommendationPackage:
         inside_bands=True, unresolved=None, positions_fingerprint="0" * 64,
     )
     fields.update(overrides)
-    return RecommendationPackage(**fields)
+    return factories.make_package(**fields)

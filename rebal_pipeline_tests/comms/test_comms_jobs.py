@@ -38,9 +38,13 @@ from rebal_pipeline.defs.comms.sensors import (
     build_advisor_alerts_sensor, build_executed_recommendations_sensor, build_mailer_outbox_sensor,
     build_outbound_retries_sensor,
 )
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource, local_resources
+from rebal_pipeline.resources import (
+    ApprovalClockResource, CrmResource, DriftPolicySource, EmailResource, LinksResource, Warehouse,
+    WorkflowStoreResource, resources_for,
+)
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import audit_events, messages, recommendations, submissions
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, USERS, package, publish
 from rebal_pipeline_tests.approvals.conftest import store  # noqa: F401 (fixture: SQLite and Postgres)
 from rebal_pipeline_tests.comms.peers import CrmPeer, Reply, crm_server, smtp_server
@@ -57,16 +61,21 @@ ADVISOR, COMPLIANCE = USERS[0], USERS[2]
 
 CLOCK: dict[str, datetime] = {}
 
+COMMS_JOBS = [send_advisor_alert, send_notification, communicate_execution]
+
 # The code location the in-process daemon loads (this module, by name): the comms jobs and sensors
-# with the injected clock, resources from the test's environment.
+# with the injected clock; the store and the warehouse the sensors read from the test's
+# environment. The runs get their resources from the test's settings (SensorDaemon.execute).
 comms_definitions = Definitions(
-    jobs=[send_advisor_alert, send_notification, communicate_execution],
+    jobs=COMMS_JOBS,
     sensors=[build_advisor_alerts_sensor(clock=lambda: CLOCK["now"]),
              build_mailer_outbox_sensor(clock=lambda: CLOCK["now"]),
              build_executed_recommendations_sensor(clock=lambda: CLOCK["now"]),
              build_outbound_retries_sensor(clock=lambda: CLOCK["now"])],
     resources={"workflow_store": WorkflowStoreResource(url=EnvVar(STORE_URL_VAR)),
-               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR))},
+               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR)),
+               "email": EmailResource(), "crm": CrmResource(), "links": LinksResource(),
+               "approval_clock": ApprovalClockResource(), "drift_policy_source": DriftPolicySource()},
     executor=in_process_executor,
 )
 
@@ -74,12 +83,14 @@ comms_definitions = Definitions(
 class SensorDaemon:
     """Dagster's sensor daemon, one tick at a time, as `dagster-daemon` runs it: it evaluates the
     started sensors, skips run keys it already launched, queues new runs; `execute` runs one as
-    the run worker would."""
+    the run worker would, with the resources `resources_for` chooses for `settings` (the REBAL_*
+    variables of the deployment under test: tests change them here, never in os.environ)."""
 
-    def __init__(self, instance: DagsterInstance, workspace):
+    def __init__(self, instance: DagsterInstance, workspace, settings: dict[str, str] | None = None):
         self.instance, self.workspace = instance, workspace
         self.repo = load_remote_repo(workspace, "__repository__")
         self._wall = datetime.now(timezone.utc)
+        self.settings: dict[str, str] = dict(settings or {})
 
     def start(self, *names: str) -> None:
         for name in names:
@@ -98,7 +109,9 @@ class SensorDaemon:
                       key=lambda r: r.tags["dagster/run_key"])
 
     def execute(self, run: DagsterRun):
-        job = comms_definitions.resolve_job_def(run.job_name)
+        resources = resources_for(settings.load_settings(self.settings))
+        definitions = Definitions(jobs=COMMS_JOBS, resources=resources, executor=in_process_executor)
+        job = definitions.resolve_job_def(run.job_name)
         return job.execute_in_process(run_config=run.run_config, instance=self.instance)
 
 
@@ -131,31 +144,28 @@ def daemon(store, tmp_path, monkeypatch, smtp_peer):
     warehouse = tmp_path / "warehouse.duckdb"
     write_clients(warehouse, [(ACCOUNT, "HH-1", CLIENT, CLIENT_EMAIL),
                               ("ACC-2", "HH-2", "Sam Client", "sam.client@example.net")])
-    env = {STORE_URL_VAR: store.url, WAREHOUSE_VAR: str(warehouse), "REBAL_HOME": str(tmp_path / "rebal_home"),
-           "REBAL_SMTP_HOST": smtp_peer.host, "REBAL_SMTP_PORT": str(smtp_peer.port), "REBAL_SMTP_STARTTLS": "false",
-           "REBAL_SMTP_FROM": f"Example RIA <alerts@{DOMAIN}>", "REBAL_SMTP_TIMEOUT": "5",
-           "REBAL_LINK_SECRET": SECRET}
-    for name, value in env.items():
+    # The sensors' code location reads the store and the warehouse from these two test variables;
+    # the approval runs (notify) keep their outbox copies under REBAL_HOME.
+    for name, value in {STORE_URL_VAR: store.url, WAREHOUSE_VAR: str(warehouse),
+                        "REBAL_HOME": str(tmp_path / "rebal_home")}.items():
         monkeypatch.setenv(name, value)
-    for name in ("REBAL_PUBLIC_URL", "REBAL_CLIENT_CONFIRMATION", "REBAL_FIRM_NAME", "REBAL_CRM", "REBAL_LINK_TTL_HOURS",
-                 "REBAL_CRM_MAX_ATTEMPTS", "REBAL_REMINDER_HOURS", "REBAL_ESCALATION_HOURS", "REBAL_WEALTHBOX_BASE_URL",
-                 "REBAL_WEALTHBOX_ACCESS_TOKEN", "REBAL_REDTAIL_BASE_URL", "REBAL_REDTAIL_API_KEY",
-                 "REBAL_REDTAIL_USER_KEY"):
-        monkeypatch.delenv(name, raising=False)
+    deployment = {"REBAL_HOME": str(tmp_path / "rebal_home"), "REBAL_WORKFLOW_DB_URL": store.url,
+                  "REBAL_WAREHOUSE": str(warehouse), "REBAL_SMTP_HOST": smtp_peer.host,
+                  "REBAL_SMTP_PORT": str(smtp_peer.port), "REBAL_SMTP_STARTTLS": "false",
+                  "REBAL_SMTP_FROM": f"Example RIA <alerts@{DOMAIN}>", "REBAL_SMTP_TIMEOUT": "5",
+                  "REBAL_LINK_SECRET": SECRET}
     with instance_for_test() as instance:
         target = InProcessTestWorkspaceLoadTarget(InProcessCodeLocationOrigin(
             LoadableTargetOrigin(module_name=__name__, attribute="comms_definitions",
                                  working_directory=str(settings.REPO_ROOT)),
             location_name="comms_test"))
         with create_test_daemon_workspace_context(target, instance) as workspace:
-            yield SensorDaemon(instance, workspace)
+            yield SensorDaemon(instance, workspace, deployment)
 
 
-def use_redtail(monkeypatch, peer: CrmPeer, attempts: int = 1) -> None:
-    monkeypatch.setenv("REBAL_REDTAIL_BASE_URL", peer.url + "/crm/v1/rest")
-    monkeypatch.setenv("REBAL_REDTAIL_API_KEY", "api-key-123")
-    monkeypatch.setenv("REBAL_REDTAIL_USER_KEY", "user-key-456")
-    monkeypatch.setenv("REBAL_CRM_MAX_ATTEMPTS", str(attempts))
+def use_redtail(daemon: SensorDaemon, peer: CrmPeer, attempts: int = 1) -> None:
+    daemon.settings.update({"REBAL_REDTAIL_BASE_URL": peer.url + "/crm/v1/rest", "REBAL_REDTAIL_API_KEY": "api-key-123",
+                            "REBAL_REDTAIL_USER_KEY": "user-key-456", "REBAL_CRM_MAX_ATTEMPTS": str(attempts)})
 
 
 def mails(peer) -> list:
@@ -208,13 +218,13 @@ def approve_and_execute(store, recommendation_id: str, orders: list[tuple[str, s
 
 
 def test_the_advisor_alert_arrives_once_with_its_numbers_and_links_that_approve_through_the_api(
-        store, daemon, smtp_peer, monkeypatch, caplog):
+        store, daemon, smtp_peer, caplog):
     caplog.set_level(logging.INFO, logger="rebal")
     publish(store, package("REC-1", account_id=ACCOUNT))
     app = create_app(store, SECRET.encode(), clock=lambda: PUBLISHED_AT + timedelta(hours=2))
     with crm_server() as crm, running_server(app) as api:
-        use_redtail(monkeypatch, crm)
-        monkeypatch.setenv("REBAL_PUBLIC_URL", api)
+        use_redtail(daemon, crm)
+        daemon.settings["REBAL_PUBLIC_URL"] = api
         daemon.start("advisor_alerts")
         first = daemon.tick(PUBLISHED_AT + timedelta(minutes=1), "advisor_alerts")
         again = daemon.tick(PUBLISHED_AT + timedelta(minutes=2), "advisor_alerts")
@@ -399,9 +409,8 @@ def test_the_client_confirmation_goes_once_when_all_orders_are_done_and_no_crm_m
     assert message_rows(store)[f"confirmation:{decision_id}:{ACCOUNT}"]["recipient_id"] == ACCOUNT
 
 
-def test_a_detailed_confirmation_lists_the_trades_when_the_firm_asks_for_it(store, daemon, smtp_peer, monkeypatch):
-    monkeypatch.setenv("REBAL_CLIENT_CONFIRMATION", "detailed")
-    monkeypatch.setenv("REBAL_FIRM_NAME", "Harbor & Pine Wealth")
+def test_a_detailed_confirmation_lists_the_trades_when_the_firm_asks_for_it(store, daemon, smtp_peer):
+    daemon.settings.update({"REBAL_CLIENT_CONFIRMATION": "detailed", "REBAL_FIRM_NAME": "Harbor & Pine Wealth"})
     publish(store, package("REC-1", account_id=ACCOUNT))
     decision_id = approve_and_execute(store, "REC-1", ORDERS, done=True, at=PUBLISHED_AT + timedelta(hours=2))
     daemon.start("executed_recommendations")
@@ -416,13 +425,13 @@ def test_a_detailed_confirmation_lists_the_trades_when_the_firm_asks_for_it(stor
 
 
 def test_a_crm_outage_leaves_the_note_for_a_retry_blocks_nothing_and_the_retry_writes_one_note(
-        store, daemon, smtp_peer, monkeypatch):
+        store, daemon, smtp_peer):
     publish(store, package("REC-1", account_id=ACCOUNT))
     executed_at = PUBLISHED_AT + timedelta(hours=2)
     decision_id = approve_and_execute(store, "REC-1", ORDERS, done=True, at=executed_at)
     note_key, notes_path = f"crm_note:{decision_id}", "/crm/v1/rest/contacts/HH-1/notes"
     with crm_server() as crm:
-        use_redtail(monkeypatch, crm)
+        use_redtail(daemon, crm)
         crm.script(notes_path, *[Reply(503, {"error": "maintenance"})] * 20)
         daemon.start("executed_recommendations", "outbound_retries")
         t = executed_at + timedelta(minutes=10)
@@ -468,9 +477,9 @@ def test_a_crm_outage_leaves_the_note_for_a_retry_blocks_nothing_and_the_retry_w
     assert audit_kinds(store).count("crm_note_retry") == 2 and audit_kinds(store).count("crm_note_sent") == 1
 
 
-def test_the_comms_definitions_load_with_the_local_resources(tmp_path, monkeypatch):
-    monkeypatch.setenv("REBAL_HOME", str(tmp_path))
-    repo = Definitions(jobs=comms_defs.jobs, sensors=comms_defs.sensors, resources=local_resources()).get_repository_def()
+def test_the_comms_definitions_load_with_the_local_resources(tmp_path):
+    resources = resources_for(settings.load_settings({"REBAL_HOME": str(tmp_path)}))
+    repo = Definitions(jobs=comms_defs.jobs, sensors=comms_defs.sensors, resources=resources).get_repository_def()
     assert set(repo.job_names) >= {"send_advisor_alert", "send_notification", "communicate_execution"}
     intervals = {s.name: s.minimum_interval_seconds for s in repo.sensor_defs}
     assert intervals == {"advisor_alerts": 30, "mailer_outbox": 30, "operations_alerts": 30,
@@ -490,8 +499,8 @@ def test_orders_only_staged_for_the_trading_desk_send_no_client_confirmation(sto
     from rebal_pipeline.execution.submit import ExecutionError, confirm_executed
 
     with store.begin() as conn:
-        lifecycle.sync_users(conn, [{"user_id": "TRD-1", "name": "Tess Desk", "email": "desk@example-ria.com",
-                                     "role": "trading_desk"}], approved_at)
+        lifecycle.sync_users(conn, [factories.user("TRD-1", "trading_desk", name="Tess Desk",
+                                                   email="desk@example-ria.com")], approved_at)
     with pytest.raises(ExecutionError, match="not an active trading-desk"):
         with store.begin() as conn:
             confirm_executed(conn, decision_id, "ADV-1", approved_at + timedelta(hours=1))
@@ -503,9 +512,8 @@ def test_orders_only_staged_for_the_trading_desk_send_no_client_confirmation(sto
     assert daemon.execute(run).success and len(mails(smtp_peer)) == 1
 
 
-def test_a_household_that_asked_for_details_gets_them_whatever_the_firm_default(store, daemon, smtp_peer, tmp_path,
-                                                                                monkeypatch):
-    monkeypatch.delenv("REBAL_CLIENT_CONFIRMATION", raising=False)  # the firm default: simple
+def test_a_household_that_asked_for_details_gets_them_whatever_the_firm_default(store, daemon, smtp_peer, tmp_path):
+    assert "REBAL_CLIENT_CONFIRMATION" not in daemon.settings  # the firm default: simple
     con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
     con.execute("update stg_feed_households set confirmation_style = 'detailed' where household_id = 'HH-1'")
     con.close()

@@ -14,7 +14,7 @@ from rebal_pipeline.comms.emails import (
     signed_percent,
 )
 from rebal_pipeline.comms.smtp import make_message_id
-from rebal_pipeline.workflow.package import PackageTrade
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.comms.fixtures import (
     ACCOUNT_ID, ACCOUNT_NUMBER, CLIENT_NAME, LINKS, PUBLISHED_AT, make_package,
 )
@@ -77,9 +77,8 @@ def test_links_must_be_the_four_https_links():
 def test_a_household_alert_masks_every_account_and_says_which_account_trades():
     package = make_package(
         scope="household", scope_id="HH-0007", account_ids=["ACC-0042", "ACC-0043"],
-        trades=[*make_package().trades, PackageTrade(account_id="ACC-0043", symbol="BND", asset_class="fixed_income",
-                                                     side="buy", quantity=10, est_price=72.8, est_value=728.0,
-                                                     reason="location")],
+        trades=[*make_package().trades, factories.trade("ACC-0043", "BND", "fixed_income", "buy", 10, 72.8,
+                                                         reason="location")],
     )
     message = emails.advisor_alert(package, client_name=CLIENT_NAME, links=LINKS, sender=SENDER,
                                    to="dana@example-ria.com", message_id=make_message_id("k", DOMAIN),

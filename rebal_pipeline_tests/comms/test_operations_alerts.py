@@ -27,7 +27,10 @@ from rebal_pipeline.connections.deadlines import late_feeds, record_late_feed
 from rebal_pipeline.core.feed_contract import FEED_FILES
 from rebal_pipeline.defs.comms.jobs import communicate_execution, send_advisor_alert, send_notification
 from rebal_pipeline.defs.comms.sensors import build_operations_alerts_sensor, build_outbound_retries_sensor
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import (
+    ApprovalClockResource, CrmResource, DriftPolicySource, EmailResource, LinksResource, Warehouse,
+    WorkflowStoreResource,
+)
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.operations_alerts import raise_operations_alert, read_operations_alert
 from rebal_pipeline.workflow.schema import audit_events, notifications
@@ -54,7 +57,9 @@ operations_definitions = Definitions(
     sensors=[build_operations_alerts_sensor(clock=lambda: CLOCK["now"]),
              build_outbound_retries_sensor(clock=lambda: CLOCK["now"])],
     resources={"workflow_store": WorkflowStoreResource(url=EnvVar(STORE_URL_VAR)),
-               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR))},
+               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR)),
+               "email": EmailResource(), "crm": CrmResource(), "links": LinksResource(),
+               "approval_clock": ApprovalClockResource(), "drift_policy_source": DriftPolicySource()},
     executor=in_process_executor,
 )
 
@@ -67,19 +72,20 @@ def smtp_peer():
 
 @pytest.fixture
 def daemon(store, tmp_path, monkeypatch, smtp_peer):  # noqa: F811
-    env = {STORE_URL_VAR: store.url, WAREHOUSE_VAR: str(tmp_path / "warehouse.duckdb"),
-           "REBAL_HOME": str(tmp_path / "rebal_home"), "REBAL_SMTP_HOST": smtp_peer.host,
-           "REBAL_SMTP_PORT": str(smtp_peer.port), "REBAL_SMTP_STARTTLS": "false",
-           "REBAL_SMTP_FROM": f"Example RIA <alerts@{DOMAIN}>", "REBAL_SMTP_TIMEOUT": "5"}
-    for name, value in env.items():
+    # The sensors' code location reads the store and the warehouse from these two test variables.
+    for name, value in {STORE_URL_VAR: store.url, WAREHOUSE_VAR: str(tmp_path / "warehouse.duckdb")}.items():
         monkeypatch.setenv(name, value)
+    deployment = {"REBAL_HOME": str(tmp_path / "rebal_home"), "REBAL_WORKFLOW_DB_URL": store.url,
+                  "REBAL_WAREHOUSE": str(tmp_path / "warehouse.duckdb"), "REBAL_SMTP_HOST": smtp_peer.host,
+                  "REBAL_SMTP_PORT": str(smtp_peer.port), "REBAL_SMTP_STARTTLS": "false",
+                  "REBAL_SMTP_FROM": f"Example RIA <alerts@{DOMAIN}>", "REBAL_SMTP_TIMEOUT": "5"}
     with instance_for_test() as instance:
         target = InProcessTestWorkspaceLoadTarget(InProcessCodeLocationOrigin(
             LoadableTargetOrigin(module_name=__name__, attribute="operations_definitions",
                                  working_directory=str(settings.REPO_ROOT)),
             location_name="operations_alerts_test"))
         with create_test_daemon_workspace_context(target, instance) as workspace:
-            yield SensorDaemon(instance, workspace)
+            yield SensorDaemon(instance, workspace, deployment)
 
 
 def late_schwab_feed(feed_root):

@@ -8,6 +8,7 @@ The book (hand-made, numbers worked out by hand in each test):
         60 BND at $50 (ETF), $500 cash; min_cash_weight 5% → floor 5% × $8,100 = $405.
   ACC-2 (advisor ADV-1, Schwab): 200 VTI, 100 BND, $5,000 cash (the modification checks).
   ACC-3 (advisor ADV-1, discretionary, Fidelity): 46 VTI, 60 BND, $500 cash (micro-trades).
+Its packages and people (the firm's USERS and the trading DESK) come from rebal_pipeline_tests/factories.py.
 """
 
 from __future__ import annotations
@@ -26,26 +27,26 @@ from rebal_pipeline.approval_api.app import create_app
 from rebal_pipeline.defs.approvals import jobs
 from rebal_pipeline.defs.approvals.jobs import execute_rebalance
 from rebal_pipeline.defs.approvals.sensors import approval_decisions
-from rebal_pipeline.defs.comms.sensors import executed_decisions
+from rebal_pipeline.comms.waiting import executed_decisions
 from rebal_pipeline.execution import submit
-from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.package import (
-    PackageBand, PackageHolding, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules,
-    positions_fingerprint,
+    PackageBand, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules,
 )
 from rebal_pipeline.workflow.schema import (
     audit_events, decisions, ledger_orders, order_sets, recommendations, submissions,
 )
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals import conftest
-from rebal_pipeline_tests.approvals.conftest import USERS, store  # noqa: F401 (fixture)
+from rebal_pipeline_tests.approvals.conftest import store  # noqa: F401 (fixture)
+from rebal_pipeline_tests.factories import DESK, USERS
 
 AS_OF = date(2026, 11, 20)  # Friday
 NEXT = date(2026, 11, 23)  # Monday
 AFTER = date(2026, 11, 24)
 PUBLISHED_AT = datetime(2026, 11, 20, 21, 30, tzinfo=timezone.utc)
 SECRET = b"execution-safety-test-secret-of-32+bytes"
-DESK = {"user_id": "DESK-1", "name": "Toni Desk", "email": "desk@example-ria.com", "role": "trading_desk"}
 PEOPLE = [*USERS, DESK]
 SECURITIES = {  # symbol: asset class, security type, fractional, price, cusip
     "VTI": ("equity", "etf", False, 100.0, "922908769"),
@@ -66,28 +67,23 @@ BOOK = {"ACC-1": {"VTI": 46, "BND": 60, "SWVXX": 0, "CASH": 500},
 
 def trade(account, symbol, side, quantity, price=None, reason="rebalance") -> PackageTrade:
     asset_class, kind, fractional, default_price, _ = SECURITIES[symbol]
-    price = price or default_price
-    return PackageTrade(account_id=account, symbol=symbol, asset_class=asset_class, side=side, quantity=quantity,
-                        est_price=price, est_value=round(quantity * price, 2), reason=reason,
-                        fractional=fractional, security_type=kind)
+    return factories.trade(account, symbol, asset_class, side, quantity, price or default_price, reason,
+                           fractional=fractional, security_type=kind)
 
 
 def make_package(rec_id, account, trades, kind="rebalance", as_of=AS_OF, discretionary=False,
                  prices=None) -> RecommendationPackage:
     prices = {s: v[3] for s, v in SECURITIES.items()} | (prices or {})
-    holdings = [PackageHolding(account_id=account, symbol=s, asset_class=SECURITIES[s][0], quantity=q,
-                               price=prices[s], market_value=q * prices[s], fractional=SECURITIES[s][2],
-                               security_type=SECURITIES[s][1])
+    holdings = [factories.holding(account, s, SECURITIES[s][0], q, prices[s], fractional=SECURITIES[s][2],
+                                  security_type=SECURITIES[s][1])
                 for s, q in BOOK[account].items()]
-    return RecommendationPackage(
-        recommendation_id=rec_id, as_of=as_of, scope="account", scope_id=account, kind=kind, advisor_id="ADV-1",
-        household_id=f"HH-{account}", account_ids=[account], tier="standard", urgency="medium",
-        delivery="within_48h", discretionary=discretionary, policy_version="2026.11-2+test", trades=trades,
+    return factories.make_package(
+        recommendation_id=rec_id, as_of=as_of, scope_id=account, kind=kind, household_id=f"HH-{account}",
+        tier="standard", urgency="medium", delivery="within_48h", discretionary=discretionary, trades=trades,
         holdings=holdings,
         restrictions=[PackageRestriction(account_id=account, kind="min_cash_weight", value="0.05")],
         bands=[PackageBand(asset_class="equity", target_weight=0.5, band=0.05, current_weight=0.57, drift=0.07)],
-        inside_bands=True, trade_rules=TradeRules(),
-        positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in holdings]))
+        inside_bands=True, trade_rules=TradeRules())
 
 
 def publish(store, *packages, as_of=AS_OF, now=PUBLISHED_AT, realized_gain=100.0, inside=()):
@@ -170,7 +166,8 @@ def detail(api, user, rec_id) -> dict:
 def run(store, warehouse, instance, decision_id):
     result = execute_rebalance.execute_in_process(
         run_config={"ops": {"approval_gate": {"config": {"decision_id": decision_id}}}}, instance=instance,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse},
+        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse,
+                   "fix_session": FixSessionResource()},
         raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     return result.output_for_node("approval_gate", "verdict")

@@ -9,6 +9,7 @@ The book: household HH-1 of advisor ADV-1, three accounts each holding 70 VTI ($
   ACC-2 Schwab, non-discretionary:   sell 10 VTI, buy 103.093 VBTLX at $9.70 (a fund: $1,000.00)
   ACC-3 Fidelity, discretionary:     sell 10 VTI, buy 20 BND
 ACC-1 and ACC-2 sell VTI at one custodian for one advisor: one block of 20.
+The household's package is built through rebal_pipeline_tests/factories.py.
 """
 
 import hashlib
@@ -23,10 +24,9 @@ from rebal_pipeline.defs.approvals import jobs
 from rebal_pipeline.execution import submit
 from rebal_pipeline.tickets import dialect_for, load_fix44, read_fix_file
 from rebal_pipeline.workflow import audit
-from rebal_pipeline.workflow.package import (
-    PackageBand, PackageHolding, PackageTrade, RecommendationPackage, positions_fingerprint,
-)
+from rebal_pipeline.workflow.package import PackageBand, RecommendationPackage
 from rebal_pipeline.workflow.schema import audit_events, submissions
+from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals.conftest import AS_OF, USERS, package, publish, store  # noqa: F401 (fixture)
 from rebal_pipeline_tests.approvals.test_gate import (  # noqa: F401 (fixtures)
     NEXT_SESSION, decide, instance, outbox_home, run_gate, warehouse, write_holdings,
@@ -77,18 +77,14 @@ def book(warehouse):
 
 def household_package() -> RecommendationPackage:
     cash = {"ACC-1": 0.0, "ACC-2": 50.0, "ACC-3": 0.0}
-    holdings = [PackageHolding(account_id=a, symbol=s, asset_class=CLASSES[s], quantity=q, price=PRICES[s],
-                               market_value=q * PRICES[s])
+    holdings = [factories.holding(a, s, CLASSES[s], q, PRICES[s])
                 for a in ACCOUNTS for s, q in (("VTI", 70), ("BND", 60), ("CASH", cash[a]))]
 
     def trade(account, symbol, side, quantity):
-        return PackageTrade(account_id=account, symbol=symbol, asset_class=CLASSES[symbol], side=side,
-                            quantity=quantity, est_price=PRICES[symbol],
-                            est_value=round(quantity * PRICES[symbol], 2), reason="rebalance")
-    return RecommendationPackage(
-        recommendation_id="REC-HH", as_of=AS_OF, scope="household", scope_id="HH-1", kind="rebalance",
-        advisor_id="ADV-1", household_id="HH-1", account_ids=list(ACCOUNTS), tier="standard", urgency="medium",
-        delivery="within_48h", policy_version="2026.11-2+test",
+        return factories.trade(account, symbol, CLASSES[symbol], side, quantity, PRICES[symbol])
+    return factories.make_package(
+        recommendation_id="REC-HH", as_of=AS_OF, household_id="HH-1", account_ids=list(ACCOUNTS), tier="standard",
+        urgency="medium", delivery="within_48h",
         trades=[trade("ACC-1", "VTI", "sell", 10), trade("ACC-1", "BND", "buy", 20),
                 trade("ACC-2", "VTI", "sell", 10), trade("ACC-2", "VBTLX", "buy", 103.093),
                 trade("ACC-3", "VTI", "sell", 10), trade("ACC-3", "BND", "buy", 20)],
@@ -96,7 +92,6 @@ def household_package() -> RecommendationPackage:
         bands=[PackageBand(asset_class="equity", target_weight=0.6, band=0.05, current_weight=0.7, drift=0.1),
                PackageBand(asset_class="fixed_income", target_weight=0.4, band=0.05, current_weight=0.3, drift=-0.1)],
         inside_bands=True,
-        positions_fingerprint=positions_fingerprint([(h.account_id, h.symbol, h.quantity) for h in holdings]),
     )
 
 

@@ -199,7 +199,7 @@ def test_transaction_for_an_unknown_account_is_a_reject_and_an_operations_alert(
     alert = ws.table("data_quality_alerts").filter(pl.col("account_id") == "ACC-GHOST").row(0, named=True)
     assert alert["account_known"] is False
 
-    from rebal_pipeline.defs.comms.jobs import operations_alerts_waiting_for_email
+    from rebal_pipeline.comms.waiting import operations_alerts_waiting_for_email
     from rebal_pipeline.workflow.operations_alerts import read_operations_alert
     from rebal_pipeline.workflow.store import WorkflowStore
 

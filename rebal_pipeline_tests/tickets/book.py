@@ -12,6 +12,10 @@ Three advisors' worth of orders on three custodians, placed Monday 23 November 2
   ACC-4 buy 3 AAPL (stock), buy 500 SWVXX at $1.00 (money market: $500.00).
 * REC-4, ADV-3 at Pershing, non-discretionary, approved by ADV-3:
   ACC-5 buy 4 IVV, ACC-6 buy 6 IVV → one Pershing block of 10.
+
+Packages and trades are built through rebal_pipeline_tests/factories.py. The ticket builder reads
+only a package's id, advisor, policy version, accounts and trades, so these carry no household or
+holdings: a household package is named by its first account and its fingerprint is a placeholder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from datetime import date, datetime, timezone
 
 from rebal_pipeline.tickets.orders import AccountRef, ApprovalDecision, Order, SecurityRef, build_orders
 from rebal_pipeline.workflow.package import PackageTrade, RecommendationPackage
+from rebal_pipeline_tests import factories
 
 PLACED_AT = datetime(2026, 11, 23, 14, 35, tzinfo=timezone.utc)
 DECIDED_AT = datetime(2026, 11, 23, 14, 10, tzinfo=timezone.utc)
@@ -51,16 +56,15 @@ _CLASS = {"VTI": "equity", "VTSAX": "equity", "AAPL": "equity", "IVV": "equity",
 
 
 def trade(account: str, symbol: str, side: str, quantity: float, price: float) -> PackageTrade:
-    return PackageTrade(account_id=account, symbol=symbol, asset_class=_CLASS[symbol], side=side, quantity=quantity,
-                        est_price=price, est_value=round(quantity * price, 2), reason="drift")
+    return factories.trade(account, symbol, _CLASS[symbol], side, quantity, price, reason="drift")
 
 
 def package(recommendation_id: str, advisor: str, accounts: list[str], trades: list[PackageTrade],
             discretionary: bool = False) -> RecommendationPackage:
-    return RecommendationPackage(
-        recommendation_id=recommendation_id, as_of=date(2026, 11, 20),
-        scope="household" if len(accounts) > 1 else "account", scope_id=accounts[0], kind="rebalance", advisor_id=advisor, household_id=None, account_ids=accounts,
-        discretionary=discretionary, policy_version=POLICY, trades=trades, holdings=[], positions_fingerprint="0" * 64,
+    return factories.make_package(
+        recommendation_id=recommendation_id, as_of=date(2026, 11, 20), scope_id=accounts[0], advisor_id=advisor,
+        household_id=None, account_ids=accounts, discretionary=discretionary, policy_version=POLICY, trades=trades,
+        positions_fingerprint="0" * 64,
     )
 
 

@@ -68,8 +68,7 @@ from rebal_pipeline.core.clock import utc, utc_now
 from rebal_pipeline.core.pii import masker
 from rebal_pipeline.core.write_once import remove_abandoned_temps
 from rebal_pipeline.execution import submit
-from rebal_pipeline.resources import WAREHOUSE_POOL, Warehouse, WorkflowStoreResource
-from rebal_pipeline.tickets import FixSession
+from rebal_pipeline.resources import WAREHOUSE_POOL, FixSessionResource, Warehouse, WorkflowStoreResource
 from rebal_pipeline.workflow import anchoring, gate, ledger, outbox, ticketing
 
 GATE_VERDICT_TAG = "rebal/gate_verdict"
@@ -212,11 +211,12 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
 @op(ins={"tickets": In(dict)}, out=Out(dict, description="What this run staged, submitted or found done."),
     description="Stage (trading desk folder) or submit (custodian drop) every order exactly once, with its "
                 "wf_submissions row and audit event.")
-def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_store: WorkflowStoreResource):
+def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_store: WorkflowStoreResource,
+                           fix_session: FixSessionResource):
     orders = submit.Tickets.from_document(tickets)
     try:
         with workflow_store.open() as store:
-            outcome = submit.stage_and_submit(store, orders, session=FixSession.from_env(), now=utc_now,
+            outcome = submit.stage_and_submit(store, orders, session=fix_session.session(), now=utc_now,
                                               outbox=settings.outbox_root(), after_write=after_delivery)
     except submit.ExecutionError as exc:
         raise Failure(description=f"decision {orders.decision_id}: "

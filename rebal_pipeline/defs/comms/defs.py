@@ -1,8 +1,8 @@
 """The comms jobs and sensors, for definitions.py to assemble.
 
-Resources they need (already in resources.local_resources()): `workflow_store`, `warehouse`.
-Settings (SMTP relay, link secret, public URL, CRM) come from the environment at send time: see
-defs/comms/jobs.py.
+Resources they need (all chosen by resources.resources_for): `workflow_store`, `warehouse`, and
+what the messages are sent with: `email` (SMTP relay, firm name, confirmation style), `crm`,
+`links` (secret, public URL, lifetime), `approval_clock` and `drift_policy_source`.
 """
 
 from rebal_pipeline.defs.comms.jobs import communicate_execution, send_advisor_alert, send_notification

@@ -45,17 +45,17 @@ from datetime import datetime, timedelta
 from typing import Callable
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
-from sqlalchemy import and_, case, func, select
 
 from rebal_pipeline.comms import outbound
-from rebal_pipeline.defs.comms.jobs import (
-    OPERATIONS_ALERT, communicate_execution, notifications_waiting_for_email, operations_alerts_waiting_for_email,
-    recommendations_waiting_for_alert, retry_target, send_advisor_alert, send_notification,
+from rebal_pipeline.comms.delivery import OPERATIONS_ALERT
+from rebal_pipeline.comms.waiting import (
+    executed_decisions, notifications_waiting_for_email, operations_alerts_waiting_for_email,
+    recommendations_waiting_for_alert,
 )
-from rebal_pipeline.core.clock import utc_now
-from rebal_pipeline.resources import WorkflowStoreResource
-from rebal_pipeline.workflow.schema import messages, submissions
 from rebal_pipeline.core.clock import utc as _utc
+from rebal_pipeline.core.clock import utc_now
+from rebal_pipeline.defs.comms.jobs import communicate_execution, retry_target, send_advisor_alert, send_notification
+from rebal_pipeline.resources import WorkflowStoreResource
 
 Clock = Callable[[], datetime]
 
@@ -161,30 +161,6 @@ def build_operations_alerts_sensor(clock: Clock = utc_now, max_age: timedelta = 
 # ---------------------------------------------------------------------------------------------
 # executed_recommendations
 # ---------------------------------------------------------------------------------------------
-
-
-def executed_decisions(conn, since: datetime, limit: int) -> list[dict]:
-    """Decisions all of whose orders are done (the last completed since `since`) and that have no
-    client confirmation row yet."""
-    # Executed = every order submitted to the custodian, or staged and confirmed placed by the
-    # trading desk (`rebal orders-executed`): a client is never told "rebalanced" before the
-    # orders left.
-    not_done = func.sum(case((and_(submissions.c.status == "done", submissions.c.channel == "submitted"), 0),
-                             (submissions.c.status == "executed", 0), else_=1))
-    last = func.max(func.coalesce(submissions.c.completed_at, submissions.c.created_at))
-    rows = conn.execute(
-        select(submissions.c.decision_id, submissions.c.recommendation_id, last.label("completed_at"))
-        .group_by(submissions.c.decision_id, submissions.c.recommendation_id)
-        .having(and_(not_done == 0, last >= since))
-        .order_by(last, submissions.c.decision_id)
-    ).mappings().all()
-    if not rows:
-        return []
-    confirmed = {key.split(":")[1] for (key,) in conn.execute(
-        select(messages.c.message_key).where(and_(
-            messages.c.kind == "confirmation",
-            messages.c.recommendation_id.in_({r["recommendation_id"] for r in rows}))))}
-    return [dict(r) for r in rows if r["decision_id"] not in confirmed][:limit]
 
 
 def execution_run_request(decision_id: str, recommendation_id: str, now: datetime) -> RunRequest:
