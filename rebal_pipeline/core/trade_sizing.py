@@ -989,7 +989,14 @@ def _band_check(
     whole-share rounding and the minimum trade size). A class without a band row is held to the
     account's tightest band; an account without any band row to 0 (strict). `acct` must carry
     the account totals (cash_after, buys_cut, blocked_any, blocked_syms)."""
-    cls = (
+    cls = _with_bands_and_causes(_post_trade_classes(u, acct, ct), acct, bands, barred, unreachable, nobuy_unsub)
+    return _unresolved_text(cls.filter(pl.col("breach")))
+
+
+def _post_trade_classes(u: pl.DataFrame, acct: pl.DataFrame, ct: pl.DataFrame) -> pl.DataFrame:
+    """Rule 7, step 1: each account's asset classes (cash included) before and after the trades,
+    with their targets: account_id, asset_class, post_v, pre_v, nosell_syms, target_weight."""
+    return (
         pl.concat(
             [
                 u.select(
@@ -1019,11 +1026,17 @@ def _band_check(
         .with_columns(pl.col("post_v", "pre_v", "target_weight").fill_null(0.0))
         .filter((pl.col("target_weight") > 0) | (pl.col("post_v").abs() > 0.005) | (pl.col("pre_v").abs() > 0.005))
     )
+
+
+def _with_bands_and_causes(cls: pl.DataFrame, acct: pl.DataFrame, bands: pl.DataFrame, barred: pl.DataFrame,
+                           unreachable: pl.DataFrame, nobuy_unsub: pl.DataFrame) -> pl.DataFrame:
+    """Rule 7, step 2: each class's band, post-trade weight, whether it breaches, and the flags
+    that explain a breach (barred, unreachable, no-buy, cash shortfall, cash target)."""
     bands_f = _frame(bands, "bands").group_by(_CLASS_KEY).agg(pl.col("band").min())
     # A class without a band row (e.g. a class held but not targeted) is held to the account's
     # tightest band; an account without any band row to 0 (strict).
     min_band = bands_f.group_by("account_id").agg(min_band=pl.col("band").min())
-    cls = (
+    return (
         cls.join(bands_f, on=_CLASS_KEY, how="left")
         .join(min_band, on="account_id", how="left")
         .join(barred, on=_CLASS_KEY, how="left")
@@ -1060,6 +1073,9 @@ def _band_check(
         )
     )
 
+
+def _unresolved_reasons() -> pl.Expr:
+    """Rule 7, step 3: why a class is still outside its band, in plain words (every cause that applies)."""
     cash_shortfall = pl.when(pl.col("blocked_any")).then(
         pl.concat_str(pl.lit("cash shortfall: sales blocked by restriction ("), pl.col("blocked_syms"), pl.lit(") cannot fund the buys"))
     ).otherwise(pl.lit("cash shortfall: not enough cash to fund the buys"))
@@ -1071,8 +1087,7 @@ def _band_check(
         .then(pl.lit(" (min_cash_weight restriction)"))
         .otherwise(pl.lit(" (policy cash buffer)")),
     )
-    # Rule 7: why a class is still outside its band, in plain words (every cause that applies).
-    reasons = pl.concat_str(
+    return pl.concat_str(
         [
             pl.when(pl.col("barred")).then(
                 pl.concat_str(
@@ -1112,9 +1127,13 @@ def _band_check(
         separator="; ",
         ignore_nulls=True,
     )
-    breached = (
-        cls.filter(pl.col("breach"))
-        .with_columns(reasons=reasons)
+
+
+def _unresolved_text(breached: pl.DataFrame) -> pl.DataFrame:
+    """Rule 7, step 4: account_id → `unresolved`, one line per class still outside its band."""
+    return (
+        breached
+        .with_columns(reasons=_unresolved_reasons())
         .with_columns(
             reasons=pl.when(pl.col("reasons").is_null() | (pl.col("reasons") == ""))
             .then(pl.lit("whole-share rounding and the minimum trade size"))
@@ -1139,7 +1158,6 @@ def _band_check(
         .group_by("account_id", maintain_order=True)
         .agg(unresolved=pl.col("text").str.join(" | "))
     )
-    return breached
 
 
 def _compliance_review(hv: pl.DataFrame, barred: pl.DataFrame) -> pl.DataFrame:
