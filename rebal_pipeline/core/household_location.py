@@ -181,7 +181,12 @@ _INPUTS: dict[str, dict[str, pl.DataType]] = {
 
 
 def _frame(df: pl.DataFrame, name: str) -> pl.DataFrame:
-    return conform(df, _INPUTS[name], name)
+    """An input conformed to its schema and in one canonical row order (every column sorted):
+    with the order-keeping unique/group_by below, the LP, its sums and so its solution are the
+    same bit for bit whatever order the rows came in, and on every run (issue #15: without it
+    float sums in hash order gave 1e-10 differences run to run, enough to move a cent)."""
+    conformed = conform(df, _INPUTS[name], name)
+    return conformed.sort(conformed.columns, nulls_last=True) if conformed.width else conformed
 
 
 def _money(col: str) -> pl.Expr:
@@ -301,14 +306,14 @@ def build_lp(
 ) -> LocationLP:
     """Step 1: the input frames → the stacked LP of the module docstring (households with bad
     inputs are checked up front and kept out of it, with their reason)."""
-    accounts = _frame(accounts, "accounts").unique(["account_id"], keep="first")
+    accounts = _frame(accounts, "accounts").unique(["account_id"], keep="first", maintain_order=True)
     targets = (
         _frame(targets, "targets")
-        .group_by(["household_id", "asset_class"])
+        .group_by(["household_id", "asset_class"], maintain_order=True)
         .agg(pl.col("target_weight").sum())
     )
     cells, hh_classes = _cells(accounts, current, gains, targets, barred, policy)
-    hh_tsum = targets.group_by("household_id").agg(
+    hh_tsum = targets.group_by("household_id", maintain_order=True).agg(
         pl.col("target_weight").sum().alias("tsum")
     )
     reasons = _screen(accounts, cells, hh_tsum)
@@ -316,13 +321,13 @@ def build_lp(
     ok = cells.filter(pl.col("reason").is_null())
     not_located = cells.filter(pl.col("reason").is_not_null())
     ok_accounts = accounts.join(
-        ok.select("household_id").unique(), on="household_id", how="semi"
+        ok.select("household_id").unique(maintain_order=True), on="household_id", how="semi"
     ).sort(["household_id", "account_id"])
     ok_classes = hh_classes.join(
-        ok.select("household_id").unique(), on="household_id", how="semi"
+        ok.select("household_id").unique(maintain_order=True), on="household_id", how="semi"
     ).sort(["household_id", "asset_class"])
     households = (
-        ok.select("household_id").unique().sort("household_id")
+        ok.select("household_id").unique(maintain_order=True).sort("household_id")
         .join(reasons.select("household_id", "hh_value"), on="household_id", how="left")
     )
     n_acc = ok_accounts.height
@@ -396,12 +401,12 @@ def _cells(
     classes (household_id, asset_class)."""
     current = (
         _frame(current, "current")
-        .group_by(["account_id", "asset_class"])
+        .group_by(["account_id", "asset_class"], maintain_order=True)
         .agg(pl.col("market_value").sum().alias("cur"))
     )
-    gains = _frame(gains, "gains").unique(["account_id", "asset_class"], keep="first")
+    gains = _frame(gains, "gains").unique(["account_id", "asset_class"], keep="first", maintain_order=True)
     barred = (
-        _frame(barred, "barred").unique().with_columns(pl.lit(True).alias("barred"))
+        _frame(barred, "barred").unique(maintain_order=True).with_columns(pl.lit(True).alias("barred"))
     )
     cur_hh = current.join(
         accounts.select("account_id", "household_id"), on="account_id", how="inner"
@@ -414,8 +419,8 @@ def _cells(
                 cur_hh.filter(pl.col("cur") != 0).select("household_id", "asset_class"),
             ]
         )
-        .unique()
-        .join(accounts.select("household_id").unique(), on="household_id", how="semi")
+        .unique(maintain_order=True)
+        .join(accounts.select("household_id").unique(maintain_order=True), on="household_id", how="semi")
     )
     loc = pl.DataFrame(
         {
@@ -454,7 +459,7 @@ def _cells(
 def _screen(accounts: pl.DataFrame, cells: pl.DataFrame, hh_tsum: pl.DataFrame) -> pl.DataFrame:
     """The up-front checks of what makes a household unsolvable regardless of the LP: per
     household its value (hh_value), target sum (tsum) and reason (null: it enters the LP)."""
-    acc_sum = cells.group_by("account_id").agg(
+    acc_sum = cells.group_by("account_id", maintain_order=True).agg(
         pl.col("cur").sum().alias("cur_sum"), (pl.col("cur") < 0).any().alias("neg")
     )
     acc_chk = accounts.join(acc_sum, on="account_id", how="left").with_columns(
@@ -486,7 +491,7 @@ def _screen(accounts: pl.DataFrame, cells: pl.DataFrame, hh_tsum: pl.DataFrame) 
             )
             .alias("reason")
         )
-        .group_by("household_id")
+        .group_by("household_id", maintain_order=True)
         .agg(
             pl.col("reason").drop_nulls().sort().first(),
             pl.col("market_value").sum().alias("hh_value"),
@@ -534,8 +539,8 @@ def _equality_rows(
     cost_s = -locp + gp * gain + tp
     max_cost = float(max(np.abs(cost_b).max(), np.abs(cost_s).max()))
     rows_per_hh = (
-        index.accounts.group_by("household_id").len()["len"].max()
-        + index.classes.group_by("household_id").len()["len"].max()
+        index.accounts.group_by("household_id", maintain_order=True).len()["len"].max()
+        + index.classes.group_by("household_id", maintain_order=True).len()["len"].max()
     )
     big_m = 10.0 * (max_cost + 1.0) * (rows_per_hh + 1)
     # Account rows' slack (money appearing in one account and leaving another) costs more than
@@ -587,7 +592,7 @@ def solve_lp(lp: LocationLP) -> LPSolution:
                   bounds=lp.bounds, method="highs")
     if res.status != 0:
         failed = (
-            index.classes["household_id"].unique()
+            index.classes["household_id"].unique(maintain_order=True)
             .to_frame()
             .with_columns(
                 pl.lit(f"solver failed: {res.message}; current mix kept").alias("lp_reason")
@@ -642,7 +647,7 @@ def _household_status(
     )
     missed = (
         pl.concat([bad_cls, bad_acc])
-        .group_by("household_id")
+        .group_by("household_id", maintain_order=True)
         .agg(pl.col("msg").sort().str.join("; "), pl.col("msg").str.starts_with("account ").any().alias("acc"))
     )
     sold_text = pl.format("${}", (pl.col("sold") * pl.col("hh_value")).round(2))
@@ -749,28 +754,32 @@ def hold_taxable_classes(
 
     located: account_id, asset_class, target_value (locate_households' output). holdings:
     account_id, symbol, market_value. accounts: account_id, account_type. securities: symbol,
-    asset_class. Vectorised: joins and window sums, no per-account loop."""
-    cls = securities.select("symbol", "asset_class").unique("symbol", keep="first")
-    taxable = accounts.filter(pl.col("account_type") == "taxable").select("account_id").unique()
+    asset_class. Vectorised: joins and window sums, no per-account loop. Rows in any order give
+    the same result (the inputs are put in one canonical order first, as in build_lp)."""
+    located, holdings, model_weights, accounts, securities = (
+        f.sort(f.columns, nulls_last=True) if f.width else f
+        for f in (located, holdings, model_weights, accounts, securities))
+    cls = securities.select("symbol", "asset_class").unique("symbol", keep="first", maintain_order=True)
+    taxable = accounts.filter(pl.col("account_type") == "taxable").select("account_id").unique(maintain_order=True)
     held = (
         holdings.join(taxable, on="account_id", how="semi")
         .filter(pl.col("symbol") != "CASH")
         .join(cls, on="symbol", how="inner")
-        .group_by("account_id", "asset_class", "symbol")
+        .group_by("account_id", "asset_class", "symbol", maintain_order=True)
         .agg(pl.col("market_value").sum().alias("held"))
     )
     model = (
         model_weights.join(taxable, on="account_id", how="semi")
         .join(cls, on="symbol", how="inner")
         .filter((pl.col("weight") > 0) & (pl.col("asset_class") != "cash"))
-        .group_by("account_id", "asset_class", "symbol")
+        .group_by("account_id", "asset_class", "symbol", maintain_order=True)
         .agg(pl.col("weight").sum())
         .with_columns((pl.col("weight") / pl.col("weight").sum().over("account_id", "asset_class")).alias("m"))
         .select("account_id", "asset_class", "symbol", "m")
     )
     cells = (
         pl.concat([held.select("account_id", "asset_class", "symbol"), model.select("account_id", "asset_class", "symbol")])
-        .unique()
+        .unique(maintain_order=True)
         .filter(pl.col("asset_class") != "cash")
         .join(held, on=["account_id", "asset_class", "symbol"], how="left")
         .join(model, on=["account_id", "asset_class", "symbol"], how="left")
@@ -787,7 +796,7 @@ def hold_taxable_classes(
         .with_columns((pl.col("held") + pl.col("increase") * pl.col("spread").fill_nan(0.0)).alias("weight"))
         .filter(pl.col("weight") > 0)
     )
-    replaced = cells.select("account_id", "asset_class").unique()
+    replaced = cells.select("account_id", "asset_class").unique(maintain_order=True)
     kept = (
         model_weights.join(cls, on="symbol", how="left")
         .with_columns(pl.when(pl.col("symbol") == "CASH").then(pl.lit("cash")).otherwise(pl.col("asset_class"))
