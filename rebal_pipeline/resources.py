@@ -230,16 +230,46 @@ class ApprovalClockResource(SettingsPart):
     escalation_hours: str = _setting("escalation_hours")
 
 
+class ExecutionResource(SettingsPart):
+    """Where approved orders go: REBAL_AUTO_SUBMIT_DISCRETIONARY (true: a discretionary account's
+    orders are submitted to the custodian drop; false, the default: every order is staged for the
+    desk) and REBAL_TRADING_DESK_ID (who places staged orders). Read by `build_order_tickets`."""
+
+    auto_submit_discretionary: str = _setting("auto_submit_discretionary")
+    trading_desk_id: str = _setting("trading_desk_id")
+
+
+class AuditResource(SettingsPart):
+    """The audit chain's keys and anchors: REBAL_AUDIT_KEY signs, REBAL_AUDIT_KEYS (old keys) still
+    verify, REBAL_SANDBOX=1 allows the public sandbox key, REBAL_AUDIT_ANCHOR_DIR moves the anchor
+    files out of the archive. Read by `anchor_audit_chain`."""
+
+    audit_key: str = _setting("audit_key")
+    audit_keys: str = _setting("audit_keys")
+    sandbox: str = _setting("sandbox")
+    audit_anchor_dir: str = _setting("audit_anchor_dir")
+
+
+def settings_of(*parts: SettingsPart,
+                drift_policy_source: DriftPolicySource | None = None) -> "settings.RebalSettings":
+    """The RebalSettings that resources carry (validated again by load_settings: a malformed value
+    is a SettingsError naming its variable). The run's settings are these, never the process
+    environment's; settings no part names take their defaults."""
+    variables: dict[str, str] = {}
+    for part in parts:
+        variables.update(part.variables())
+    if drift_policy_source is not None and drift_policy_source.policy_file:
+        variables["REBAL_DRIFT_POLICY"] = drift_policy_source.policy_file
+    return settings.load_settings(variables)
+
+
 def comms_settings(email: EmailResource, crm: CrmResource, links: LinksResource, clock: ApprovalClockResource,
                    drift_policy_source: DriftPolicySource):
     """The comms ops' resources as the one `CommsSettings` the senders take (comms/settings.py),
     validated by load_settings (a malformed value fails the run at its start, naming the variable)."""
     from rebal_pipeline.comms.settings import CommsSettings
 
-    variables = {**email.variables(), **crm.variables(), **links.variables(), **clock.variables()}
-    if drift_policy_source.policy_file:
-        variables["REBAL_DRIFT_POLICY"] = drift_policy_source.policy_file
-    return CommsSettings.from_settings(settings.load_settings(variables))
+    return CommsSettings.from_settings(settings_of(email, crm, links, clock, drift_policy_source=drift_policy_source))
 
 
 def _secret_config(settings_: "settings.RebalSettings", variable: str, value: str):
@@ -261,8 +291,8 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
       - production: REBAL_WORKFLOW_DB_URL names a Postgres workflow store (its URL, which may
         carry a password, is passed as EnvVar so the Dagster UI never shows it), paths moved
         with REBAL_WAREHOUSE / REBAL_FEED_ROOT / REBAL_ARCHIVE_ROOT.
-    SMTP, CRM, links and the approval clock are parts of the same settings (`SettingsPart`), their
-    secrets EnvVars naming the variable."""
+    SMTP, CRM, links, the approval clock, execution and the audit chain's keys are parts of the
+    same settings (`SettingsPart`), their secrets EnvVars naming the variable."""
     policy = settings_.policy_file()
     if settings_.workflow_db is not None:
         store_url = _secret_config(settings_, "REBAL_WORKFLOW_DB_URL", settings_.workflow_db_url())
@@ -287,6 +317,8 @@ def resources_for(settings_: "settings.RebalSettings") -> dict:
         "crm": CrmResource.from_settings(settings_),
         "links": LinksResource.from_settings(settings_),
         "approval_clock": ApprovalClockResource.from_settings(settings_),
+        "execution": ExecutionResource.from_settings(settings_),
+        "audit": AuditResource.from_settings(settings_),
     }
     return chosen
 

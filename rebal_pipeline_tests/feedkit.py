@@ -22,7 +22,9 @@ from rebal_pipeline.defs.feed.assets import assets as feed_assets
 from rebal_pipeline.defs.trades.assets import assets as trade_assets
 from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy, feed_data_quality_alert
 from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
-from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import (
+    AdvisorOverrides, ApprovalClockResource, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource,
+)
 
 AS_OF = date(2026, 11, 20)  # a Friday, an NYSE session
 
@@ -125,6 +127,7 @@ class Workspace:
             "drift_policy_source": DriftPolicySource(policy_file=str(policy_file or "")),
             "advisor_overrides": AdvisorOverrides(wash_sale_file=str(self.overrides_path)),
             "workflow_store": WorkflowStoreResource(url=self.workflow_url),
+            "approval_clock": ApprovalClockResource(),
         }
 
     @property

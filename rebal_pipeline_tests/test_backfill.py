@@ -258,7 +258,7 @@ def test_a_three_session_backfill_from_the_ui_completes_one_run_at_a_time(shippe
     env |= instance_env | {"REBAL_HOME": str(rebal_home), "PYTHONUNBUFFERED": "1"}
     if not env.get("REBAL_AUDIT_KEY"):
         env["REBAL_AUDIT_KEY"] = "a-backfill-test-audit-key-of-at-least-32-bytes"
-    for key, value in instance_env.items():
+    for key, value in instance_env.items():  # the Dagster instance's dagster.yaml reads them from the environment
         monkeypatch.setenv(key, value)
 
     log = tmp_path / "daemon.log"

@@ -1,7 +1,7 @@
 """Files written once, never replaced, and the remains of killed writes cleaned up safely.
 
 One home for the outbox's write protocol (order files in execution/submit.py, the copies for
-people under outbox/approved and outbox/notifications in defs/approvals/jobs.py):
+people under outbox/approved and outbox/notifications in workflow/outbox.py):
 
 - `write_file_once(path, data)`: a temporary dot-file `.<name>.<uuid>.tmp`, locked while written,
   fsynced, then hard-linked into place (a link fails instead of replacing a file another writer

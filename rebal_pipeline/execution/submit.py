@@ -95,30 +95,28 @@ def outbox_root() -> Path:
     return settings.outbox_root()
 
 
-def auto_submit_discretionary(environ: Mapping[str, str] | None = None, rebal_settings=None) -> bool:
+def _typed(rebal_settings: settings.RebalSettings | Mapping[str, str]) -> settings.RebalSettings:
+    """A RebalSettings as given, or the one a mapping of variables describes (settings.py is the one
+    home of their rules; a malformed value is an ExecutionError naming the variable)."""
+    if isinstance(rebal_settings, settings.RebalSettings):
+        return rebal_settings
+    try:
+        return settings.load_settings(rebal_settings)
+    except settings.SettingsError as exc:
+        raise ExecutionError(str(exc)) from None
+
+
+def auto_submit_discretionary(rebal_settings: settings.RebalSettings | Mapping[str, str]) -> bool:
     """REBAL_AUTO_SUBMIT_DISCRETIONARY: `true` submits discretionary accounts' orders, `false`
-    (the default) stages them with the rest. Anything else is refused rather than guessed.
-    From `rebal_settings` when given (already typed), else from `environ` (tests) or, with
-    neither, from settings.current()."""
-    if environ is None:
-        if rebal_settings is None:
-            rebal_settings = settings.current()
-        return rebal_settings.auto_submit_discretionary
-    value = environ.get(AUTO_SUBMIT_ENV, "").strip().lower()
-    if value in ("", "false"):
-        return False
-    if value == "true":
-        return True
-    raise ExecutionError(f"{AUTO_SUBMIT_ENV} is {environ[AUTO_SUBMIT_ENV]!r}; it must be true or false")
+    (the default) stages them with the rest. Anything else is refused rather than guessed
+    (RebalSettings' rule). `rebal_settings`: the run's settings (the op's execution resource), or
+    a mapping of variables."""
+    return _typed(rebal_settings).auto_submit_discretionary
 
 
-def trading_desk_id(environ: Mapping[str, str] | None = None, rebal_settings=None) -> str:
+def trading_desk_id(rebal_settings: settings.RebalSettings | Mapping[str, str]) -> str:
     """Who places staged orders (the 204-2 memo's "placed by"): REBAL_TRADING_DESK_ID, else the desk."""
-    if environ is None:
-        if rebal_settings is None:
-            rebal_settings = settings.current()
-        return (rebal_settings.trading_desk_id or "").strip() or DEFAULT_TRADING_DESK
-    return environ.get(TRADING_DESK_ENV, "").strip() or DEFAULT_TRADING_DESK
+    return (_typed(rebal_settings).trading_desk_id or "").strip() or DEFAULT_TRADING_DESK
 
 
 def trading_day(moment: datetime) -> date:

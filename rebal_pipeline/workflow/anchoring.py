@@ -21,10 +21,14 @@ class AnchorRefused(Exception):
     """The audit chain does not verify: nothing was anchored. The message says what to do."""
 
 
-def anchor_chain(conn: Connection, now: datetime, archive_root: Path | str | None) -> dict | None:
-    """The anchor document written for the chain's head (None: the chain is empty)."""
+def anchor_chain(conn: Connection, now: datetime, archive_root: Path | str | None,
+                 rebal_settings=None) -> dict | None:
+    """The anchor document written for the chain's head (None: the chain is empty).
+    `rebal_settings`: the RebalSettings whose audit keys and REBAL_AUDIT_ANCHOR_DIR apply (default:
+    the process environment's, read now)."""
     try:
-        return audit.anchor(conn, now, audit.anchor_dir(conn, archive_root))
+        return audit.anchor(conn, now, audit.anchor_dir(conn, archive_root, rebal_settings),
+                            rebal_settings=rebal_settings)
     except audit.AuditBroken as broken:
         raise AnchorRefused(f"the audit chain does not verify; nothing was anchored. {broken} "
                             "(run `rebal audit verify`, find the cause before the next run)") from None

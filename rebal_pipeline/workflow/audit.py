@@ -325,10 +325,11 @@ def store_identity(conn: Connection) -> str:
     return f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
 
 
-def anchor_dir(conn: Connection, archive_root: Path | str | None = None) -> Path:
+def anchor_dir(conn: Connection, archive_root: Path | str | None = None, rebal_settings=None) -> Path:
     """REBAL_AUDIT_ANCHOR_DIR, else <archive>/audit_anchors/<store digest>/, the archive being the
-    one given (the Dagster feed resource's) or settings.archive_root() (REBAL_ARCHIVE_ROOT)."""
-    current = _settings()
+    one given (the Dagster feed resource's) or the settings' archive root (REBAL_ARCHIVE_ROOT).
+    `rebal_settings`: a RebalSettings (default: the process environment's, read now)."""
+    current = _settings(rebal_settings)
     if current.audit_anchor_dir is not None and str(current.audit_anchor_dir).strip():
         return Path(str(current.audit_anchor_dir).strip())
     if archive_root is None:
@@ -336,12 +337,13 @@ def anchor_dir(conn: Connection, archive_root: Path | str | None = None) -> Path
     return Path(archive_root) / "audit_anchors" / sha256_text(store_identity(conn))[:16]
 
 
-def anchor(conn: Connection, now: datetime, folder: Path | None = None) -> dict | None:
+def anchor(conn: Connection, now: datetime, folder: Path | None = None, rebal_settings=None) -> dict | None:
     """Write the head down in a write-once anchor file (0440), signed with the audit key: one per day
     and head (<day>_<seq>.json; nothing new while the head has not moved). Refuses to anchor a chain
-    that does not verify. Returns the anchor (with its `file`), or None for an empty chain."""
-    folder = Path(folder) if folder is not None else anchor_dir(conn)
-    checked = verify(conn, anchors=folder)
+    that does not verify. Returns the anchor (with its `file`), or None for an empty chain.
+    `rebal_settings`: the keys and the anchor folder's settings (default: the process environment's)."""
+    folder = Path(folder) if folder is not None else anchor_dir(conn, rebal_settings=rebal_settings)
+    checked = verify(conn, anchors=folder, rebal_settings=rebal_settings)
     if not checked.ok:
         raise AuditBroken(str(checked))
     seq, last, count = _head_seq(conn)
@@ -351,7 +353,7 @@ def anchor(conn: Connection, now: datetime, folder: Path | None = None) -> dict 
     existing = [a for a in _read_anchors(folder) if a.get("seq") == seq and a.get("hash") == last]
     if existing:
         return existing[0]
-    key_id, key = signing_key()
+    key_id, key = signing_key(rebal_settings)
     document = {"format": ANCHOR_FORMAT, "store": store_identity(conn), "seq": seq, "hash": last, "events": count,
                 "anchored_at": now, "hash_algorithm": HASH_ALGORITHM, "key_id": key_id}
     document = json.loads(canonical_json(document))
@@ -456,11 +458,12 @@ def _signature_problem(row: dict, keys: dict[str, bytes]) -> str | None:
     return None
 
 
-def verify(conn: Connection, anchors: Path | None | bool = None) -> Verification:
+def verify(conn: Connection, anchors: Path | None | bool = None, rebal_settings=None) -> Verification:
     """Recompute the chain from the first event and name where it breaks; compare it with every
     anchor (`anchors`: a folder, None for anchor_dir(conn), False to skip); check every
-    wf_decisions row and decided package against its event."""
-    keys = keyring()
+    wf_decisions row and decided package against its event. `rebal_settings`: the keys (and the
+    anchor folder, for None) of these settings (default: the process environment's, read now)."""
+    keys = keyring(rebal_settings)
     problems: list[tuple[int | None, str]] = []
     expected_seq, prev_hash, count, legacy, keyed_seen = 1, GENESIS, 0, 0, False
     hashes: dict[int, str] = {}
@@ -493,7 +496,8 @@ def verify(conn: Connection, anchors: Path | None | bool = None) -> Verification
 
     latest = None
     if anchors is not False:
-        folder = anchor_dir(conn) if anchors is None or anchors is True else Path(anchors)
+        folder = (anchor_dir(conn, rebal_settings=rebal_settings) if anchors is None or anchors is True
+                  else Path(anchors))
         documents = _read_anchors(folder)
         good = []
         for document in documents:

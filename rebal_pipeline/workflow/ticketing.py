@@ -47,9 +47,12 @@ class OrderTickets:
     tickets: submit.Tickets | None  # None: the warehouse has no reference tables
 
 
-def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id: str) -> OrderTickets:
+def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id: str, *, auto_submit: bool,
+                  desk_id: str) -> OrderTickets:
     """The orders of a decision that passed the gate (`connect`: opens the warehouse as a
-    context manager)."""
+    context manager). `auto_submit` and `desk_id` are the run's settings
+    (REBAL_AUTO_SUBMIT_DISCRETIONARY, REBAL_TRADING_DESK_ID: `submit.auto_submit_discretionary`,
+    `submit.trading_desk_id`), given by the caller: nothing here reads the environment."""
     trades: list = []  # (the accounts an error names are masked in the refusal)
     try:
         with store.begin() as conn:
@@ -68,8 +71,7 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
         except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
             raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
         tickets = submit.build_tickets(approved, trades, securities, accounts,
-                                       auto_submit=submit.auto_submit_discretionary(),
-                                       desk_id=submit.trading_desk_id())
+                                       auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:
         raise TicketsRefused(f"decision {decision_id}: no orders staged or submitted: "
                              f"{masker(t.account_id for t in trades)(str(exc))}") from None

@@ -78,7 +78,9 @@ def server(tmp_path_factory):
     secret = secrets.token_urlsafe(48)
     with pytest.MonkeyPatch.context() as mp:
         if not os.environ.get("REBAL_AUDIT_KEY", "").strip() and os.environ.get("REBAL_SANDBOX") != "1":
-            mp.setenv("REBAL_AUDIT_KEY", secrets.token_urlsafe(32))  # the store signs its events with it
+            # The store signs its events with it, and the API server (a subprocess) reads it from
+            # the environment it inherits: the environment is the interface here.
+            mp.setenv("REBAL_AUDIT_KEY", secrets.token_urlsafe(32))
         store = WorkflowStore(url_db)
         store.migrate()
         publish(store, package("REC-1", "ACC-1"), package("REC-2", "ACC-2"), package("REC-3", "ACC-3"))

@@ -15,7 +15,7 @@ from rebal_pipeline_tests.approvals.conftest import package, publish
 @pytest.fixture
 def cli_store(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'workflow.sqlite'}"
-    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", url)
+    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", url)  # the tests drive cli.main: the environment is its interface
     store = WorkflowStore(url)
     store.migrate()
     publish(store, package("REC-1"), package("REC-2", account_id="ACC-2"))

@@ -33,6 +33,7 @@ def _documented_verifier() -> str:
 @pytest.fixture
 def cli_store(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'workflow.sqlite'}"
+    # These tests drive `rebal audit ...` (cli.main): the environment is the CLI's interface.
     monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", url)
     monkeypatch.setenv("REBAL_AUDIT_ANCHOR_DIR", str(tmp_path / "anchors"))
     store = WorkflowStore(url)

@@ -16,6 +16,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, text
 
+from rebal_pipeline.settings import load_settings
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import audit_events
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, package, publish
@@ -25,10 +26,9 @@ ADVISOR = {"user_id": "ADV-1", "role": "advisor"}
 
 
 @pytest.fixture
-def anchors(tmp_path, monkeypatch):
-    folder = tmp_path / "archive" / "audit_anchors"
-    monkeypatch.setenv("REBAL_AUDIT_ANCHOR_DIR", str(folder))
-    return folder
+def anchors(tmp_path):
+    """The anchor folder (a deployment's REBAL_AUDIT_ANCHOR_DIR), given to anchor and verify."""
+    return tmp_path / "archive" / "audit_anchors"
 
 
 def _day(store, anchors):
@@ -36,7 +36,7 @@ def _day(store, anchors):
     publish(store, package("REC-1"), package("REC-2", account_id="ACC-2"))
     with store.begin() as conn:
         decision, _ = lifecycle.decide(conn, "REC-1", ADVISOR, "approve", DECIDED_AT, reason="rebalance to model")
-        anchored = audit.anchor(conn, DECIDED_AT)
+        anchored = audit.anchor(conn, DECIDED_AT, anchors)
     return decision, anchored
 
 
@@ -53,14 +53,16 @@ def _triggers_off(conn, how: str = "default"):
             conn.execute(text(f"drop trigger if exists {name}"))
 
 
-def _verify(store):
+def _verify(store, anchors=None, rebal_settings=None):
+    """verify, comparing with the anchors in `anchors` (None: the settings' anchor folder), with the
+    keys of `rebal_settings` (None: the process environment's)."""
     with store.begin() as conn:
-        return audit.verify(conn)
+        return audit.verify(conn, anchors=anchors, rebal_settings=rebal_settings)
 
 
 def test_an_untouched_day_verifies_against_its_anchor(store, anchors):
     _, anchored = _day(store, anchors)
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert result.ok, str(result)
     assert result.anchor == anchored["file"] and result.decisions == 1
     assert f"matches the latest anchor {os.path.basename(anchored['file'])}" in str(result)
@@ -68,7 +70,7 @@ def test_an_untouched_day_verifies_against_its_anchor(store, anchors):
     assert mode == 0o440
     # Nothing new appended: anchoring again writes no second file.
     with store.begin() as conn:
-        assert audit.anchor(conn, DECIDED_AT + timedelta(hours=1))["file"] == anchored["file"]
+        assert audit.anchor(conn, DECIDED_AT + timedelta(hours=1), anchors)["file"] == anchored["file"]
     assert len(list(anchors.glob("*.json"))) == 1
 
 
@@ -79,7 +81,7 @@ def test_a_deleted_tail_is_named_against_the_anchor(store, anchors, how):
     with store.begin() as conn:
         _triggers_off(conn, how)
         conn.execute(text("delete from wf_audit_events where seq > :keep"), {"keep": head - 3})
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok
     assert f"missing tail: events {head - 2}..{head} are gone" in str(result)
     assert result.seq == head - 2
@@ -91,7 +93,7 @@ def test_a_full_wipe_is_named(store, anchors, how):
     with store.begin() as conn:
         _triggers_off(conn, how)
         conn.execute(text("delete from wf_audit_events"))
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and "full wipe" in result.problem
     # The decision rows outlived their events: each is named too.
     assert any("has no audit event" in p for p in result.problems)
@@ -102,7 +104,7 @@ def test_a_deleted_event_in_the_middle_is_a_gap(store, anchors):
     with store.begin() as conn:
         _triggers_off(conn)
         conn.execute(text("delete from wf_audit_events where seq = 3"))
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and result.seq == 3 and "gap: events 3..3 are missing" in result.problem
 
 
@@ -126,7 +128,7 @@ def test_a_forged_append_with_a_correct_sha256_is_refused(store, anchors):
     _day(store, anchors)
     with store.begin() as conn:
         _forge(conn)  # the chain's old rule: plain SHA-256, no key
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and "'decision:forged'" in result.problem and "unsigned" in result.problem
 
 
@@ -135,7 +137,7 @@ def test_a_forged_append_signed_with_another_key_is_refused(store, anchors):
     with store.begin() as conn:
         current = conn.execute(text("select key_id from wf_audit_events order by seq desc limit 1")).scalar()
         _forge(conn, key=b"mallory's own key, long enough to pass the check", key_id=current)
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and "'decision:forged'" in result.problem and "without the audit key" in result.problem
 
 
@@ -154,7 +156,7 @@ def test_an_altered_event_with_recomputed_sha256_hashes_is_named(store, anchors)
                               "key_id = null where seq = :seq"), {"actor": actor, "prev": prev, "hash": digest,
                                                                   "seq": row["seq"]})
             prev = digest
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok
     assert any("anchor" in p and "rewritten" in p for p in result.problems)
 
@@ -203,7 +205,7 @@ def test_a_package_edited_after_approval_is_named_and_the_gate_check_refuses_it(
         rec = dict(conn.execute(text("select * from wf_recommendations where recommendation_id = 'REC-1'")
                                 ).mappings().one())
         problems = audit.decision_record_problems(conn, decision, rec)
-        result = audit.verify(conn)
+        result = audit.verify(conn, anchors=anchors)
     assert problems and "package of recommendation REC-1 was changed after decision" in problems[0]
     assert not result.ok and f"package of recommendation REC-1 was changed after decision {decision['decision_id']}" \
         in result.problem
@@ -220,7 +222,7 @@ def test_an_edited_decision_row_is_named(store, anchors):
         rec = dict(conn.execute(text("select * from wf_recommendations where recommendation_id = 'REC-1'")
                                 ).mappings().one())
         problems = audit.decision_record_problems(conn, stored, rec)
-        result = audit.verify(conn)
+        result = audit.verify(conn, anchors=anchors)
     assert not result.ok
     assert f"decision {decision['decision_id']} in wf_decisions was edited" in result.problem
     assert "decided by 'ADV-2' (the event says 'ADV-1')" in result.problem
@@ -231,7 +233,7 @@ def test_a_deleted_decision_row_is_named(store, anchors):
     decision, _ = _day(store, anchors)
     with store.begin() as conn:
         conn.execute(text("delete from wf_decisions where decision_id = :d"), {"d": decision["decision_id"]})
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and "deleted from wf_decisions" in result.problem and decision["decision_id"] in result.problem
 
 
@@ -254,7 +256,7 @@ def test_an_altered_anchor_file_is_named(store, anchors):
     document = json.loads(open(path).read())
     document["seq"] -= 3  # pretend the head was earlier, to hide a deleted tail
     open(path, "w").write(json.dumps(document))
-    result = _verify(store)
+    result = _verify(store, anchors)
     assert not result.ok and "not signed by the audit key" in result.problem
 
 
@@ -264,6 +266,8 @@ def test_an_altered_anchor_file_is_named(store, anchors):
 
 
 def test_no_key_no_append_outside_the_sandbox(store, monkeypatch):
+    # Appends (here the publication's) sign with the key of the process environment, read when
+    # they append: it is not passed down, so the environment is what these key tests set.
     monkeypatch.delenv("REBAL_AUDIT_KEY", raising=False)
     monkeypatch.delenv("REBAL_SANDBOX", raising=False)
     with pytest.raises(audit.AuditKeyError, match="REBAL_AUDIT_KEY is not set"):
@@ -272,25 +276,24 @@ def test_no_key_no_append_outside_the_sandbox(store, monkeypatch):
 
 def test_sandbox_events_are_not_evidence_outside_the_sandbox(store, monkeypatch):
     monkeypatch.delenv("REBAL_AUDIT_KEY", raising=False)
-    monkeypatch.setenv("REBAL_SANDBOX", "1")
+    monkeypatch.setenv("REBAL_SANDBOX", "1")  # the publication signs with the environment's (sandbox) key
     publish(store, package("REC-1"))
     assert _verify(store).ok
-    monkeypatch.delenv("REBAL_SANDBOX")
-    monkeypatch.setenv("REBAL_AUDIT_KEY", "a-production-key-that-is-long-enough-0123456789")
-    result = _verify(store)
+    production = load_settings({"REBAL_AUDIT_KEY": "a-production-key-that-is-long-enough-0123456789"})
+    result = _verify(store, rebal_settings=production)
     assert not result.ok and "sandbox key" in result.problem
 
 
 def test_a_rotated_key_verifies_with_the_old_key_in_the_keyring(store, monkeypatch):
     old, new = "the-first-audit-key-of-this-firm-0123456789", "the-second-audit-key-of-this-firm-9876543210"
+    # Each publication signs with the environment's key of the moment (appends read it themselves).
     monkeypatch.setenv("REBAL_AUDIT_KEY", old)
     publish(store, package("REC-1"))
     monkeypatch.setenv("REBAL_AUDIT_KEY", new)
     publish(store, package("REC-2", account_id="ACC-2"))
-    result = _verify(store)
+    result = _verify(store, rebal_settings=load_settings({"REBAL_AUDIT_KEY": new}))
     assert not result.ok and audit.key_id_of(old.encode()) in result.problem
-    monkeypatch.setenv("REBAL_AUDIT_KEYS", old)
-    assert _verify(store).ok
+    assert _verify(store, rebal_settings=load_settings({"REBAL_AUDIT_KEY": new, "REBAL_AUDIT_KEYS": old})).ok
     with store.begin() as conn:
         ids = conn.execute(text("select distinct key_id from wf_audit_events")).scalars().all()
     assert set(ids) == {audit.key_id_of(old.encode()), audit.key_id_of(new.encode())}
@@ -346,7 +349,7 @@ def test_no_tampering_without_the_key_verifies(store, anchors, tamper):
             elif tamper[0] == "forge":
                 _forge(conn, key=b"a key that is not the firm's audit key at all" if tamper[1] else None,
                        key_id=audit.key_id_of(os.environ["REBAL_AUDIT_KEY"].encode()) if tamper[1] else None)
-            result = audit.verify(conn)
+            result = audit.verify(conn, anchors=anchors)
         finally:
             transaction.rollback()
     assert result.ok == (tamper[0] == "nothing"), (tamper, str(result))
@@ -372,18 +375,18 @@ def test_the_gate_refuses_an_approval_whose_package_was_edited_after_it(store, a
     assert not verdict.passed and "package of recommendation REC-1 was changed after decision" in verdict.reason
 
 
-def test_the_anchor_op_anchors_after_a_job_that_appends(tmp_path, monkeypatch):
+def test_the_anchor_op_anchors_after_a_job_that_appends(tmp_path):
     """anchor_audit_chain at the end of a job (e.g. execute_rebalance after stage_or_submit_orders)."""
     from dagster import job, op
 
     from rebal_pipeline.defs.approvals.jobs import anchor_audit_chain
-    from rebal_pipeline.resources import FeedLocation, WorkflowStoreResource
+    from rebal_pipeline.resources import AuditResource, FeedLocation, WorkflowStoreResource
     from rebal_pipeline.workflow.store import WorkflowStore
 
-    monkeypatch.delenv("REBAL_AUDIT_ANCHOR_DIR", raising=False)
-    # The op anchors into the deployment's archive (REBAL_ARCHIVE_ROOT): jobs launched for one
-    # decision carry no feed resource.
-    monkeypatch.setenv("REBAL_ARCHIVE_ROOT", str(tmp_path / "archive"))
+    # The op anchors into the feed resource's archive, signed with the audit resource's key (the
+    # tests' key, conftest.py, that the publication signs with); no REBAL_AUDIT_ANCHOR_DIR.
+    deployment = load_settings({"REBAL_ARCHIVE_ROOT": str(tmp_path / "archive"),
+                                "REBAL_AUDIT_KEY": os.environ["REBAL_AUDIT_KEY"]})
     url = f"sqlite:///{tmp_path / 'workflow.sqlite'}"
     store = WorkflowStore(url)
     store.migrate()
@@ -398,11 +401,12 @@ def test_the_anchor_op_anchors_after_a_job_that_appends(tmp_path, monkeypatch):
 
     result = appending_job.execute_in_process(resources={
         "workflow_store": WorkflowStoreResource(url=url),
-        "feed": FeedLocation(feed_root=str(tmp_path / "feeds"), archive_root=str(tmp_path / "archive"))})
+        "feed": FeedLocation(feed_root=str(tmp_path / "feeds"), archive_root=str(deployment.archive_root())),
+        "audit": AuditResource.from_settings(deployment)})
     assert result.success
     anchored = result.output_for_node("anchor_audit_chain")
     with store.begin() as conn:
-        checked = audit.verify(conn, anchors=audit.anchor_dir(conn, tmp_path / "archive"))
+        checked = audit.verify(conn, anchors=audit.anchor_dir(conn, tmp_path / "archive", deployment))
         assert anchored["seq"] == audit.head(conn)[0]
     assert checked.ok and checked.anchor == anchored["file"]
     store.dispose()

@@ -5,6 +5,7 @@ last-seen snapshot, on SQLite and Postgres."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import date, datetime, timedelta, timezone
 
 import duckdb
@@ -12,6 +13,7 @@ import pytest
 from dagster import materialize
 from sqlalchemy import select
 
+from rebal_pipeline.settings import load_settings
 from rebal_pipeline.workflow import audit, config_events
 from rebal_pipeline.workflow.schema import audit_events, policy_versions
 
@@ -147,8 +149,11 @@ def test_the_daily_assets_record_the_changes_and_anchor_the_head(tmp_path, monke
     from rebal_pipeline.resources import DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
     from rebal_pipeline.workflow.store import WorkflowStore
 
+    # The daily asset reads REBAL_AUDIT_ANCHOR_DIR from the environment when it anchors: none here.
     monkeypatch.delenv("REBAL_AUDIT_ANCHOR_DIR", raising=False)
-    monkeypatch.setenv("REBAL_ARCHIVE_ROOT", str(tmp_path / "archive"))  # what `rebal audit verify` reads
+    # What `rebal audit verify` reads: the deployment's archive root (and the tests' audit key, conftest.py).
+    deployment = load_settings({"REBAL_ARCHIVE_ROOT": str(tmp_path / "archive"),
+                                "REBAL_AUDIT_KEY": os.environ["REBAL_AUDIT_KEY"]})
     path = tmp_path / "warehouse.duckdb"
     con = warehouse({DAY2: {}})
     con.execute(f"attach '{path}' as w")
@@ -171,7 +176,7 @@ def test_the_daily_assets_record_the_changes_and_anchor_the_head(tmp_path, monke
     assert anchored["anchor_file"].value == str(files[0])
     store = WorkflowStore(url)
     with store.begin() as conn:
-        checked = audit.verify(conn)
+        checked = audit.verify(conn, rebal_settings=deployment)
     assert checked.ok and checked.anchor == str(files[0])
     store.dispose()
 

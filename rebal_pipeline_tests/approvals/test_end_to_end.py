@@ -18,17 +18,16 @@ from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import audit_events, recommendations
 from rebal_pipeline_tests.approvals.conftest import AS_OF, PUBLISHED_AT, package, publish
 from rebal_pipeline_tests.approvals.test_gate import write_holdings
-from rebal_pipeline_tests.approvals.test_sensors import CLOCK, WAREHOUSE_VAR, daemon  # noqa: F401 (fixture)
+from rebal_pipeline_tests.approvals.test_sensors import CLOCK, daemon  # noqa: F401 (fixture)
 from rebal_pipeline.resources import Warehouse
 
 SECRET = b"an-end-to-end-test-secret-of-32+bytes!"
 
 
-def test_pending_reminded_escalated_approved_by_compliance_gated_and_handed_to_ticketing(store, daemon, monkeypatch):
+def test_pending_reminded_escalated_approved_by_compliance_gated_and_handed_to_ticketing(store, daemon):
     # The daily run's output: one pending recommendation, and today's holdings in the warehouse.
     publish(store, package("REC-1"))
-    wh = Warehouse(database=str(settings.rebal_home().parent / "warehouse.duckdb"))
-    monkeypatch.setenv(WAREHOUSE_VAR, wh.database)
+    wh = Warehouse(database=daemon.settings["REBAL_WAREHOUSE"])  # the warehouse the daemon's runs read
     with wh.connect() as con:
         con.execute("create table holdings (as_of date, household_id varchar, account_id varchar, symbol varchar, "
                     "asset_class varchar, quantity double, price double, market_value double)")

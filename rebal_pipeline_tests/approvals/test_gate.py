@@ -11,7 +11,10 @@ from sqlalchemy import delete, insert, select
 from rebal_pipeline.defs.approvals.jobs import GATE_VERDICT_TAG, execute_rebalance
 from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals.sensors import approval_decisions
-from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import (
+    AuditResource, ExecutionResource, FeedLocation, FixSessionResource, Warehouse, WorkflowStoreResource,
+)
+from rebal_pipeline.settings import RebalSettings, load_settings
 from rebal_pipeline.workflow import audit, lifecycle, outbox
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import advisor_team, audit_events, decisions, recommendations
@@ -31,6 +34,7 @@ PRICES = {"VTI": 100.0, "BND": 50.0, "CASH": 1.0}
 @pytest.fixture
 def outbox_home(tmp_path, monkeypatch):
     home = tmp_path / "rebal_home"
+    # The approval run's ops write their outbox files under REBAL_HOME, read when they run.
     monkeypatch.setenv("REBAL_HOME", str(home))
     return home
 
@@ -61,12 +65,25 @@ def instance():
         yield inst
 
 
-def run_gate(store, wh: Warehouse, instance: DagsterInstance, decision_id: str):
+def run_resources(store, wh: Warehouse, rebal_settings: RebalSettings | None = None) -> dict:
+    """execute_rebalance's resources: the test's store and warehouse; the archive under the
+    REBAL_HOME `outbox_home` set and the tests' audit key (the ones the store's events are signed
+    with); execution settings (auto-submit, the desk) from `rebal_settings` (default: none set)."""
+    here = settings.current()
+    return {"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": wh,
+            "fix_session": FixSessionResource(),
+            "execution": ExecutionResource.from_settings(rebal_settings or load_settings({})),
+            "feed": FeedLocation(feed_root=str(here.feed_root()), archive_root=str(here.archive_root())),
+            "audit": AuditResource.from_settings(here)}
+
+
+def run_gate(store, wh: Warehouse, instance: DagsterInstance, decision_id: str,
+             rebal_settings: RebalSettings | None = None):
+    """execute_rebalance for the decision (resources: `run_resources`)."""
     return execute_rebalance.execute_in_process(
         run_config={"ops": {"approval_gate": {"config": {"decision_id": decision_id}}}},
         instance=instance,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": wh,
-                   "fix_session": FixSessionResource()},
+        resources=run_resources(store, wh, rebal_settings),
         raise_on_error=False,
     )
 
@@ -273,8 +290,7 @@ def test_an_approval_found_by_the_decision_sensor_passes_the_gate(store, warehou
 
     result = execute_rebalance.execute_in_process(
         run_config=request.run_config, instance=instance, tags=request.tags,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse,
-                   "fix_session": FixSessionResource()})
+        resources=run_resources(store, warehouse))
 
     assert result.success and gate_metadata(result)["verdict"] == "passed"
     assert approved_trades_path(decision["decision_id"]).exists()

@@ -122,7 +122,7 @@ def test_an_empty_users_list_locks_nobody_out(store):
 
 
 def test_rebal_users_deactivate_revokes_at_once_and_the_feed_does_not_undo_it(api, monkeypatch, capsys):
-    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", api.store.url)
+    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", api.store.url)  # `rebal users` (cli.main) reads the environment
     approve_link = link(api, "REC-1", "ADV-1", "approve")
     assert cli.main(["users", "deactivate", "ADV-1", "--reason", "short"]) == 2  # a reason that says why
     assert api.get("ADV-1", "/recommendations").status_code == 200

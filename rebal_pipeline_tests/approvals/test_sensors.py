@@ -7,6 +7,7 @@ notifications recorded in the workflow store, the outbox files for the mailer, t
 
 import json
 import logging
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -26,10 +27,11 @@ from sqlalchemy import insert, select
 
 from rebal_pipeline import settings
 from rebal_pipeline.defs.approvals import defs as approval_defs
-from rebal_pipeline.defs.approvals.jobs import execute_rebalance, notification_path, notify_recommendation
+from rebal_pipeline.defs.approvals.jobs import execute_rebalance, notify_recommendation
 from rebal_pipeline.defs.approvals.sensors import build_approval_decisions_sensor, build_approval_escalations_sensor
-from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource, local_resources
-from rebal_pipeline.workflow import audit, lifecycle
+from rebal_pipeline.resources import Warehouse, WorkflowStoreResource, resources_for
+from rebal_pipeline.settings import load_settings
+from rebal_pipeline.workflow import audit, lifecycle, outbox
 from rebal_pipeline.workflow.approval_watch import DecisionCursor, advance_cursor
 from rebal_pipeline.workflow.package import TradeChange, apply_modification
 from rebal_pipeline.workflow.schema import audit_events, decisions, notifications, recommendations
@@ -43,13 +45,17 @@ WAREHOUSE_VAR = "REBAL_TEST_APPROVALS_WAREHOUSE"
 CLOCK: dict[str, datetime] = {}
 
 # The code location the in-process daemon loads (this module, by name): the approval jobs and
-# sensors with the injected clock, resources from the test's environment.
+# sensors with the injected clock. Loaded by module name, it reads the store and the warehouse
+# from two test variables (set by the `daemon` fixture); the sensors' other resources are the
+# settings' defaults (the shipped drift policy's approval clock). Runs get the fixture's
+# deployment settings (`SensorDaemon.execute`).
 daemon_definitions = Definitions(
     jobs=[execute_rebalance, notify_recommendation],
     sensors=[build_approval_decisions_sensor(clock=lambda: CLOCK["now"]),
              build_approval_escalations_sensor(clock=lambda: CLOCK["now"])],
-    resources={"workflow_store": WorkflowStoreResource(url=EnvVar(STORE_URL_VAR)),
-               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR)), "fix_session": FixSessionResource()},
+    resources={**resources_for(load_settings({})),
+               "workflow_store": WorkflowStoreResource(url=EnvVar(STORE_URL_VAR)),
+               "warehouse": Warehouse(database=EnvVar(WAREHOUSE_VAR))},
     executor=in_process_executor,
 )
 
@@ -60,8 +66,9 @@ class SensorDaemon:
     and submits new runs to the instance's queue. Queued runs are executed by `execute`, as the
     run worker would."""
 
-    def __init__(self, instance: DagsterInstance, workspace):
+    def __init__(self, instance: DagsterInstance, workspace, deployment: dict[str, str]):
         self.instance, self.workspace = instance, workspace
+        self.settings = deployment  # the REBAL_* variables of the deployment its runs see
         self.repo = load_remote_repo(workspace, "__repository__")
         self._wall = datetime.now(timezone.utc)
 
@@ -82,24 +89,31 @@ class SensorDaemon:
                       key=lambda r: r.tags["dagster/run_key"])
 
     def execute(self, run: DagsterRun):
-        job = daemon_definitions.resolve_job_def(run.job_name)
+        resources = resources_for(load_settings(self.settings))
+        definitions = Definitions(jobs=[execute_rebalance, notify_recommendation], resources=resources,
+                                  executor=in_process_executor)
+        job = definitions.resolve_job_def(run.job_name)
         return job.execute_in_process(run_config=run.run_config, instance=self.instance)
 
 
 @pytest.fixture
 def daemon(store, tmp_path, monkeypatch):
+    # The daemon loads daemon_definitions by module name: it reads the store and the warehouse
+    # from these variables; the runs' outbox copies go under REBAL_HOME (the ops read it there).
     monkeypatch.setenv(STORE_URL_VAR, store.url)
     monkeypatch.setenv(WAREHOUSE_VAR, str(tmp_path / "warehouse.duckdb"))
     monkeypatch.setenv("REBAL_HOME", str(tmp_path / "rebal_home"))
-    for variable in ("REBAL_REMINDER_HOURS", "REBAL_ESCALATION_HOURS"):
-        monkeypatch.delenv(variable, raising=False)
+    # The store's events are signed with the tests' audit key (conftest.py): the runs anchor with it.
+    deployment = {"REBAL_HOME": str(tmp_path / "rebal_home"), "REBAL_WORKFLOW_DB_URL": store.url,
+                  "REBAL_WAREHOUSE": str(tmp_path / "warehouse.duckdb"),
+                  "REBAL_AUDIT_KEY": os.environ["REBAL_AUDIT_KEY"]}
     with instance_for_test() as instance:
         target = InProcessTestWorkspaceLoadTarget(InProcessCodeLocationOrigin(
             LoadableTargetOrigin(module_name=__name__, attribute="daemon_definitions",
                                  working_directory=str(settings.REPO_ROOT)),
             location_name="approvals_test"))
         with create_test_daemon_workspace_context(target, instance) as workspace:
-            yield SensorDaemon(instance, workspace)
+            yield SensorDaemon(instance, workspace, deployment)
 
 
 def outcome_of(result) -> str:
@@ -246,23 +260,25 @@ def test_an_escalation_decided_before_its_run_does_not_escalate(store, daemon):
     assert outbox_notifications() == []
 
 
-def test_reminder_and_escalation_hours_come_from_the_environment(store, monkeypatch):
-    monkeypatch.setenv("REBAL_REMINDER_HOURS", "4")
-    monkeypatch.setenv("REBAL_ESCALATION_HOURS", "8")
+def test_reminder_and_escalation_hours_come_from_the_environment(store):
+    # The deployment's REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS, as resources_for hands them
+    # to the sensor.
+    chosen = resources_for(load_settings({"REBAL_WORKFLOW_DB_URL": store.url, "REBAL_REMINDER_HOURS": "4",
+                                          "REBAL_ESCALATION_HOURS": "8"}))
     publish(store, package())
     kinds = {}
     with instance_for_test() as instance:
         for hours in (3.9, 4, 8):
             sensor = build_approval_escalations_sensor(clock=lambda h=hours: PUBLISHED_AT + timedelta(hours=h))
-            with build_sensor_context(instance=instance,
-                                      resources={"workflow_store": WorkflowStoreResource(url=store.url)}) as context:
+            with build_sensor_context(instance=instance, resources={
+                    name: chosen[name] for name in ("workflow_store", "approval_clock", "drift_policy_source")
+            }) as context:
                 kinds[hours] = [r.tags["rebal/notification"] for r in sensor.evaluate_tick(context).run_requests]
     assert kinds == {3.9: [], 4: ["reminder"], 8: ["escalation"]}
 
-    monkeypatch.setenv("REBAL_REMINDER_HOURS", "48")
-    monkeypatch.setenv("REBAL_ESCALATION_HOURS", "24")
+    inverted = load_settings({"REBAL_REMINDER_HOURS": "48", "REBAL_ESCALATION_HOURS": "24"})
     with pytest.raises(ValueError, match="must come before the escalation"):
-        lifecycle.lifecycle_policy()
+        lifecycle.lifecycle_policy(rebal_settings=inverted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,12 +391,12 @@ def test_the_decision_cursor_waits_at_a_hole_and_steps_over_it_after_the_patienc
     assert DecisionCursor.parse("7") == DecisionCursor(floor=7, high=7)
 
 
-def test_approval_definitions_load_with_the_local_resources(tmp_path, monkeypatch):
-    monkeypatch.setenv("REBAL_HOME", str(tmp_path))
+def test_approval_definitions_load_with_the_local_resources(tmp_path):
+    local = load_settings({"REBAL_HOME": str(tmp_path)})
     repo = Definitions(jobs=approval_defs.jobs, sensors=approval_defs.sensors,
-                       resources=local_resources()).get_repository_def()
+                       resources=resources_for(local)).get_repository_def()
     assert set(repo.job_names) >= {"execute_rebalance", "notify_recommendation"}
     sensors = {s.name: s for s in repo.sensor_defs}
     assert sensors["approval_decisions"].minimum_interval_seconds == 30
     assert sensors["approval_escalations"].minimum_interval_seconds == 300
-    assert notification_path("reminder:x").parent == tmp_path / "outbox" / "notifications"
+    assert outbox.notification_path(local.outbox_root(), "reminder:x").parent == tmp_path / "outbox" / "notifications"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from rebal_pipeline import settings
 from rebal_pipeline.comms.smtp import make_message_id
-from rebal_pipeline.defs.approvals.jobs import notification_path
+from rebal_pipeline.workflow import outbox
 from rebal_pipeline.workflow.schema import messages
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, package, publish
 from rebal_pipeline_tests.approvals.conftest import store  # noqa: F401 (fixture: SQLite and Postgres)
@@ -32,6 +32,12 @@ REMINDER_KEY = f"reminder:account:{ACCOUNT}:rebalance:{PUBLISHED_AT.isoformat()}
 
 def outbox_folder():
     return settings.rebal_home() / "outbox" / "notifications"
+
+
+def notification_path(notification_key: str):
+    """Where the approval run writes a notification's copy for people (workflow/outbox.py), in the
+    outbox of the REBAL_HOME the daemon fixture set for the runs."""
+    return outbox.notification_path(settings.outbox_root(), notification_key)
 
 
 def test_a_reminder_recorded_in_the_store_is_emailed_once_with_no_outbox_file(store, daemon, smtp_peer):

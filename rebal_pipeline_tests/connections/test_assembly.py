@@ -54,6 +54,7 @@ def read(path):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
+    # assemble_feed reads the parts and the firm's reference files under REBAL_HOME (connections/).
     monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
     reference = tmp_path / "home" / "reference" / "example-ria"
     reference.mkdir(parents=True)

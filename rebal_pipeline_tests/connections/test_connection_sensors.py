@@ -18,6 +18,7 @@ from rebal_pipeline_tests.feedkit import AS_OF
 
 
 def test_a_complete_feed_folder_launches_the_scan_for_its_date_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    # feed_arrivals reads the feed root from the environment at each tick (defs/connections/sensors.py).
     monkeypatch.setenv("REBAL_FEED_ROOT", str(tmp_path / "feeds"))
     (tmp_path / "feeds" / "not-a-date").mkdir(parents=True)
     generate_feed(SandboxConfig(as_of=AS_OF, households=3, seed=1), tmp_path / "feeds")
@@ -35,6 +36,8 @@ def test_a_complete_feed_folder_launches_the_scan_for_its_date_once_and_again_wh
 
 
 def test_new_files_on_the_sftp_server_launch_one_pull_which_translates_them(tmp_path, monkeypatch):
+    # The sensor and the pull run read REBAL_HOME (reference files, inbound parts), the feed root and
+    # REBAL_CONNECTIONS from the environment when they run (defs/connections, connections/).
     monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("REBAL_FEED_ROOT", str(tmp_path / "feeds"))
     generate_feed(SandboxConfig(as_of=AS_OF, households=5, seed=3), tmp_path / "book")
@@ -45,7 +48,7 @@ def test_new_files_on_the_sftp_server_launch_one_pull_which_translates_them(tmp_
     for name in REFERENCE_FILES:
         shutil.copyfile(canonical / FEED_FILES[name].filename, reference / FEED_FILES[name].filename)
     host, client = make_ed25519(), make_ed25519()
-    monkeypatch.setenv("REBAL_TEST_SFTP_KEY", str(client.write(tmp_path / "id_ed25519")))
+    monkeypatch.setenv("REBAL_TEST_SFTP_KEY", str(client.write(tmp_path / "id_ed25519")))  # named by the connection
     with SftpTestServer(tmp_path / "custodian", host_key=host.pkey, client_key=client.pkey) as server:
         (tmp_path / "known_hosts").write_text(server.known_hosts_line() + "\n")
         (tmp_path / "connections.yaml").write_text(

@@ -55,6 +55,8 @@ class Firm:
 
     def __init__(self, root, monkeypatch, expires_in=3600):
         self.root = root
+        # The connection sensors and jobs read these from the environment when they run
+        # (defs/connections, connections/); the connections name their secrets by variable.
         monkeypatch.setenv("REBAL_HOME", str(root / "home"))
         monkeypatch.setenv("REBAL_FEED_ROOT", str(root / "feeds"))
         monkeypatch.setenv("REBAL_TOKEN_KEY", Fernet.generate_key().decode())

@@ -41,7 +41,7 @@ def test_nothing_is_late_before_the_deadline_on_a_weekend_or_when_the_folder_is_
 def test_a_custodian_connection_is_late_for_its_own_part_even_when_another_delivered(tmp_path, monkeypatch):
     from rebal_pipeline.connections.config import SftpSettings, part_dir
 
-    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))  # part_dir (connections/config.py) reads it
     sftp = SftpSettings(host="h", username="u", private_key_file_env="K", known_hosts_file="k")
     schwab, pershing = (Connection(name=f"{d}-main", firm="example-ria", custodian=d, dialect=d, kind="sftp",
                                    sftp=sftp) for d in ("schwab", "pershing"))
@@ -80,6 +80,7 @@ def test_the_sensor_raises_the_alert_once_across_ticks(store, tmp_path, monkeypa
     (tmp_path / "connections.yaml").write_text(
         "connections:\n  - {name: schwab-main, firm: example-ria, custodian: schwab, dialect: canonical,"
         " kind: drop_folder, expected_by: '07:30'}\n")
+    # The sensor reads both from the environment at each tick (defs/connections/sensors.py).
     monkeypatch.setenv("REBAL_CONNECTIONS", str(tmp_path / "connections.yaml"))
     monkeypatch.setenv("REBAL_FEED_ROOT", str(tmp_path / "feeds"))
     with store.begin() as conn:

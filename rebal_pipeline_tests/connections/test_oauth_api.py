@@ -136,7 +136,7 @@ def custodian():
 @pytest.fixture
 def key(monkeypatch):
     k = Fernet.generate_key().decode()
-    monkeypatch.setenv("REBAL_TOKEN_KEY", k)
+    monkeypatch.setenv("REBAL_TOKEN_KEY", k)  # connections/oauth_api.py reads the token key from the environment
     return k
 
 

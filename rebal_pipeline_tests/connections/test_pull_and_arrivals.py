@@ -45,7 +45,7 @@ def test_an_api_day_is_due_from_its_available_from_time_the_next_morning(tmp_pat
 
 
 def test_one_pull_per_retry_slot_and_none_while_a_reauthorization_is_awaited(store, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))  # connections/ reads the inbound parts' folder there
     connection = api_connection(tmp_path)
     with store.begin() as conn:
         [due], quiet = arrivals.api_pulls_due(conn, [connection], TUESDAY_0500)
@@ -75,7 +75,7 @@ def test_one_pull_per_retry_slot_and_none_while_a_reauthorization_is_awaited(sto
 
 
 def test_an_api_day_not_published_yet_is_named_in_the_quiet_lines(store, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))  # connections/ reads the inbound parts' folder there
     with store.begin() as conn:
         assert arrivals.api_pulls_due(conn, [api_connection(tmp_path)], datetime(2026, 11, 24, 4, 0, tzinfo=NY)) == (
             [], ["fidelity-api: not published yet"])

@@ -164,7 +164,8 @@ def test_part_longer_than_remote_starts_over(tmp_path, server, keys):
 
 
 def test_second_pull_fetches_nothing(tmp_path, server, keys, monkeypatch):
-    # this one authenticates with a passphrase-protected key held in an env variable
+    # this one authenticates with a passphrase-protected key held in an env variable (the source
+    # names its variables: the environment is the interface)
     client = make_ed25519(passphrase="s3cret")
     server.client_key = client.pkey
     monkeypatch.setenv("CUST_SFTP_KEY", client.private_openssh)

@@ -19,6 +19,7 @@ from rebal_pipeline_tests.feedkit import AS_OF
 @pytest.mark.parametrize("dialect", ["schwab", "fidelity", "pershing"])
 def test_a_custodian_delivery_over_sftp_reaches_the_daily_scan(dialect, workspace, dagster_instance, tmp_path,
                                                                 monkeypatch):
+    # pull_and_convert reads the firm's reference files and parts under REBAL_HOME (connections/).
     monkeypatch.setenv("REBAL_HOME", str(tmp_path / "home"))
     generate_feed(SandboxConfig(as_of=AS_OF, households=20, seed=1), tmp_path / "book")
     canonical = tmp_path / "book" / AS_OF.isoformat()
@@ -29,7 +30,7 @@ def test_a_custodian_delivery_over_sftp_reaches_the_daily_scan(dialect, workspac
     for name in REFERENCE_FILES:
         shutil.copyfile(canonical / FEED_FILES[name].filename, reference / FEED_FILES[name].filename)
     host, client = make_ed25519(), make_ed25519()
-    monkeypatch.setenv("REBAL_TEST_SFTP_KEY", str(client.write(tmp_path / "id_ed25519")))
+    monkeypatch.setenv("REBAL_TEST_SFTP_KEY", str(client.write(tmp_path / "id_ed25519")))  # named by the connection
 
     with SftpTestServer(custodian, host_key=host.pkey, client_key=client.pkey) as server:
         known_hosts = tmp_path / "known_hosts"

@@ -29,7 +29,8 @@ from rebal_pipeline.defs.approvals.jobs import execute_rebalance
 from rebal_pipeline.defs.approvals.sensors import approval_decisions
 from rebal_pipeline.comms.waiting import executed_decisions
 from rebal_pipeline.execution import submit
-from rebal_pipeline.resources import FixSessionResource, Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import Warehouse, WorkflowStoreResource
+from rebal_pipeline.settings import RebalSettings, load_settings
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageBand, PackageRestriction, PackageTrade, RecommendationPackage, TradeRules,
@@ -40,6 +41,7 @@ from rebal_pipeline.workflow.schema import (
 from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals import conftest
 from rebal_pipeline_tests.approvals.conftest import store  # noqa: F401 (fixture)
+from rebal_pipeline_tests.approvals.test_gate import run_resources
 from rebal_pipeline_tests.factories import DESK, USERS
 
 AS_OF = date(2026, 11, 20)  # Friday
@@ -94,6 +96,7 @@ def publish(store, *packages, as_of=AS_OF, now=PUBLISHED_AT, realized_gain=100.0
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
+    # The approval run's ops write their outbox files under REBAL_HOME, read when they run.
     monkeypatch.setenv("REBAL_HOME", str(tmp_path / "rebal_home"))
     for name in (submit.AUTO_SUBMIT_ENV, submit.TRADING_DESK_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -163,11 +166,11 @@ def detail(api, user, rec_id) -> dict:
     return response.json()
 
 
-def run(store, warehouse, instance, decision_id):
+def run(store, warehouse, instance, decision_id, rebal_settings: RebalSettings | None = None):
+    """execute_rebalance for the decision; its execution settings from `rebal_settings` (default: none set)."""
     result = execute_rebalance.execute_in_process(
         run_config={"ops": {"approval_gate": {"config": {"decision_id": decision_id}}}}, instance=instance,
-        resources={"workflow_store": WorkflowStoreResource(url=store.url), "warehouse": warehouse,
-                   "fix_session": FixSessionResource()},
+        resources=run_resources(store, warehouse, rebal_settings),
         raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     return result.output_for_node("approval_gate", "verdict")
@@ -345,13 +348,13 @@ def test_a_gate_refusal_returns_the_recommendation_to_its_decider_with_the_reaso
 MICRO = [trade("ACC-3", "VTI", "sell", 10), trade("ACC-3", "BND", "buy", 18)]  # $1,000 / $900: a micro-trade
 
 
-def test_republishing_the_day_with_corrected_prices_after_submission_trades_once(store, wh, instance, home, monkeypatch):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
+def test_republishing_the_day_with_corrected_prices_after_submission_trades_once(store, wh, instance, home):
+    auto_submit = load_settings({submit.AUTO_SUBMIT_ENV: "true"})
     result = publish(store, make_package("M-1", "ACC-3", MICRO, discretionary=True), realized_gain=0.0)
     assert result.auto_approved == 1
     [request] = sensor_runs(store, instance)
-    assert run(store, wh, instance, request.run_config["ops"]["approval_gate"]["config"]["decision_id"]
-               )["verdict"] == "passed"
+    assert run(store, wh, instance, request.run_config["ops"]["approval_gate"]["config"]["decision_id"],
+               auto_submit)["verdict"] == "passed"
     assert status(store, "M-1") == "executed"  # every order submitted to the custodian drop
 
     # The custodian re-sends Friday with corrected prices: the day is re-published.
@@ -451,7 +454,7 @@ def test_orders_cancel_releases_the_account(store, api, wh, instance, home, monk
                    now=PUBLISHED_AT + timedelta(days=3)).held == 1
     assert status(store, "R-2") == "blocked_by_open_orders"
 
-    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", store.url)
+    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", store.url)  # the environment is the CLI's interface
     # Only the desk (or operations) cancels.
     assert cli.main(["orders-cancel", "--decision", decision_id, "--by", "ADV-1", "--reason", "wrong"]) == 1
     assert "not an active trading-desk or operations user" in capsys.readouterr().err
@@ -477,7 +480,7 @@ def test_orders_seen_filled_release_the_account_and_the_desk_confirms_execution(
     publish(store, make_package("R-1", "ACC-1", REBALANCE))
     decision_id = decide(api, "ADV-1", "R-1", action="approve", reason="go").json()["decision"]["decision_id"]
     assert run(store, wh, instance, decision_id)["verdict"] == "passed"
-    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", store.url)
+    monkeypatch.setenv("REBAL_WORKFLOW_DB_URL", store.url)  # the environment is the CLI's interface
     assert cli.main(["orders-executed", "--decision", decision_id, "--by", "DESK-1"]) == 0
     assert status(store, "R-1") == "executed"
     # Monday's holdings show both lines done: 46 - 10 = 36 VTI, 60 + 18 = 78 BND.

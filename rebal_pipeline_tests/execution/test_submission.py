@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from rebal_pipeline.defs.approvals import jobs
 from rebal_pipeline.execution import submit
+from rebal_pipeline.settings import load_settings
 from rebal_pipeline.tickets import dialect_for, load_fix44, read_fix_file
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.package import PackageBand, RecommendationPackage
@@ -41,6 +42,9 @@ SECURITIES = [("VTI", "922908769", "etf", False), ("BND", "921937827", "etf", Fa
 PRICES = {"VTI": 100.0, "BND": 50.0, "VBTLX": 9.70, "CASH": 1.0}
 CLASSES = {"VTI": "equity", "BND": "fixed_income", "VBTLX": "fixed_income", "CASH": "cash"}
 STAGED_BY = "trading_desk"
+# The deployment's REBAL_AUTO_SUBMIT_DISCRETIONARY, as the run's execution resource carries it.
+AUTO_SUBMIT_ON = load_settings({submit.AUTO_SUBMIT_ENV: "true"})
+AUTO_SUBMIT_OFF = load_settings({submit.AUTO_SUBMIT_ENV: "false"})
 
 
 @pytest.fixture(autouse=True)
@@ -201,11 +205,10 @@ def test_approved_orders_are_staged_for_the_desk_by_default_and_parse_back(store
 
 
 def test_discretionary_orders_go_to_the_custodian_drop_only_when_auto_submit_is_on(store, book, instance,
-                                                                                  outbox_home, monkeypatch):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
+                                                                                  outbox_home):
     decision_id = approved_household(store)
 
-    result = run_gate(store, book, instance, decision_id)
+    result = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
 
     assert result.success
     # ACC-3 (discretionary, Fidelity) is submitted: its file is in Fidelity's drop, not in the desk's folder.
@@ -230,15 +233,14 @@ def test_discretionary_orders_go_to_the_custodian_drop_only_when_auto_submit_is_
     assert chain(store).ok
 
 
-def test_rerunning_the_job_stages_and_submits_nothing_twice(store, book, instance, outbox_home, monkeypatch):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
+def test_rerunning_the_job_stages_and_submits_nothing_twice(store, book, instance, outbox_home):
     decision_id = approved_household(store)
-    assert run_gate(store, book, instance, decision_id).success
+    assert run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success
     outbox = tree(outbox_home / "outbox")
     times = {p: p.stat().st_mtime_ns for p in (outbox_home / "outbox").rglob("*")}
     rows, events = submission_rows(store), order_events(store)
 
-    again = run_gate(store, book, instance, decision_id)
+    again = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
 
     assert again.success
     output = stage_output(again)
@@ -254,7 +256,6 @@ def test_rerunning_the_job_stages_and_submits_nothing_twice(store, book, instanc
 @pytest.mark.parametrize("crash_after", ["staged", "submitted"])
 def test_a_crash_between_writing_and_recording_is_finished_exactly_once_by_the_rerun(
         store, book, instance, outbox_home, monkeypatch, crash_after):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
     decision_id = approved_household(store)
 
     def crash(destination):
@@ -262,7 +263,7 @@ def test_a_crash_between_writing_and_recording_is_finished_exactly_once_by_the_r
             raise RuntimeError("the process died here")
     monkeypatch.setattr(jobs, "after_delivery", crash)
 
-    crashed = run_gate(store, book, instance, decision_id)
+    crashed = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
 
     assert not crashed.success
     dropped = submitted_dir(outbox_home, "fidelity") / f"fidelity_orders_20261123_{decision_id}.csv"
@@ -273,7 +274,7 @@ def test_a_crash_between_writing_and_recording_is_finished_exactly_once_by_the_r
     assert len(submission_rows(store)) == 6  # every order recorded before the first file was written
 
     monkeypatch.setattr(jobs, "after_delivery", None)
-    rerun = run_gate(store, book, instance, decision_id)
+    rerun = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
 
     assert rerun.success
     output = stage_output(rerun)
@@ -291,23 +292,21 @@ def test_a_crash_between_writing_and_recording_is_finished_exactly_once_by_the_r
     assert chain(store).ok
 
     # And once more: still one of everything.
-    assert run_gate(store, book, instance, decision_id).success
+    assert run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success
     assert tree(outbox_home / "outbox") == files and len(order_events(store)) == 6
 
 
 def test_an_order_left_pending_is_not_rerouted_when_the_policy_changes_before_the_rerun(
         store, book, instance, outbox_home, monkeypatch):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
     decision_id = approved_household(store)
     monkeypatch.setattr(jobs, "after_delivery", lambda destination: (_ for _ in ()).throw(RuntimeError("crash")))
-    assert not run_gate(store, book, instance, decision_id).success
+    assert not run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success
     monkeypatch.setattr(jobs, "after_delivery", None)
     before = tree(outbox_home / "outbox")
 
     # Auto-submit switched off between the crash and the re-run: ACC-3's orders were recorded as
     # submissions; staging them now would make them different orders. Nothing is written.
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "false")
-    refused = run_gate(store, book, instance, decision_id)
+    refused = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_OFF)
 
     assert not refused.success
     failure = next(e for e in refused.all_node_events if e.is_failure)
@@ -316,18 +315,16 @@ def test_an_order_left_pending_is_not_rerouted_when_the_policy_changes_before_th
     assert tree(outbox_home / "outbox") == before
     assert {r["status"] for r in submission_rows(store)} == {"pending"} and order_events(store) == []
 
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
-    assert run_gate(store, book, instance, decision_id).success
+    assert run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success
     assert {r["status"] for r in submission_rows(store)} == {"done"} and len(order_events(store)) == 6
 
 
-def test_a_refused_gate_verdict_stages_and_submits_nothing(store, book, instance, outbox_home, monkeypatch):
-    monkeypatch.setenv(submit.AUTO_SUBMIT_ENV, "true")
+def test_a_refused_gate_verdict_stages_and_submits_nothing(store, book, instance, outbox_home):
     publish(store, package())
     decision_id = decide(store, "REC-1", ADVISOR, "approve")["decision_id"]
     write_holdings(book, NEXT_SESSION, {"VTI": 5, "BND": 60, "CASH": 6500})  # the sell of 10 VTI no longer fits
 
-    result = run_gate(store, book, instance, decision_id)
+    result = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
 
     assert result.success and result.output_for_node("approval_gate", "verdict")["verdict"] == "refused"
     skipped = {e.node_name for e in result.all_node_events if e.event_type_value == "STEP_SKIPPED"}

@@ -38,8 +38,9 @@ After the hand-off, two ops turn the approved trades into orders (rebal_pipeline
   build_order_tickets     the decision and its approved trades (store) + the reference data of the
                           gate's trading day (warehouse: stg_feed_securities, stg_feed_accounts,
                           latest as_of on or before it) → orders and blocks placed at the gate's
-                          time, each routed `staged` or `submitted`
-                          (REBAL_AUTO_SUBMIT_DISCRETIONARY, default false: all staged)
+                          time, each routed `staged` or `submitted` (its `execution`
+                          resource: REBAL_AUTO_SUBMIT_DISCRETIONARY, default false: all staged;
+                          REBAL_TRADING_DESK_ID, who places staged orders)
   stage_or_submit_orders  the exactly-once protocol of execution/submit.py (wf_submissions rows
                           pending → files → done + audit events):
   <REBAL_HOME>/outbox/staged/<decision_id>/orders.fix + <custodian>_orders_<YYYYMMDD>.<csv|txt>
@@ -68,15 +69,13 @@ from rebal_pipeline.core.clock import utc, utc_now
 from rebal_pipeline.core.pii import masker
 from rebal_pipeline.core.write_once import remove_abandoned_temps
 from rebal_pipeline.execution import submit
-from rebal_pipeline.resources import WAREHOUSE_POOL, FixSessionResource, Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import (
+    WAREHOUSE_POOL, AuditResource, ExecutionResource, FeedLocation, FixSessionResource, Warehouse,
+    WorkflowStoreResource, settings_of,
+)
 from rebal_pipeline.workflow import anchoring, gate, ledger, outbox, ticketing
 
 GATE_VERDICT_TAG = "rebal/gate_verdict"
-
-
-def notification_path(notification_key: str):
-    """The copy for people of a notification, in the deployment's outbox (workflow/outbox.py)."""
-    return outbox.notification_path(settings.outbox_root(), notification_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,11 +183,20 @@ after_delivery: Callable[[submit.Destination], None] | None = None
                 "staging (trading desk) or submission (discretionary, when auto-submit is on).",
     pool=WAREHOUSE_POOL, retry_policy=WAREHOUSE_READ_RETRY)
 def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_store: WorkflowStoreResource,
-                        warehouse: Warehouse):
+                        warehouse: Warehouse, execution: ExecutionResource):
     decision_id = prepared
     try:
+        # The run's execution settings (resources_for chose them), validated: a malformed value
+        # fails the step at once, naming the variable; no retry can fix it.
+        chosen = settings_of(execution)
+        auto_submit, desk_id = submit.auto_submit_discretionary(chosen), submit.trading_desk_id(chosen)
+    except settings.SettingsError as exc:
+        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: {exc}",
+                      allow_retries=False) from None
+    try:
         with workflow_store.open() as store:
-            result = ticketing.order_tickets(store, warehouse.connect, decision_id)
+            result = ticketing.order_tickets(store, warehouse.connect, decision_id, auto_submit=auto_submit,
+                                             desk_id=desk_id)
     except ticketing.WarehouseUnreadable as exc:  # retried by WAREHOUSE_READ_RETRY
         raise Failure(description=str(exc)) from None
     except ticketing.TicketsRefused as exc:
@@ -242,12 +250,17 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
 
 
 @op(ins={"after": In(Nothing)}, description="Verify the audit chain and anchor its head outside the database.")
-def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource) -> dict:
-    # Jobs launched for one decision carry no feed resource: the archive is the deployment's
-    # (REBAL_ARCHIVE_ROOT), the same folder the feed resource is built from (resources.py).
+def anchor_audit_chain(context: OpExecutionContext, workflow_store: WorkflowStoreResource, feed: FeedLocation,
+                       audit: AuditResource) -> dict:
+    # The archive is the feed resource's (the daily audit_anchor asset anchors there too); the keys
+    # and REBAL_AUDIT_ANCHOR_DIR are the audit resource's, validated here.
+    try:
+        audit_settings = settings_of(audit)
+    except settings.SettingsError as exc:
+        raise Failure(description=f"the audit chain was not anchored: {exc}", allow_retries=False) from None
     with workflow_store.open() as store, store.begin() as conn:
         try:
-            document = anchoring.anchor_chain(conn, utc_now(), settings.archive_root())
+            document = anchoring.anchor_chain(conn, utc_now(), feed.archive_root, audit_settings)
         except anchoring.AnchorRefused as refused:
             raise Failure(description=str(refused)) from None
     summary = anchoring.anchor_summary(document)

@@ -18,9 +18,10 @@ approval_escalations (every 5 min)
     again. The run records the notification exactly once (`record_notification`, unique key)
     and writes the mailer's outbox file. Cursor: the time of the last evaluation (informational).
 
-    Hours: `lifecycle.lifecycle_policy` (the drift policy's approval section, overridden by the
-    settings' REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS, read at each tick in the code
-    server's environment), or a `policy` given to the factory.
+    Hours: `lifecycle.lifecycle_policy` (the approval section of the drift policy that the
+    `drift_policy_source` resource names, overridden by the `approval_clock` resource's
+    REBAL_REMINDER_HOURS / REBAL_ESCALATION_HOURS; resources_for builds both from the settings the
+    code location loaded with), or a `policy` given to the factory.
 
 The clock seam: both sensors are built by factories taking `clock` (a function returning an aware
 datetime; default: the wall clock in UTC). Production uses the module-level sensors built with
@@ -37,10 +38,9 @@ from typing import Callable
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
 
-from rebal_pipeline import settings
 from rebal_pipeline.core.clock import utc, utc_now
 from rebal_pipeline.defs.approvals.jobs import NotificationConfig, execute_rebalance, notify_recommendation
-from rebal_pipeline.resources import WorkflowStoreResource
+from rebal_pipeline.resources import ApprovalClockResource, DriftPolicySource, WorkflowStoreResource, settings_of
 from rebal_pipeline.workflow import approval_watch, lifecycle
 
 Clock = Callable[[], datetime]
@@ -109,9 +109,11 @@ def build_approval_escalations_sensor(clock: Clock = utc_now, policy: lifecycle.
         description="24h reminders, 48h escalations to compliance and weekly digests of base-tier "
                     "recommendations, once each. run_key = the notification key.",
     )
-    def _approval_escalations(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+    def _approval_escalations(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource,
+                              approval_clock: ApprovalClockResource, drift_policy_source: DriftPolicySource):
         now = utc(clock())
-        rules = policy or lifecycle.lifecycle_policy(rebal_settings=settings.current())
+        rules = policy or lifecycle.lifecycle_policy(
+            rebal_settings=settings_of(approval_clock, drift_policy_source=drift_policy_source))
         with workflow_store.open() as store, store.begin() as conn:
             due, digests = approval_watch.notifications_due(conn, now, rules)
         requests = [notification_run_request(NotificationConfig(

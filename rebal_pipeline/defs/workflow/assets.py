@@ -11,10 +11,11 @@ from datetime import date
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, asset
 
-from rebal_pipeline import settings
 from rebal_pipeline.core.clock import utc_now
 from rebal_pipeline.partitions import daily_partitions
-from rebal_pipeline.resources import WAREHOUSE_POOL, DriftPolicySource, Warehouse, WorkflowStoreResource
+from rebal_pipeline.resources import (
+    WAREHOUSE_POOL, ApprovalClockResource, DriftPolicySource, Warehouse, WorkflowStoreResource, settings_of,
+)
 from rebal_pipeline.workflow import lifecycle, publishing
 
 
@@ -28,11 +29,13 @@ from rebal_pipeline.workflow import lifecycle, publishing
     pool=WAREHOUSE_POOL,
 )
 def pending_recommendations(context: AssetExecutionContext, warehouse: Warehouse,
-                            workflow_store: WorkflowStoreResource, drift_policy_source: DriftPolicySource):
+                            workflow_store: WorkflowStoreResource, drift_policy_source: DriftPolicySource,
+                            approval_clock: ApprovalClockResource):
     """The day's recommendations in the workflow store, waiting for the advisor's decision."""
     as_of = date.fromisoformat(context.partition_key)
     drift_policy = drift_policy_source.load()
-    policy = lifecycle.lifecycle_policy(drift_policy, settings.current())
+    # The reminder / escalation hours the escalation sensor uses too (the approval_clock resource).
+    policy = lifecycle.lifecycle_policy(drift_policy, settings_of(approval_clock))
     with warehouse.connect() as con:
         with workflow_store.open() as store, store.begin() as conn:
             today, result = publishing.publish_recommendations(
