@@ -15,7 +15,7 @@ NY = ZoneInfo("America/New_York")
 def test_definitions_load_with_job_schedule_and_checks():
     repo = defs.get_repository_def()
     assert repo.has_job("daily_drift_scan")
-    assert {s.name for s in repo.schedule_defs} == {"daily_drift_at_market_close"}
+    assert {s.name for s in repo.schedule_defs} == {"daily_drift_at_market_close", "supervisory_report_schedule"}
     checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
     assert {"holdings_priced_nonnegative_and_reconciled", "weights_sum_to_one_per_scope"} <= checks
 

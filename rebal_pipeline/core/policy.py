@@ -103,6 +103,14 @@ class ApprovalRule(_Strict):
         return self
 
 
+class SupervisionRule(_Strict):
+    """The supervisory review report for the chief compliance officer (rebal_pipeline/supervision):
+    how often the scheduled report covers the period just ended (weekly: Monday to Sunday;
+    monthly: the calendar month; quarterly: the calendar quarter, in the firm's time zone)."""
+
+    frequency: Literal["weekly", "monthly", "quarterly"] = "weekly"
+
+
 class DriftPolicy(_Strict):
     version: str = Field(min_length=1)
     effective_from: date
@@ -114,6 +122,7 @@ class DriftPolicy(_Strict):
     tax: TaxRule = TaxRule()
     household_location: HouseholdLocationRule = HouseholdLocationRule()
     approval: ApprovalRule = ApprovalRule()
+    supervision: SupervisionRule = SupervisionRule()
     content_sha256: str = ""
 
     @model_validator(mode="after")
