@@ -71,6 +71,7 @@ class RebalSettings(BaseSettings):
     link_secret_value: SecretStr | None = _var("REBAL_LINK_SECRET")
     link_ttl_hours: float = _var("REBAL_LINK_TTL_HOURS", 72.0, gt=0)
     public_url: str | None = _var("REBAL_PUBLIC_URL")
+    portal_idle_minutes: float = _var("REBAL_PORTAL_IDLE_MINUTES", 30.0, gt=0)
 
     # --- the approval clock (override the drift policy's approval section) -----------------------
     reminder_hours: float | None = _var("REBAL_REMINDER_HOURS", gt=0)

@@ -14,8 +14,15 @@ by a route left out of the OpenAPI document that shares the JSON route's decisio
 errors as HTML pages with the same status and message. API clients see the JSON described above.
 The review link's page also offers a quantities form (when its advisor may decide): posted, it is a
 `modify` decision via the link, recorded once per review link (the link id in `used_links`).
+
+Under /portal the same app serves the review portal (routers/portal_pages.py, left out of the
+OpenAPI document): sign-in by an emailed single-use link, a session cookie, the review queue, the
+package page, batch review sessions, the compliance and operations views. Its decisions go through
+the same `_decide` (via=portal); its settings are `signin.PortalSettings` (`portal_settings`).
 """
 
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -32,16 +39,22 @@ from rebal_pipeline.approval_api.errors import (
 from rebal_pipeline.approval_api.request_body import (
     BodyRefused, StrictJSONRoute, declared_too_large, limited_receive, too_large,
 )
-from rebal_pipeline.approval_api.routers import decisions, health, links, recommendations
+from rebal_pipeline.approval_api.routers import decisions, health, links, portal_pages, recommendations
+from rebal_pipeline.approval_api.signin import PortalSettings
 from rebal_pipeline.core.clock import utc_now as utcnow
+from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
 from rebal_pipeline.workflow.store import WorkflowStore
 
 log = logging.getLogger("rebal.approval_api")
 
 def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], datetime] = utcnow,
-               link_ttl: timedelta = timedelta(hours=72)) -> FastAPI:
+               link_ttl: timedelta = timedelta(hours=72), portal_settings: PortalSettings | None = None,
+               policy: LifecyclePolicy | None = None) -> FastAPI:
     """The approval API over a (migrated) workflow store. link_secret signs one-click links;
-    link_ttl is how long the links this app issues (`app.state.issue_links`) stay valid."""
+    link_ttl is how long the links this app issues (`app.state.issue_links`) stay valid.
+    portal_settings: the review portal's (signin.PortalSettings: public URL, SMTP relay, idle
+    timeout; `app.state.portal`); policy: the lifecycle policy the portal's escalation clock
+    shows (default: lifecycle_policy(), read when first needed)."""
     link_tokens.check_secret(link_secret)
     secret = bytes(link_secret)
 
@@ -60,6 +73,11 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     app.state.store = store
     app.state.clock = clock
     app.state.link_ttl = link_ttl
+    app.state.portal = portal_settings or PortalSettings()
+    app.state.lifecycle_policy = policy
+    # The portal's sign-in forms are bound to their cookie with a key of its own, derived from the
+    # link secret (the secret itself is not kept on the app).
+    app.state.portal_secret = hmac.new(secret, b"rebal-portal-sign-in", hashlib.sha256).digest()
     app.state.issue_links = lambda recommendation_id, advisor_id, actions=link_tokens.LINK_ACTIONS: (
         link_tokens.issue_links(secret, recommendation_id, advisor_id, clock(), link_ttl, tuple(actions)))
 
@@ -69,6 +87,7 @@ def create_app(store: WorkflowStore, link_secret: bytes, clock: Callable[[], dat
     app.include_router(recommendations.router)
     app.include_router(decisions.router)
     app.include_router(links.links_router(store, secret, clock))
+    app.include_router(portal_pages.portal_router())
     app.add_middleware(_Guard)
     return app
 
@@ -152,7 +171,24 @@ def build_app_from_env(migrate: bool = True, rebal_settings: settings.RebalSetti
     store = WorkflowStore(rebal_settings.workflow_db_url())
     if migrate:
         store.migrate()
-    return create_app(store, secret)
+    return create_app(store, secret, portal_settings=portal_settings_from(rebal_settings))
+
+
+def portal_settings_from(rebal_settings: settings.RebalSettings) -> PortalSettings:
+    """The review portal's settings: the SMTP relay of REBAL_SMTP_* (sign-in emails), the URL the
+    sign-in links point to (REBAL_PUBLIC_URL, the API as advisors reach it: no sign-in email
+    without it) and the idle timeout (REBAL_PORTAL_IDLE_MINUTES, default 30)."""
+    from rebal_pipeline.comms.smtp import SmtpConfigError, SmtpSettings
+
+    try:
+        relay = SmtpSettings.from_settings(rebal_settings)
+    except SmtpConfigError:
+        relay = None
+    found = PortalSettings(public_url=rebal_settings.public_url or None, smtp=relay)
+    found.idle_timeout = timedelta(minutes=rebal_settings.portal_idle_minutes)
+    if not found.can_send():
+        log.warning("the review portal cannot email sign-in links (needs a public URL and REBAL_SMTP_*)")
+    return found
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, migrate: bool = True) -> None:

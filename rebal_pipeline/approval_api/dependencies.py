@@ -1,7 +1,8 @@
 """What the routes depend on, resolved per request from the app that create_app built
-(app.state): the workflow store, the clock, and the caller (`current_user`, the one place an API
-token is checked and a role admitted). The path aliases carry the documented patterns and limits
-of a recommendation id and a link token."""
+(app.state): the workflow store, the clock, and the caller — `current_user`, the one place an API
+token is checked; `portal_session`, the one place a review-portal session cookie is; both admitted
+by `admit`, the one role check — and `portal_form`, the portal's one CSRF check of every form.
+The path aliases carry the documented patterns and limits of a recommendation id and a link token."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
 from rebal_pipeline.approval_api import links as link_tokens
+from rebal_pipeline.approval_api import signin
 from rebal_pipeline.approval_api.errors import ApiError
 from rebal_pipeline.approval_api.links import ID_PATTERN
-from rebal_pipeline.workflow import lifecycle
+from rebal_pipeline.workflow import lifecycle, sessions
 from rebal_pipeline.workflow.schema import ROLES
 from rebal_pipeline.workflow.store import WorkflowStore
 
@@ -53,9 +55,56 @@ def current_user(store: Store,
     if user is None:
         log.info("api token refused")
         raise ApiError(401, "the API token is not valid", headers=unauthorised)
+    admit(user)
+    return user
+
+
+def admit(user: dict) -> None:
+    """The one role check of the API and the portal: 403 for a role the approval API does not serve."""
     if user["role"] not in ROLES:
         raise ApiError(403, "your role may not use the approval API")
-    return user
+
+
+# ---------------------------------------------------------------------------------------------
+# The review portal (routers/portal_pages.py): a session cookie instead of an API token
+# ---------------------------------------------------------------------------------------------
+
+
+def portal_session(request: Request, store: Store) -> sessions.Session:
+    """The signed-in person of a portal request: the session cookie's live session (workflow/
+    sessions.py: idle timeout, lifetime, an inactive user's session refused at once), admitted
+    by the same role check as an API token. SessionError(401) sends the browser to sign in."""
+    settings = request.app.state.portal
+    cookie = request.cookies.get(signin.SESSION_COOKIE)
+    with store.begin() as conn:
+        try:
+            session, refused = sessions.read_session(conn, cookie, get_clock(request)(), settings.idle_timeout), None
+        except sessions.SessionError as exc:  # committed: an ended session's row is deleted
+            session, refused = None, exc
+    if refused is not None:
+        raise refused
+    admit(session.user)
+    return session
+
+
+PortalSession = Annotated[sessions.Session, Depends(portal_session)]
+
+
+def require_role(session: sessions.Session, *roles: str) -> None:
+    """A portal page for some roles only (the compliance view, the operations view): 403 for the rest."""
+    if session.user["role"] not in roles:
+        raise ApiError(403, f"this page is for {' and '.join(roles)} only")
+
+
+async def portal_form(request: Request, session: PortalSession) -> dict[str, list[str]]:
+    """The posted form of a signed-in person, after the one CSRF check of the portal: the hidden
+    field `csrf` must be this session's token (403 otherwise, nothing recorded)."""
+    fields = signin.read_fields(await request.body(), request.headers.get("content-type"))
+    signin.check_session_csrf(fields, session.csrf_token)
+    return fields
+
+
+PortalForm = Annotated[dict, Depends(portal_form)]
 
 
 User = Annotated[dict, Depends(current_user)]

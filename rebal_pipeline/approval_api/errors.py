@@ -1,5 +1,7 @@
 """Errors as the client reads them: `{"error": ..., "detail": ...}` JSON (non-ASCII escaped),
-or for a browser on a link URL a portal page with the same status and message. install_error_handlers
+or for a browser on a link URL a portal page with the same status and message; anything under
+/portal (the review portal) is always a page, and a request there without a live session is the
+sign-in page (401, saying why). install_error_handlers
 maps every exception the routes raise (ApiError, DecisionError, LinkError, BodyRefused, validation,
 Starlette HTTP errors, an unreachable store) to that form; the route template, never the raw path
 (link tokens live in URLs), is what gets logged."""
@@ -22,7 +24,9 @@ from rebal_pipeline.approval_api import portal
 from rebal_pipeline.approval_api.links import LinkError
 from rebal_pipeline.approval_api.models import ErrorBody
 from rebal_pipeline.approval_api.request_body import MAX_BODY_BYTES, BodyRefused
+from rebal_pipeline.approval_api.signin import PortalFormError
 from rebal_pipeline.workflow.lifecycle import DecisionError
+from rebal_pipeline.workflow.sessions import SessionError
 
 log = logging.getLogger("rebal.approval_api")
 
@@ -72,6 +76,9 @@ def _error_for(scope: dict, status: int, message: str, detail: Any = None,
                headers: dict[str, str] | None = None) -> Response:
     """An error in the form the client reads: JSON, or for a browser on a link URL (and the
     portal's form) a page with the same status and message."""
+    if portal.is_portal_path(scope):
+        reference = detail.get("request_id") if isinstance(detail, dict) else None
+        return portal.portal_error_page(status, message, headers, reference=reference)
     if portal.html_for(scope):
         reference = detail.get("request_id") if isinstance(detail, dict) else None
         return portal.error_page(status, message, headers, reference=reference)
@@ -91,12 +98,14 @@ def _validation_errors(errors: Any) -> list[dict]:
 
 
 def _route_of(scope: dict) -> str:
-    """The route template (/links/{token}), never the raw path: link tokens live in URLs."""
+    """The route template (/links/{token}), never the raw path: link and sign-in tokens live in URLs."""
     route = scope.get("route")
     template = getattr(route, "path", None)
     if template:
         return template
     path = scope.get("path", "")
+    if path.startswith("/portal/sign-in/"):  # sign-in tokens live in URLs too
+        return "/portal/sign-in/{token}"
     return "/links/{token}" if path.startswith("/links/") else path[:100]
 
 
@@ -143,6 +152,25 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LinkError)
     async def _link_error(request: Request, exc: LinkError):
         return _error_for(request.scope, exc.status, exc.message)
+
+    @app.exception_handler(SessionError)
+    async def _session_over(request: Request, exc: SessionError):
+        # The review portal without a live session: the sign-in page, saying why (401).
+        from rebal_pipeline.approval_api.routers.portal_pages import sign_in_page
+
+        if not portal.is_portal_path(request.scope):
+            return _error_for(request.scope, exc.status, exc.message)
+        return sign_in_page(request, 401, notice=exc.message)
+
+    @app.exception_handler(PortalFormError)
+    async def _portal_form(request: Request, exc: PortalFormError):
+        return _error_for(request.scope, exc.status, exc.message)
+
+    @app.exception_handler(portal.FormError)
+    async def _form_error(request: Request, exc: portal.FormError):
+        message = exc.message if not exc.errors or len(exc.errors) == 1 and exc.errors[0] == exc.message \
+            else f"{exc.message}: {'; '.join(exc.errors)}"
+        return _error_for(request.scope, exc.status, message)
 
     @app.exception_handler(BodyRefused)
     async def _body_refused(request: Request, exc: BodyRefused):

@@ -149,9 +149,19 @@ def is_link_path(scope: Mapping[str, Any]) -> bool:
     return path.startswith("/links/")
 
 
+def is_portal_path(scope: Mapping[str, Any]) -> bool:
+    """The review portal's pages (routers/portal_pages.py): /portal and below."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path == "/portal" or path.startswith("/portal/")
+
+
 def html_for(scope: Mapping[str, Any]) -> bool:
     """Whether an answer on this request (an error included) is a page: a link URL opened by a
-    browser, or the portal's form posted back."""
+    browser, or the portal's form posted back; anything under /portal (the review portal)."""
+    if is_portal_path(scope):
+        return True
     return is_link_path(scope) and (wants_html(_header(scope, b"accept")) or is_form_post(scope))
 
 
@@ -465,3 +475,22 @@ def error_page(status: int, message: str, headers: Mapping[str, str] | None = No
     title = _ERROR_TITLES.get(status, "Something went wrong" if status >= 500 else "This request cannot be completed")
     return _page("error.html.j2", status, headers, status=status, title=title, message=message,
                  reference=reference)
+
+
+_PORTAL_ERROR_TITLES = {
+    **_ERROR_TITLES,
+    401: "This sign-in link cannot be used",
+    403: "Not allowed",
+    410: "This sign-in link has already been used",
+}
+
+
+def portal_error_page(status: int, message: str, headers: Mapping[str, str] | None = None,
+                      reference: str | None = None) -> HTMLResponse:
+    """An error of the review portal (/portal/...): status, message, and the way back."""
+    title = _PORTAL_ERROR_TITLES.get(status, "Something went wrong" if status >= 500
+                                     else "This request cannot be completed")
+    # Without the session here: the bar shows no name (the page may answer a stranger).
+    return _page("portal/error.html.j2", status, {k: v for k, v in (headers or {}).items()}, status=status,
+                 title=title, message=message, reference=reference, me=None, csrf="", section="",
+                 idle_minutes=30)

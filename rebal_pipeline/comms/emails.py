@@ -27,7 +27,8 @@ Emails:
 - `weekly_digest`        — base tier: one email listing several recommendations with review links;
 - `client_confirmation`  — after execution, "simple" or "detailed" (per firm/household setting);
 - `operations_alert`     — to operations: what happened (late files, a connection to re-authorize),
-                           the connection, as-of date and details, and what to do.
+                           the connection, as-of date and details, and what to do;
+- `sign_in`              — the portal's single-use, expiring sign-in link (one button).
 """
 
 from __future__ import annotations
@@ -651,4 +652,20 @@ def operations_alert(*, alert: str, summary: str, raised_at: datetime, sender: s
                  "why": guidance.get("why"), "steps": guidance.get("steps") or _GENERIC_STEPS,
                  "recipient_name": recipient_name},
         reference=reference,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The portal's sign-in link (workflow/sessions.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def sign_in(*, link: str, expires_at: datetime, sender: str, to: str, message_id: str,
+            recipient_name: str | None = None) -> EmailMessage:
+    """The portal's sign-in email: one button (the single-use, expiring link) and when it expires.
+    Opening the link changes nothing; the page it opens has the button that signs in."""
+    _check_links({"review": link}, ())  # the same rule as the alert's links: https (http to a local server)
+    return _assemble(
+        template="sign_in", subject="Your rebal sign-in link", sender=sender, to=to, message_id=message_id,
+        context={"link": link, "expires_at": expires_at, "recipient_name": recipient_name},
     )

@@ -252,3 +252,30 @@ account_locks = Table(
     "wf_account_locks", metadata,
     Column("account_id", String(64), primary_key=True),
 )
+
+# ---- The portal's sign-in (issue 16, migration 0006): sessions and single-use sign-in links ----
+# workflow/sessions.py is the rule. Both tables hold SHA-256 digests of the secrets only (the
+# cookie's session id, the emailed link's token): a leaked table signs nobody in.
+portal_sessions = Table(
+    "wf_portal_sessions", metadata,
+    Column("session_sha256", String(64), primary_key=True),
+    Column("user_id", String(64), nullable=False),
+    # The session's CSRF token: the hidden field of every form the portal serves this session.
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),  # the idle timeout counts from here
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # the absolute lifetime
+    Index("ix_wf_portal_sessions_user", "user_id"),
+)
+
+sign_in_links = Table(
+    "wf_sign_in_links", metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    # Public id of the link: the sign-in email's message key (sign_in:<link_id>), audit events.
+    Column("link_id", String(32), nullable=False, unique=True),
+    Column("user_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),  # set once, by the POST that signs in
+    Index("ix_wf_sign_in_links_user_created", "user_id", "created_at"),
+)

@@ -1,0 +1,354 @@
+"""What the review portal lists, read from the workflow store: the queue, the compliance view, the
+operations view. SQL does the choosing, the filtering, the sorting and the paging (bound
+parameters); Python formats only the rows of the page shown.
+
+The queue:
+- who sees what: authority.may_read's rule written as a WHERE clause (an advisor: their own and
+  their team's recommendations; compliance, operations and the trading desk: every one), so a
+  person is listed exactly what the API would let them read;
+- order: urgency (high, medium, low), then severity — the largest |drift| ÷ band of the
+  package's bands (1.0 = at the band's edge; no band: 0) — largest first, then age (the
+  escalation clock's start, oldest first), then the id;
+- filters: tier, kind (rebalance | harvest), household, status (`open` = pending, deferred or
+  escalated: waiting for a person).
+The severity is computed in SQL from the stored package's `bands` (SQLite json_each, Postgres
+json_array_elements): wf_recommendations has no column for it.
+
+Escalation clock: the time left until the 48h rule (lifecycle_policy().escalation_hours after the
+clock's start) escalates a pending recommendation to compliance; weekly-batch recommendations are
+not chased one by one, deferred ones wait for their date, escalated ones show when.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, case, desc, func, literal_column, or_, select
+
+from rebal_pipeline.approval_api.links import ID_PATTERN
+from rebal_pipeline.approval_api.models import STATUSES
+from rebal_pipeline.comms import emails
+from rebal_pipeline.core.clock import utc
+from rebal_pipeline.workflow import authority, lifecycle
+from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
+from rebal_pipeline.workflow.package import RecommendationPackage
+from rebal_pipeline.workflow.schema import advisor_team, audit_events, notifications, recommendations
+
+PAGE_SIZE = 100
+KINDS = ("rebalance", "harvest")
+STATUS_CHOICES = ("open", *STATUSES)
+_ID = re.compile(ID_PATTERN)
+_TIER = re.compile(r"^[a-z0-9_]{1,32}$")
+_URGENCY_RANK = case({"high": 0, "medium": 1, "low": 2}, value=recommendations.c.urgency, else_=3)
+
+_SEVERITY_SQL = {
+    "sqlite": "(select max(abs(json_extract(b.value, '$.drift')) / nullif(json_extract(b.value, '$.band'), 0)) "
+              "from json_each(wf_recommendations.package, '$.bands') as b)",
+    "postgresql": "(select max(abs((b.value ->> 'drift')::float) / nullif((b.value ->> 'band')::float, 0)) "
+                  "from json_array_elements((wf_recommendations.package)::json -> 'bands') as b)",
+}
+
+
+class QueryError(ValueError):
+    """A filter value the queue does not take (a 422 page naming it)."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str = "open"
+    tier: str = ""
+    kind: str = ""
+    household: str = ""
+    page: int = 1
+
+    def query(self, **changes) -> dict[str, str]:
+        values = {"status": self.status, "tier": self.tier, "kind": self.kind, "household": self.household,
+                  "page": str(self.page), **changes}
+        return {k: v for k, v in values.items() if v and not (k == "page" and v == "1")}
+
+
+def read_filters(params: dict[str, str], default_status: str = "open") -> Filters:
+    """The queue's query string, checked: unknown parameters and bad values are refused (422)."""
+    unknown = sorted(set(params) - {"status", "tier", "kind", "household", "page"})
+    if unknown:
+        raise QueryError(f"unknown filter {unknown[0][:40]!r}; the queue filters on status, tier, kind and household")
+    status = params.get("status", "") or default_status
+    if status not in STATUS_CHOICES:
+        raise QueryError(f"status must be one of: {', '.join(STATUS_CHOICES)}")
+    tier = params.get("tier", "")
+    if tier and not _TIER.match(tier):
+        raise QueryError("tier: lower-case letters, digits and _ only (e.g. standard)")
+    kind = params.get("kind", "")
+    if kind and kind not in KINDS:
+        raise QueryError("kind must be rebalance or harvest")
+    household = params.get("household", "")
+    if household and not _ID.match(household):
+        raise QueryError("household: not a household id (letters, digits, . _ : -)")
+    page_text = params.get("page", "") or "1"
+    if not page_text.isdigit() or not 1 <= int(page_text) <= 10_000:
+        raise QueryError("page must be a whole number from 1 to 10000")
+    return Filters(status=status, tier=tier, kind=kind, household=household, page=int(page_text))
+
+
+def readable_by(user: dict):
+    """authority.may_read as a WHERE clause (see the module docstring)."""
+    r = recommendations.c
+    if user["role"] == "advisor":
+        teams = select(advisor_team.c.advisor_id).where(advisor_team.c.member_user_id == user["user_id"])
+        return or_(r.advisor_id == user["user_id"], r.advisor_id.in_(teams))
+    if user["role"] in ("compliance", "operations", "trading_desk"):
+        return r.recommendation_id.is_not(None)
+    return r.recommendation_id.is_(None)  # nobody else reads anything
+
+
+def severity(conn: Connection):
+    return func.coalesce(literal_column(_SEVERITY_SQL[conn.dialect.name]), 0.0)
+
+
+def _status_clause(status: str):
+    r = recommendations.c
+    return r.status.in_(lifecycle.OPEN) if status == "open" else r.status == status
+
+
+def queue(conn: Connection, user: dict, filters: Filters, now: datetime, policy: LifecyclePolicy) -> dict:
+    """One page of the person's queue (rows formatted for the page), whether there is a next page,
+    and the filter choices (the tiers and households of what they may read)."""
+    r = recommendations.c
+    where = [readable_by(user), _status_clause(filters.status)]
+    if filters.tier:
+        where.append(r.tier == filters.tier)
+    if filters.kind:
+        where.append(r.kind == filters.kind)
+    if filters.household:
+        where.append(r.household_id == filters.household)
+    weight = severity(conn).label("severity")
+    offset = (filters.page - 1) * PAGE_SIZE
+    rows = conn.execute(
+        select(r.recommendation_id, r.advisor_id, r.as_of, r.scope, r.scope_id, r.kind, r.household_id, r.tier,
+               r.urgency, r.delivery, r.status, r.trade_value, r.clock_started_at, r.deferred_until, r.escalated_at,
+               r.package, weight)
+        .where(and_(*where))
+        .order_by(_URGENCY_RANK, desc(weight), r.clock_started_at, r.recommendation_id)
+        .limit(PAGE_SIZE + 1).offset(offset)).mappings().all()
+    total = conn.execute(select(func.count()).select_from(recommendations).where(and_(*where))).scalar_one()
+    seen = readable_by(user)
+    tiers = conn.execute(select(r.tier).where(and_(seen, r.tier.is_not(None))).distinct().order_by(r.tier)
+                         .limit(50)).scalars().all()
+    households = conn.execute(select(r.household_id).where(and_(seen, _status_clause(filters.status),
+                                                                r.household_id.is_not(None)))
+                              .distinct().order_by(r.household_id).limit(500)).scalars().all()
+    shown = []
+    for row in rows[:PAGE_SIZE]:
+        item = row_view(dict(row), now, policy)
+        # The batch's checkbox: only where authority's rule lets this person approve now.
+        item["may_decide"] = authority.refusal(conn, user, dict(row), "approve") is None
+        shown.append(item)
+    return {"rows": shown,
+            "more": len(rows) > PAGE_SIZE, "total": total, "first": offset + 1 if rows else 0,
+            "last": offset + min(len(rows), PAGE_SIZE), "tiers": tiers, "households": households}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting one row
+# ---------------------------------------------------------------------------------------------
+
+
+def span(delta: timedelta) -> str:
+    """5 d 4 h, 47 h 10 min, 12 min: hours up to three days (the clocks count 24 h and 48 h)."""
+    minutes = max(int(delta.total_seconds() // 60), 0)
+    days, rest = divmod(minutes, 1440)
+    if days >= 3:
+        return f"{days} d {rest // 60} h"
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min"
+
+
+def escalation_clock(rec: dict, now: datetime, policy: LifecyclePolicy) -> tuple[str, str]:
+    """(text, tone) of the escalation clock: tone ok | soon (under a quarter of it left) | due | none."""
+    started = utc(rec["clock_started_at"])
+    if rec["status"] == "escalated":
+        when = utc(rec["escalated_at"]) if rec["escalated_at"] else None
+        return (f"with compliance since {span(now - when)}" if when else "with compliance"), "due"
+    if rec["status"] not in ("pending", "deferred"):
+        return "\u2014", "none"
+    if rec["delivery"] == "weekly_batch":
+        return "weekly digest (no clock)", "none"
+    if rec["status"] == "deferred" and rec["deferred_until"] and utc(rec["deferred_until"]) > now:
+        return f"deferred, {span(utc(rec['deferred_until']) - now)} left", "none"
+    due = started + timedelta(hours=policy.escalation_hours)
+    if due <= now:
+        return "escalation due now", "due"
+    left = due - now
+    return f"escalates in {span(left)}", "soon" if left <= timedelta(hours=policy.escalation_hours / 4) else "ok"
+
+
+def worst_band(package: RecommendationPackage) -> dict | None:
+    worst = None
+    for band in package.bands:
+        ratio = abs(band.drift) / band.band if band.band else 0.0
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, band)
+    if worst is None:
+        return None
+    ratio, band = worst
+    from rebal_pipeline.comms.chart import class_label
+
+    return {"label": class_label(band.asset_class), "drift": emails.signed_percent(band.drift),
+            "band": emails.band_percent(band.band), "severity": f"{ratio:.1f}\u00d7", "outside": ratio > 1.0}
+
+
+def row_view(rec: dict, now: datetime, policy: LifecyclePolicy) -> dict:
+    package = RecommendationPackage.model_validate_json(rec["package"])
+    masked = list(emails._accounts(package, None).values())
+    tax = package.tax or {}
+    est_tax = tax.get("est_tax")
+    clock, tone = escalation_clock(rec, now, policy)
+    return {
+        "recommendation_id": rec["recommendation_id"], "advisor_id": rec["advisor_id"],
+        "household": rec["household_id"] or "\u2014",
+        "accounts": masked[0] if len(masked) == 1 else f"{len(masked)} accounts ({', '.join(masked[:3])}"
+                                                        f"{', …' if len(masked) > 3 else ''})",
+        "scope": rec["scope"], "kind": rec["kind"], "tier": (rec["tier"] or "\u2014").replace("_", " "),
+        "urgency": rec["urgency"] or "\u2014", "status": rec["status"], "status_label": rec["status"].replace("_", " "),
+        "worst": worst_band(package), "trade_value": emails.money(rec["trade_value"]),
+        "est_tax": emails.money(est_tax) if isinstance(est_tax, (int, float)) else "\u2014",
+        "age": span(now - utc(rec["clock_started_at"])), "clock": clock, "clock_tone": tone,
+        "trade_count": len(package.trades),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# History and the compliance view
+# ---------------------------------------------------------------------------------------------
+
+_EVENT_WORDS = {
+    "recommendation_alerted": "Published and alerted to the advisor", "recommendation_held":
+    "Held: the account has open orders", "recommendation_historical": "Published as history (an older day)",
+    "recommendation_resolved_by_market": "Resolved by the market (back inside its bands)",
+    "recommendation_superseded": "Superseded by a later day",
+    "recommendation_reminder": "Reminder sent (24h)", "recommendation_escalation": "Escalated to compliance",
+    "recommendation_routed_to_compliance": "Routed to compliance at publication",
+    "gate_passed": "Approval gate passed", "gate_refused": "Approval gate refused",
+    "recommendation_rerouted": "Handed to a new advisor", "alert_sent": "Alert emailed",
+}
+
+
+def _event_text(kind: str, payload: dict) -> str:
+    if kind.startswith("decision_"):
+        words = kind.removeprefix("decision_").replace("_", " ")
+        via = payload.get("via")
+        return f"Decision: {words}" + (f" (via {via})" if via else "")
+    text = _EVENT_WORDS.get(kind, kind.replace("_", " ").capitalize())
+    if kind == "recommendation_escalation" and payload.get("manual"):
+        text = "Escalation emailed to compliance"
+    return text
+
+
+def history(conn: Connection, recommendation_ids: list[str], limit_each: int = 60) -> dict[str, list[dict]]:
+    """The audit trail of each recommendation (oldest first): when, who, what, and the reason."""
+    if not recommendation_ids:
+        return {}
+    rows = conn.execute(select(audit_events.c.subject_id, audit_events.c.occurred_at, audit_events.c.kind,
+                               audit_events.c.actor, audit_events.c.payload)
+                        .where(audit_events.c.subject_id.in_(recommendation_ids))
+                        .order_by(audit_events.c.seq)).mappings().all()
+    out: dict[str, list[dict]] = {rid: [] for rid in recommendation_ids}
+    for row in rows:
+        payload = json.loads(row["payload"] or "{}")
+        reason = payload.get("reason") or payload.get("compliance_review")
+        entries = out[row["subject_id"]]
+        if len(entries) < limit_each:
+            entries.append({"at": row["occurred_at"], "actor": row["actor"], "what": _event_text(row["kind"], payload),
+                            "reason": reason if isinstance(reason, str) else None})
+    return out
+
+
+def mask_history(events: list[dict], package: RecommendationPackage) -> list[dict]:
+    from rebal_pipeline.approval_api.portal import _masking
+
+    mask = _masking(package)
+    return [{**e, "reason": mask(e["reason"]) if e["reason"] else e["reason"]} for e in events]
+
+
+def compliance_items(conn: Connection, now: datetime, policy: LifecyclePolicy, limit: int = 200) -> dict:
+    """Open escalations (status escalated: the advisor escalated, compliance took over, the 48h
+    rule, or routed at publication for compliance review), most urgent and severe first, each
+    with why it is with compliance and its history; and the escalations decided lately."""
+    r = recommendations.c
+    weight = severity(conn).label("severity")
+    columns = (r.recommendation_id, r.advisor_id, r.as_of, r.scope, r.scope_id, r.kind, r.household_id, r.tier,
+               r.urgency, r.delivery, r.status, r.trade_value, r.clock_started_at, r.deferred_until, r.escalated_at,
+               r.package, weight)
+    open_rows = conn.execute(select(*columns).where(r.status == "escalated")
+                             .order_by(_URGENCY_RANK, desc(weight), r.escalated_at, r.recommendation_id)
+                             .limit(limit)).mappings().all()
+    decided = conn.execute(select(*columns).where(and_(r.escalated_at.is_not(None), r.status != "escalated"))
+                           .order_by(r.updated_at.desc(), r.recommendation_id).limit(50)).mappings().all()
+    ids = [row["recommendation_id"] for row in [*open_rows, *decided]]
+    trail = history(conn, ids)
+    routed = set(conn.execute(select(audit_events.c.subject_id).where(and_(
+        audit_events.c.kind == "recommendation_routed_to_compliance", audit_events.c.subject_id.in_(ids)))).scalars()) \
+        if ids else set()
+
+    def view(row) -> dict:
+        item = row_view(dict(row), now, policy)
+        # Reasons may name account ids (a compliance review does): masked like every account on a page.
+        events = mask_history(trail.get(row["recommendation_id"], []),
+                              RecommendationPackage.model_validate_json(row["package"]))
+        why = next((e for e in reversed(events) if e["what"].startswith(("Decision: escalate", "Routed", "Escalated"))),
+                   None)
+        item.update(history=events, compliance_review=row["recommendation_id"] in routed,
+                    why=(why["what"] + (f": {why['reason']}" if why and why["reason"] else "")) if why else
+                    "Escalated", why_actor=why["actor"] if why else None)
+        return item
+
+    return {"open": [view(row) for row in open_rows], "decided": [view(row) for row in decided]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations view
+# ---------------------------------------------------------------------------------------------
+
+FAILED_RUN_ALERTS = ("run_failed", "job_failed", "run_failure")
+
+
+def operations_view(conn: Connection, limit: int = 300) -> dict:
+    """The recorded operations alerts (wf_notifications kind operations_alert), newest first; per
+    connection, its latest alert; the failed-run alerts among them; emails that were not delivered."""
+    from rebal_pipeline.workflow.operations_alerts import KIND
+    from rebal_pipeline.workflow.schema import messages
+
+    rows = conn.execute(select(notifications.c.notification_key, notifications.c.created_at,
+                               notifications.c.payload).where(notifications.c.kind == KIND)
+                        .order_by(notifications.c.created_at.desc(), notifications.c.notification_key)
+                        .limit(limit)).mappings().all()
+    alerts = []
+    for row in rows:
+        body = json.loads(row["payload"] or "{}")
+        details = body.get("details") or {}
+        alerts.append({"key": row["notification_key"], "at": row["created_at"], "alert": body.get("alert", "?"),
+                       "title": emails.OPERATIONS_GUIDANCE.get(body.get("alert"), {}).get("title")
+                       or str(body.get("alert", "?")).replace("_", " ").capitalize(),
+                       "summary": body.get("summary", ""), "connection": body.get("connection") or "\u2014",
+                       "as_of": body.get("as_of"),
+                       "details": [{"label": emails._DETAIL_LABELS.get(k, k.replace("_", " ").capitalize()),
+                                    "value": emails._detail_value(v)} for k, v in sorted(details.items())]})
+    per_connection: dict[str, dict] = {}
+    for alert in alerts:  # newest first: the first seen per connection is its latest
+        if alert["connection"] != "\u2014":
+            per_connection.setdefault(alert["connection"], alert)
+    undelivered = conn.execute(select(messages.c.message_key, messages.c.kind, messages.c.status,
+                                      messages.c.attempts, messages.c.last_error, messages.c.created_at)
+                               .where(messages.c.status.in_(("retry", "rejected")))
+                               .where(messages.c.kind != "sign_in")
+                               .order_by(messages.c.created_at.desc()).limit(100)).mappings().all()
+    return {"alerts": alerts, "connections": [per_connection[k] for k in sorted(per_connection)],
+            "failed_runs": [a for a in alerts if a["alert"] in FAILED_RUN_ALERTS],
+            "data_quality": [a for a in alerts if a["alert"] not in FAILED_RUN_ALERTS],
+            "undelivered": [dict(m) for m in undelivered]}
+
