@@ -8,7 +8,9 @@ Each size runs in fresh child processes so peak RSS is the stage's own, not the 
        drift     targets, scanned accounts, drift frames (account and household scope)
        alerts    drift_alerts and the other marts (rejects, skipped, data-quality alerts)
   3. dagster   — the whole daily_drift_scan materialised through Dagster in-process, for the
-                 orchestration overhead on top (ephemeral instance).
+                 orchestration overhead on top (ephemeral instance). Its progress (each step
+                 started and done, a heartbeat during long steps; rebal_pipeline/progress.py) goes
+                 to the terminal's stderr while it runs; Dagster's own log shows warnings only.
 The table is printed and written to BENCHMARKS.md. Nothing here asserts a time: budgets are
 read off the table by people.
 """
@@ -39,9 +41,12 @@ def _child(mode: str, accounts: int, work: Path) -> dict:
     # key, as in the drill (workflow/audit.py).
     env = dict(os.environ)  # the child's environment: a sandbox unless the caller said otherwise
     env.setdefault("REBAL_SANDBOX", "1")
+    # The Dagster child's stderr is the terminal's: its progress lines show while it runs (the
+    # result still comes back as the last line of its stdout).
     out = subprocess.run(
         [sys.executable, "-m", "rebal_pipeline.benchmark", mode, str(accounts), str(work)],
-        check=True, capture_output=True, text=True, env=env,
+        check=True, stdout=subprocess.PIPE, stderr=None if mode == "dagster" else subprocess.PIPE,
+        text=True, env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -116,15 +121,15 @@ def _timed_pipeline(con, work: Path, timings: dict) -> None:
 
     stage_of = _stage_of_models()
     for model in load_project(settings.sql_dir()).values():
-        if model.name == "int_tlh_flags":  # reads rebal's basis ledger (defs/trades/basis.py), written first
-            from rebal_pipeline.defs.trades.basis import write_basis_ledger
+        if model.name == "int_tlh_flags":  # reads rebal's basis ledger (core/basis_ledger_store.py), written first
+            from rebal_pipeline.core.basis_ledger_store import write_basis_ledger
 
             write_basis_ledger(con, BENCH_AS_OF)
         t0 = time.perf_counter()
         materialize_model(con, model, BENCH_AS_OF)
         timings[stage_of[model.name]] += time.perf_counter() - t0
 
-    from rebal_pipeline.defs.trades.assets import propose_trades
+    from rebal_pipeline.core.proposals import propose_trades
 
     t0 = time.perf_counter()
     parts: dict[str, float] = {}
@@ -136,27 +141,37 @@ def _timed_pipeline(con, work: Path, timings: dict) -> None:
 
 
 def _dagster(work: Path) -> dict:
-    from dagster import DagsterInstance, materialize
+    from dagster import DagsterInstance, Definitions, define_asset_job
 
     from rebal_pipeline.defs.feed.assets import assets as feed_assets
     from rebal_pipeline.defs.trades.assets import assets as trade_assets
     from rebal_pipeline.defs.warehouse.assets import build_sql_assets, drift_policy
     from rebal_pipeline.defs.workflow.anchor import assets as audit_record_assets
     from rebal_pipeline.defs.workflow.assets import assets as workflow_assets
-    from rebal_pipeline.resources import AdvisorOverrides, DriftPolicySource, FeedLocation, Warehouse, WorkflowStoreResource
+    from rebal_pipeline.progress import RunProgress, execute_with_progress
+    from rebal_pipeline.resources import resources_for
+    from rebal_pipeline.settings import load_settings
 
     started = time.perf_counter()
-    result = materialize(
-        [*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets, *audit_record_assets],
+    # What dagster.materialize does (one asset job over every asset), with the run id chosen up
+    # front so the progress listener is on the instance before the run's first event.
+    defs = Definitions(
+        jobs=[define_asset_job("benchmark_day")],
+        assets=[*feed_assets, drift_policy, *build_sql_assets(), *trade_assets, *workflow_assets,
+                *audit_record_assets],
+        # The resources of a sandbox whose files are all under the work folder (the one place
+        # resources are chosen: resources_for).
+        resources=resources_for(load_settings({
+            "REBAL_HOME": str(work), "REBAL_SANDBOX": "1", "REBAL_WAREHOUSE": str(work / "dagster_warehouse.duckdb"),
+            "REBAL_FEED_ROOT": str(work / "feeds"), "REBAL_ARCHIVE_ROOT": str(work / "archive"),
+            "REBAL_WASH_SALE_OVERRIDES": str(work / "no_overrides.csv"),
+            "REBAL_WORKFLOW_DB_URL": f"sqlite:///{work / 'workflow.sqlite'}"})),
+    )
+    result = execute_with_progress(
+        defs.resolve_job_def("benchmark_day"), DagsterInstance.ephemeral(), RunProgress("benchmark"),
         partition_key=BENCH_AS_OF.isoformat(),
-        instance=DagsterInstance.ephemeral(),
-        resources={
-            "warehouse": Warehouse(database=str(work / "dagster_warehouse.duckdb")),
-            "feed": FeedLocation(feed_root=str(work / "feeds"), archive_root=str(work / "archive")),
-            "drift_policy_source": DriftPolicySource(),
-            "advisor_overrides": AdvisorOverrides(wash_sale_file=str(work / "no_overrides.csv")),
-            "workflow_store": WorkflowStoreResource(url=f"sqlite:///{work / 'workflow.sqlite'}"),
-        },
+        # Progress comes from the event stream; the console shows Dagster's warnings and failures only.
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
     )
     return {"dagster_s": time.perf_counter() - started, "dagster_ok": result.success,
             "dagster_rss_mb": _peak_rss_mb()}

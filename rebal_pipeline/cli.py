@@ -50,36 +50,63 @@ def cmd_sandbox(args) -> int:
 
 
 def cmd_drill(args) -> int:
-    from rebal_pipeline.drill import materialize_day, prepare_local_instance, summarize_day, workflow_summary
+    from rebal_pipeline.drill import (
+        DrillHomeRefused,
+        materialize_day,
+        plural,
+        prepare_local_instance,
+        start_drill_home,
+        summarize_day,
+        workflow_summary,
+    )
+    from rebal_pipeline.progress import RunProgress
     from rebal_pipeline.sandbox.generator import SandboxConfig, generate_feed
 
-    home = prepare_local_instance()
-    as_of = _as_of(args.as_of)
-    via_custodian = bool(args.via_sftp or args.via_custodians)
-    config = SandboxConfig(as_of=as_of, households=args.households, seed=args.seed,
-                           shock=args.shock, defects=not args.clean and not via_custodian)
-    book_root = settings.rebal_home() / "sandbox_custodian" / "book" if via_custodian else settings.feed_root()
-    report = generate_feed(config, book_root)
-    print(f"Sandbox book: {report.households:,} households, {report.accounts:,} accounts "
-          f"→ {report.feed_dir}" + (f" (with {len(report.defects)} injected bad rows)" if report.defects else ""))
-    if args.via_sftp:
-        from rebal_pipeline.drill import deliver_over_sftp
+    # A fresh home unless --keep: every count below is this drill's, not earlier drills' too.
+    try:
+        drill_home = start_drill_home(keep=args.keep)
+    except DrillHomeRefused as error:
+        print(f"rebal: {error}", file=sys.stderr)
+        return 2
+    print(drill_home.describe())
+    # Progress goes to stderr (the summary on stdout reads the same without it); its clock is the drill's.
+    progress = RunProgress("drill")
+    with progress:
+        home = prepare_local_instance()
+        as_of = _as_of(args.as_of)
+        via_custodian = bool(args.via_sftp or args.via_custodians)
+        config = SandboxConfig(as_of=as_of, households=args.households, seed=args.seed,
+                               shock=args.shock, defects=not args.clean and not via_custodian)
+        book_root = settings.rebal_home() / "sandbox_custodian" / "book" if via_custodian else settings.feed_root()
+        progress.say("generating the sandbox book …")
+        report = generate_feed(config, book_root)
+        print(f"Sandbox book: {plural(report.households, 'household')}, {plural(report.accounts, 'account')} "
+              f"→ {report.feed_dir}"
+              + (f" (with {plural(len(report.defects), 'injected defect')}: see Rejected feed rows)"
+                 if report.defects else ""))
+        if args.via_sftp:
+            from rebal_pipeline.drill import deliver_over_sftp
 
-        for line in deliver_over_sftp(book_root, as_of, args.via_sftp):
-            print(line)
-    if args.via_custodians:
-        from rebal_pipeline.drill import deliver_by_custodian
+            progress.say(f"delivering the book as {args.via_sftp}-style files over SFTP …")
+            for line in deliver_over_sftp(book_root, as_of, args.via_sftp):
+                print(line)
+        if args.via_custodians:
+            from rebal_pipeline.drill import deliver_by_custodian
 
-        for line in deliver_by_custodian(book_root, as_of):
-            print(line)
-    print(f"Materialising the daily asset graph for {as_of} on the Dagster instance at {home} …")
-    if not materialize_day(as_of):
-        print("The daily run failed; see above and the run in the Dagster UI.", file=sys.stderr)
-        return 1
+            progress.say("delivering the book through the three custodians …")
+            for line in deliver_by_custodian(book_root, as_of):
+                print(line)
+        print(f"Materialising the daily asset graph for {as_of} on the Dagster instance at {home} …", flush=True)
+        if not materialize_day(as_of, progress):
+            print("The daily run failed; see above and the run in the Dagster UI.", file=sys.stderr)
+            return 1
+        progress.say("summarising the day …")
+        summary = summarize_day(settings.warehouse_path(), as_of).text
+        workflow = workflow_summary(as_of)
     print()
-    print(summarize_day(settings.warehouse_path(), as_of).text)
+    print(summary)
     print()
-    print(workflow_summary(as_of))
+    print(workflow)
     print()
     print("Open the Dagster UI to see the run, the lineage from custodian_feed to drift_alerts and the checks:")
     print(f"  DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000")
@@ -375,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("drill", help="generate a sandbox book and run the full daily scan through Dagster")
     _add_book_options(p, households=200)
     p.add_argument("--clean", action="store_true", help="no injected bad rows")
+    p.add_argument("--keep", action="store_true",
+                   help="run on top of what earlier drills left in REBAL_HOME (their recommendations, runs and "
+                        "audit events count too); by default each drill starts from an empty home, the previous "
+                        "drill moved aside into <home>/previous_drills/")
     via = p.add_mutually_exclusive_group()
     via.add_argument("--via-sftp", choices=["schwab", "fidelity", "pershing"],
                      help="deliver the book as that custodian's files over a real local SFTP server, "
@@ -461,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(settings.REPO_ROOT / "BENCHMARKS.md"))
     p.add_argument("--work-dir", help="where feeds and warehouses go (default: a temp dir)")
     p.set_defaults(func=cmd_benchmark)
+
+    from rebal_pipeline.supervision import command as supervision_command
+
+    p = commands.add_parser("supervisory-report", help=supervision_command.HELP)
+    supervision_command.add_arguments(p)
+    p.set_defaults(func=supervision_command.run)
 
     args = parser.parse_args(argv)
     try:  # validated at start: a malformed REBAL_* variable is one line naming it, exit 2

@@ -2,6 +2,21 @@
 
 It uses the embedded default set-up: a Dagster instance on SQLite under a project-local
 DAGSTER_HOME and the DuckDB warehouse file, so the run is visible in the Dagster UI afterwards.
+
+Contract:
+- A drill starts from an empty home (`start_drill_home`): the REBAL_HOME folder (default
+  <repo>/.rebal) holds only this drill's book, warehouse, Dagster instance and workflow store, so
+  every count in the summary is this drill's. What an earlier drill left there is moved aside
+  into <home>/previous_drills/<UTC time>/ (the three most recent drills are kept; older ones
+  are removed, and only if they carry the drill's mark file). Nothing is deleted that is not a
+  drill's: a REBAL_HOME the user set that holds other files, or a location variable pointing
+  outside the home (DAGSTER_HOME, REBAL_WAREHOUSE, …), is refused with `DrillHomeRefused` and
+  a message saying what to do. `keep=True` (`rebal drill --keep`) runs on top of what is there.
+- `materialize_day` runs the daily job in process and shows its progress on stderr from the
+  run's own event stream (rebal_pipeline/progress.py); stdout carries only the summary.
+- `summarize_day` / `workflow_summary` say in the advisor's words what the day found: every
+  count with its noun through `plural` (1 account, 2 accounts), every row naming what it counts,
+  a tax saving worded as a saving, suspended accounts counted apart from the scanned ones.
 """
 
 from __future__ import annotations
@@ -9,16 +24,140 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import duckdb
 
 from rebal_pipeline import settings
-from rebal_pipeline.core.money import tax_effect_words
+from rebal_pipeline.core.money import dollars, tax_effect_words
 from rebal_pipeline.core.pii import mask_account, masker
 
 LOCAL_INSTANCE_YAML = Path(__file__).resolve().parent / "instance" / "local_dagster.yaml"
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """A count with its noun: "1 account", "2 accounts", "1,250 lots", "0 trades";
+    `plural_form` for the words that do not just take an s ("1 household is", "2 households are")."""
+    words = singular if count == 1 else (plural_form if plural_form is not None else f"{singular}s")
+    return f"{count:,} {words}"
+
+
+# --- the drill's home ---------------------------------------------------------------------------
+
+DRILL_MARK = ".rebal-drill"  # this file in a folder says: the folder is a drill's home
+PREVIOUS_DRILLS = "previous_drills"
+KEEP_PREVIOUS_DRILLS = 3
+
+
+class DrillHomeRefused(Exception):
+    """A fresh drill would have to move or shadow data that is not a drill's; the message says
+    what to do instead."""
+
+
+@dataclass(frozen=True)
+class DrillHome:
+    path: Path
+    kept: bool  # --keep: what earlier drills left in the home is still there and counts
+    moved_to: Path | None  # where the previous drill's files went, if there were any
+    moved_a_drill: bool = True  # False: what was moved carried no drill mark (e.g. a .rebal from before marks)
+
+    def describe(self) -> str:
+        if self.kept:
+            return f"Drill home: {self.path} (--keep: what earlier drills left there counts too)"
+        if self.moved_to is not None and self.moved_a_drill:
+            return f"Drill home: {self.path} (fresh; the previous drill was moved to {self.moved_to})"
+        if self.moved_to is not None:
+            return f"Drill home: {self.path} (fresh; the files that were there were moved to {self.moved_to})"
+        return f"Drill home: {self.path} (fresh)"
+
+
+def _home_contents(home: Path) -> list[Path]:
+    """What is in the home besides the earlier drills already moved aside."""
+    if not home.is_dir():
+        return []
+    return sorted(p for p in home.iterdir() if p.name != PREVIOUS_DRILLS)
+
+
+def _mark(home: Path) -> None:
+    from rebal_pipeline.core.private_files import private_dir
+
+    private_dir(home)  # run logs and the workflow store hold client data: 0700 when created here
+    (home / DRILL_MARK).write_text(
+        f"rebal drill home, started {datetime.now(timezone.utc).isoformat(timespec='seconds')}.\n"
+        f"The next `rebal drill` (without --keep) moves this folder's files into {PREVIOUS_DRILLS}/.\n",
+        encoding="utf-8")
+
+
+def _outside_the_home(config: settings.RebalSettings, home: Path) -> list[str]:
+    """The location variables set to somewhere outside the home: a fresh home would not make
+    those fresh, so earlier runs' data there would count."""
+    def outside(path: Path | None) -> bool:
+        return path is not None and not Path(path).resolve().is_relative_to(home)
+
+    found = [f"{name}={path}" for name, path in (
+        ("DAGSTER_HOME", config.dagster_home_dir), ("REBAL_WAREHOUSE", config.warehouse_file),
+        ("REBAL_FEED_ROOT", config.feed_root_dir), ("REBAL_ARCHIVE_ROOT", config.archive_root_dir),
+        ("REBAL_WASH_SALE_OVERRIDES", config.wash_sale_overrides_file),
+        ("REBAL_AUDIT_ANCHOR_DIR", config.audit_anchor_dir)) if outside(path)]
+    if config.workflow_db is not None:
+        url = config.workflow_db.get_secret_value()
+        if not (url.startswith("sqlite:///") and not outside(Path(url.removeprefix("sqlite:///")))):
+            found.append("REBAL_WORKFLOW_DB_URL")  # its value may hold a password: named, not shown
+    return found
+
+
+def _move_aside(home: Path) -> Path:
+    """Move the home's files (the previous drill) into previous_drills/<UTC time>/; the mark
+    last, so an interrupted move leaves the rest still marked as a drill's."""
+    from rebal_pipeline.core.private_files import private_dir
+
+    previous = home / PREVIOUS_DRILLS
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target, n = previous / stamp, 1
+    while target.exists():
+        target, n = previous / f"{stamp}-{n}", n + 1
+    private_dir(target)
+    contents = _home_contents(home)
+    for entry in sorted(contents, key=lambda p: p.name == DRILL_MARK):
+        entry.rename(target / entry.name)
+    # Only drills carrying the mark are ever removed: an unmarked folder moved aside (e.g. a
+    # .rebal from before drills were marked) may hold the user's own files and stays.
+    # Oldest first by when each drill started (its mark file was written then and moved with it).
+    marked = sorted((p for p in previous.iterdir() if (p / DRILL_MARK).is_file()),
+                    key=lambda p: ((p / DRILL_MARK).stat().st_mtime_ns, p.name))
+    for old in marked[:-KEEP_PREVIOUS_DRILLS]:
+        shutil.rmtree(old)
+    return target
+
+
+def start_drill_home(keep: bool = False) -> DrillHome:
+    """Make the drill's home ready: empty (the previous drill moved aside) unless `keep`.
+    Raises DrillHomeRefused rather than move a folder that is not a drill's."""
+    config = settings.current()
+    home = config.rebal_home()
+    contents = _home_contents(home)
+    is_drills = not contents or (home / DRILL_MARK).is_file()
+    if keep:
+        if is_drills:
+            _mark(home)
+        return DrillHome(home, kept=True, moved_to=None)
+    outside = _outside_the_home(config, home)
+    if outside:
+        raise DrillHomeRefused(
+            f"the drill starts from an empty home ({home}), but {', '.join(outside)} "
+            f"{'points' if len(outside) == 1 else 'point'} outside it, where earlier runs would still count. "
+            "Unset it for the drill, or pass --keep to run on top of what is there.")
+    # The default home (<repo>/.rebal) is the drill's own folder: moved aside, never deleted.
+    if contents and not is_drills and config.home is not None:
+        shown = ", ".join(p.name for p in contents[:5]) + (", …" if len(contents) > 5 else "")
+        raise DrillHomeRefused(
+            f"REBAL_HOME={home} holds files that are not a drill's ({shown}; no {DRILL_MARK} file), and a "
+            "drill starts from an empty home. Point REBAL_HOME at an empty or new folder (or unset it for "
+            "<repo>/.rebal), or pass --keep to run on top of what is there.")
+    moved_to = _move_aside(home) if contents else None
+    _mark(home)
+    return DrillHome(home, kept=False, moved_to=moved_to, moved_a_drill=is_drills)
 
 
 def prepare_local_instance() -> Path:
@@ -41,17 +180,19 @@ def prepare_local_instance() -> Path:
     return home
 
 
-def materialize_day(as_of: date) -> bool:
-    """Run the daily_drift_scan job for one as-of date on the configured Dagster instance."""
+def materialize_day(as_of: date, progress=None) -> bool:
+    """Run the daily_drift_scan job for one as-of date on the configured Dagster instance, its
+    progress on stderr (`progress`: a progress.RunProgress; default one labelled "drill")."""
     from dagster import DagsterInstance
 
     from rebal_pipeline.definitions import build_definitions
+    from rebal_pipeline.progress import RunProgress, execute_with_progress
 
     job = build_definitions().resolve_job_def("daily_drift_scan")
     with DagsterInstance.get() as instance:
-        result = job.execute_in_process(
+        result = execute_with_progress(
+            job, instance, progress if progress is not None else RunProgress("drill"),
             partition_key=as_of.isoformat(),
-            instance=instance,
             raise_on_error=False,
             # Step-by-step DEBUG events stay in the run's event log (see them in the UI);
             # the terminal shows warnings (e.g. ignored feed columns) and failures.
@@ -67,6 +208,17 @@ def materialize_day(as_of: date) -> bool:
     return result.success
 
 
+# skipped_accounts.reason_kind → the summary's row label and why those accounts were not scanned.
+SKIPPED_WORDS = {
+    "data_quality": ("held out for data quality", "rejected feed rows below; not scanned"),
+    "suspended": ("suspended", "cannot be traded; not scanned"),
+    "no_market_value": ("no market value", "nothing to rebalance; not scanned"),
+}
+# drift_alerts.delivery → how the advisor hears of the alert.
+DELIVERY_WORDS = {"same_day": "delivered same day", "within_48h": "delivered within 48 h",
+                  "weekly_batch": "in the weekly batch"}
+
+
 @dataclass
 class DaySummary:
     text: str
@@ -79,8 +231,13 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
     with duckdb.connect(str(warehouse), read_only=True) as con:
         q = lambda sql: con.execute(sql, [as_of]).fetchall()  # noqa: E731
         accounts_in_feed = q("select count(*) from stg_feed_accounts where as_of = ?")[0][0]
-        scanned = q("select count(*) from int_scanned_accounts where as_of = ?")[0][0]
-        aum = q("select coalesce(sum(market_value), 0) from holdings where as_of = ?")[0][0]
+        # Scanned: drift was judged. Suspended accounts (they cannot be traded) and accounts with
+        # nothing to rebalance are in skipped_accounts with their reason, and counted there only.
+        scanned, aum = q(
+            """select count(*), coalesce(sum(s.market_value), 0) from int_scanned_accounts s
+               anti join skipped_accounts k on k.as_of = s.as_of and k.account_id = s.account_id
+               where s.as_of = ?"""
+        )[0]
         skipped = q(
             "select reason_kind, count(*) from skipped_accounts where as_of = ? group by all order by all"
         )
@@ -142,31 +299,49 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         )
 
     alerts = sum(r[3] for r in by_tier)
+    skipped_by_kind = dict(skipped)
     lines = [
         f"rebal daily drift scan — as of {as_of.isoformat()} (policy {policy})",
         "",
-        f"Accounts in feed       {accounts_in_feed:>10,}",
-        f"Accounts scanned       {scanned:>10,}   (market value ${aum:,.0f})",
+        f"Accounts in feed               {accounts_in_feed:>10,}",
     ]
+    # Every account of the feed is in exactly one of these rows: held out, skipped, or scanned.
     for kind, count in skipped:
-        lines.append(f"Skipped: {kind:<15}{count:>9,}")
-    lines += ["", f"Drift alerts: {alerts:,}  (" + ", ".join(f"{n} {s} scope" for s, n in scopes) + ")"]
-    lines.append(f"  {'tier':<10}{'urgency':<9}{'delivery':<14}{'alerts':>7}{'skipped':>9}{'TLH':>6}")
+        label, why = SKIPPED_WORDS.get(kind, (kind.replace("_", " "), "not scanned"))
+        lines.append(f"  {label:<29}{count:>10,}   ({why})")
+    lines.append(f"Accounts scanned               {scanned:>10,}   (market value ${aum:,.0f})")
+
+    by_scope = dict(scopes)
+    lines += ["", f"Drift alerts: {alerts:,} ({plural(by_scope.get('account', 0), 'account alert')}, "
+                  f"{plural(by_scope.get('household', 0), 'household alert')} for households rebalanced as one)"
+              + "".join(f", {plural(n, f'{s} alert')}" for s, n in scopes if s not in ("account", "household"))]
     for tier, urgency, delivery, n_alert, n_skipped, n_tlh in by_tier:
-        lines.append(f"  {tier:<10}{urgency:<9}{delivery:<14}{n_alert:>7}{n_skipped:>9}{n_tlh:>6}")
-    lines += ["", f"Top {len(top_rows)} drifted:"]
-    lines.append(f"  {'scope':<10}{'id':<14}{'advisor':<10}{'tier':<10}{'max drift':>10}  {'market value':>14}  breached classes")
+        row = (f"  {tier + ' tier':<15}{urgency + ' urgency':<16}{DELIVERY_WORDS.get(delivery, delivery):<22}"
+               f"{plural(n_alert, 'alert'):>11}")
+        if n_tlh:
+            row += f", {n_tlh:,} with a tax-loss harvest opportunity"
+        if n_skipped:  # breaches kept with status 'skipped': on suspended accounts, not alerted
+            row += (f"; {plural(n_skipped, 'breach on a suspended account', 'breaches on suspended accounts')}"
+                    " not alerted")
+        lines.append(row)
+    if top_rows:
+        lines += ["", f"Top {len(top_rows)} drifted: the largest drift from target first"]
+    else:
+        lines += ["", "No account or household drifted out of its bands."]
     for scope, scope_id, advisor, tier, _urgency, max_drift, classes, mv in top_rows:
+        shown = mask_account(scope_id) if scope == "account" else scope_id
         lines.append(
-            f"  {scope:<10}{mask_account(scope_id) if scope == 'account' else scope_id:<14}{advisor or '-':<10}{tier:<10}{max_drift * 100:>9.1f}%  ${mv:>13,.0f}  {classes}"
+            f"  {scope:<10}{shown:<14}advisor {advisor or '-':<10}{tier + ' tier':<15}"
+            f"max drift {max_drift * 100:>5.1f}%   market value {'$' + format(mv, ',.0f'):>12}   breached: {classes}"
         )
     recs, inside, trade_count, reviews, households = proposals
     lines += [
         "",
-        f"Trade proposals: {recs:,} recommendations ({recs - households:,} accounts, {households:,} households "
-        f"through the asset-location optimiser), {trade_count:,} trades; "
-        f"{inside:,} back inside every band after whole-share rounding, {recs - inside:,} explain the band "
-        f"they cannot reach; {reviews:,} flagged for compliance review",
+        f"Trade proposals: {plural(recs, 'recommendation')} ({plural(recs - households, 'account')}, "
+        f"{plural(households, 'household')} through the asset-location optimiser), {plural(trade_count, 'trade')}; "
+        f"{inside:,} back inside every band after whole-share rounding, "
+        f"{plural(recs - inside, 'explains the band it cannot reach', 'explain the bands they cannot reach')}; "
+        f"{reviews:,} flagged for compliance review",
     ]
     st, lt, loss, est_tax, traded, waits, saved, carried = tax
     lots_proposed, lots_found, harvest_loss, harvest_recs, conflicts = harvests
@@ -178,27 +353,32 @@ def summarize_day(warehouse: Path, as_of: date, top: int = 10) -> DaySummary:
         f"losses ${loss:,.0f}; {tax_effect_words(est_tax, places=0)} this year "
         f"({(abs(est_tax) / traded * 100) if traded else 0:.2f}% of ${traded:,.0f} traded)"
         + (f"; ${carried:,.0f} of net capital losses carried forward (IRC §1211(b) limit)" if carried >= 0.5 else ""),
-        f"  wait for long-term advised on {waits:,} recommendations (about ${saved:,.0f} of tax saved by waiting)",
+        # What waiting would save is a saving too, and labelled as one.
+        f"  wait for long-term advised on {plural(waits, 'recommendation')}"
+        + (f" (estimated tax saving by waiting {dollars(saved, 0)})" if waits else ""),
     ]
     for scope_id, reason in wait_examples:
         lines.append(f"    {scope_id}: {reason}")
     lines.append(
-        f"Tax-loss harvesting: {lots_found:,} lots down at least the threshold; {harvest_recs:,} harvest "
-        f"recommendations selling {lots_proposed:,} lots (${harvest_loss:,.0f} of losses) into their substitutes; "
-        f"{conflicts:,} lots blocked by a wash-sale conflict"
+        f"Tax-loss harvesting: {plural(lots_found, 'lot')} down at least the threshold; "
+        f"{plural(harvest_recs, 'harvest recommendation')} selling {plural(lots_proposed, 'lot')} "
+        f"(realising ${harvest_loss:,.0f} of losses) into their substitutes; "
+        f"{plural(conflicts, 'lot')} blocked by a wash-sale conflict"
     )
     for when, count, disallowed, lost, unchecked in washes:
         if when == "past":
-            lines.append(f"Wash sales in the last 30 days: {count - unchecked:,} found (${disallowed:,.0f} disallowed, "
-                         f"{lost:,} lost for good in an IRA), {unchecked:,} sells not checkable (no basis reported)")
+            lines.append(f"Wash sales in the last 30 days: {count - unchecked:,} found (${disallowed:,.0f} of losses "
+                         f"disallowed, {lost:,} of them lost for good in an IRA); "
+                         f"{plural(unchecked, 'sell')} not checkable (no basis reported)")
         else:
-            lines.append(f"Wash sales the proposals would still cause: {count:,} (${disallowed:,.0f} disallowed)")
+            lines.append(f"Wash sales the proposals would still cause: {count:,} (${disallowed:,.0f} of losses disallowed)")
     lines.append(f"Buys replaced by their substitute to avoid a wash sale: {substituted:,}")
-    lines += ["", f"Rejected feed rows: {len(rejects)} (accounts held out with a data-quality alert)"]
+    held = skipped_by_kind.get("data_quality", 0)
+    lines += ["", f"Rejected feed rows: {len(rejects)} ({plural(held, 'account')} held out with a data-quality alert)"]
     for file, line, column, value, reason in rejects[:15]:
         lines.append(f"  {file}:{line} [{column}] {value!r}: {reason}")
     if len(rejects) > 15:
-        lines.append(f"  … {len(rejects) - 15} more in table rejects")
+        lines.append(f"  … {plural(len(rejects) - 15, 'more row')} in table rejects")
     # Account numbers leave the warehouse as ••••1234 (core/pii.py); household ids stay as they are.
     return DaySummary(masker(accounts)("\n".join(lines)), alerts, len(rejects))
 
@@ -223,8 +403,16 @@ def workflow_summary(as_of: date) -> str:
             chain = audit.verify(conn)
     finally:
         store.dispose()
-    parts = ", ".join(f"{n} {kind} {status}" for status, kind, n in by_status) or "none"
-    return (f"Workflow store ({settings.workflow_db_url().split('://')[0]}): {parts}; routed to {advisors} advisors\n"
+    kinds: dict[str, list[tuple[str, int]]] = {}
+    for status, kind, n in by_status:
+        kinds.setdefault(kind, []).append((status.replace("_", "-"), n))
+    # One group per kind, saying what it counts: "65 rebalance recommendations (8 auto-approved, 57 pending)".
+    parts = "; ".join(
+        f"{plural(sum(n for _, n in found), f'{kind} recommendation')} "
+        f"({', '.join(f'{n:,} {status}' for status, n in found)})" for kind, found in kinds.items()
+    ) or "no recommendations"
+    return (f"Workflow store ({settings.workflow_db_url().split('://')[0]}): {parts}; "
+            f"routed to {plural(advisors, 'advisor')}\n"
             f"Audit: {chain}")
 
 
@@ -265,7 +453,7 @@ def deliver_over_sftp(book_dir: Path, as_of: date, dialect: str, firm: str = "sa
         connection = connection.model_copy(update={"sftp": connection.sftp.model_copy(update={"port": server.port})})
         deliveries = pull_and_convert(connection, settings.feed_root())
         port = server.port
-    lines = [f"Custodian delivery: {len(emitted)} {dialect}-style files on sftp://127.0.0.1:{port} "
+    lines = [f"Custodian delivery: {plural(len(emitted), f'{dialect}-style file')} on sftp://127.0.0.1:{port} "
              f"(host key pinned in {work / 'known_hosts'}, key authentication)"]
     for d in deliveries:
         lines.append(f"  pulled, archived by SHA-256 and translated for {d.as_of} → {d.feed_dir}")
@@ -357,13 +545,14 @@ def deliver_by_custodian(book_dir: Path, as_of: date, firm: str = "sandbox-ria")
 
         for connection in sftp:
             count = len(emitted[connection.custodian])
-            lines.append(f"{connection.name}: {count} {connection.dialect}-style files for "
-                         f"{len(accounts_at.get(connection.custodian, ()))} accounts on "
+            lines.append(f"{connection.name}: {plural(count, f'{connection.dialect}-style file')} for "
+                         f"{plural(len(accounts_at.get(connection.custodian, ())), 'account')} on "
                          f"sftp://127.0.0.1:{sftp_server.port}/{connection.sftp.remote_dir} (host key pinned)")
             for d in pull_and_convert(connection, settings.feed_root(), siblings):
                 lines.append(f"  pulled, archived, translated: {d.as_of} part in; {d.assembly.describe()}")
         d = pull_from_api(api, as_of, settings.feed_root(), siblings)
-        lines.append(f"{api.name}: {len(accounts_at.get('fidelity', ()))} accounts through the OAuth 2.0 API at "
-                     f"{api_server.url} (authorization code → encrypted tokens; {len(d.raw_files)} pages archived)")
+        lines.append(f"{api.name}: {plural(len(accounts_at.get('fidelity', ())), 'account')} through the OAuth 2.0 "
+                     f"API at {api_server.url} (authorization code → encrypted tokens; "
+                     f"{plural(len(d.raw_files), 'page')} archived)")
         lines.append(f"  pulled: {d.as_of} part in; {d.assembly.describe()}")
     return lines
