@@ -32,6 +32,7 @@ from rebal_pipeline.approval_api.links import ID_PATTERN
 from rebal_pipeline.approval_api.models import STATUSES
 from rebal_pipeline.comms import emails
 from rebal_pipeline.core.clock import utc
+from rebal_pipeline.core.money import tax_effect
 from rebal_pipeline.workflow import authority, lifecycle
 from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
 from rebal_pipeline.workflow.package import RecommendationPackage
@@ -202,6 +203,14 @@ def worst_band(package: RecommendationPackage) -> dict | None:
             "band": emails.band_percent(band.band), "severity": f"{ratio:.1f}\u00d7", "outside": ratio > 1.0}
 
 
+def _tax_cell(amount) -> str:
+    """"$20.00", "$310.50 saving", or a dash when the package has no estimate."""
+    if not isinstance(amount, (int, float)):
+        return "\u2014"
+    effect = tax_effect(amount)
+    return f"{effect.amount} saving" if effect.saving else effect.amount
+
+
 def row_view(rec: dict, now: datetime, policy: LifecyclePolicy) -> dict:
     package = RecommendationPackage.model_validate_json(rec["package"])
     masked = list(emails._accounts(package, None).values())
@@ -216,7 +225,8 @@ def row_view(rec: dict, now: datetime, policy: LifecyclePolicy) -> dict:
         "scope": rec["scope"], "kind": rec["kind"], "tier": (rec["tier"] or "\u2014").replace("_", " "),
         "urgency": rec["urgency"] or "\u2014", "status": rec["status"], "status_label": rec["status"].replace("_", " "),
         "worst": worst_band(package), "trade_value": emails.money(rec["trade_value"]),
-        "est_tax": emails.money(est_tax) if isinstance(est_tax, (int, float)) else "\u2014",
+        # A saving is labelled a saving (core/money.py), never shown as a negative tax.
+        "est_tax": _tax_cell(est_tax),
         "age": span(now - utc(rec["clock_started_at"])), "clock": clock, "clock_tone": tone,
         "trade_count": len(package.trades),
     }

@@ -53,7 +53,7 @@ def test_my_queue_is_sorted_by_urgency_then_severity_then_age(portal):
     old = page_text.__globals__["visible_text"](response.text.split('data-id="Q-MED-OLD"')[1].split("</tr>")[0])
     assert "31 h 00 min" in old and "escalates in 17 h 00 min" in old
     harvest = page_text.__globals__["visible_text"](response.text.split('data-id="Q-HIGH-B"')[1].split("</tr>")[0])
-    assert "-$310.50" in harvest and "Harvest" in harvest
+    assert "$310.50 saving" in harvest and "-$310.50" not in harvest and "Harvest" in harvest
     # Every row of the advisor's is theirs to decide: one checkbox each, in the batch form.
     assert response.text.count('type="checkbox" name="rid"') == 5
 
