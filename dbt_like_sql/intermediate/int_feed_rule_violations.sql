@@ -45,7 +45,8 @@ violations as (
     select 'positions.csv', p._line, 'quantity', p.quantity::varchar,
         case when t.lot_quantity is null then 'no lots for this position in lots.csv'
              else 'lots sum to ' || t.lot_quantity::double::varchar || ' (' || t.lot_count::varchar
-                  || ' lots) but the position is ' || p.quantity::double::varchar end,
+                  || case when t.lot_count = 1 then ' lot' else ' lots' end
+                  || ') but the position is ' || p.quantity::double::varchar end,
         p.account_id, null, null, p.symbol, null, null
     from positions p
     join securities s on s.symbol = p.symbol and s.security_type <> 'cash'

@@ -91,10 +91,6 @@ class ExecutionError(RuntimeError):
     """The orders cannot be staged or submitted as asked; nothing more is written (the reason says why)."""
 
 
-def outbox_root() -> Path:
-    return settings.outbox_root()
-
-
 def _typed(rebal_settings: settings.RebalSettings | Mapping[str, str]) -> settings.RebalSettings:
     """A RebalSettings as given, or the one a mapping of variables describes (settings.py is the one
     home of their rules; a malformed value is an ExecutionError naming the variable)."""
@@ -469,7 +465,7 @@ def stage_and_submit(store, tickets: Tickets, *, session: FixSession, now: Calla
 
     `store`: a WorkflowStore. `after_write` is called after a destination is on disk and before
     its rows are marked done: the crash seam (tests raise there to play a crash)."""
-    outbox = outbox or outbox_root()
+    outbox = outbox or settings.outbox_root()  # one home: RebalSettings.outbox_root
     found = destinations(tickets, session)
     orders = {o.cl_ord_id: o for o in tickets.batch.orders}
     where = {cl_ord_id: d for d in found for cl_ord_id in d.cl_ord_ids}

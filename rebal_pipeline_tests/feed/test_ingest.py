@@ -42,7 +42,7 @@ def defective_book() -> tuple[FeedBuilder, dict]:
     acc = account("ACC-LOTS")
     row = b.add("positions", account_id=acc, symbol="VTI", quantity="10")
     b.add("lots", account_id=acc, symbol="VTI", lot_id="L-1", open_date="2024-01-02", quantity="9", cost_basis="900")
-    expected["lots sum to 9.0 (1 lots) but the position is 10.0"] = (
+    expected["lots sum to 9.0 (1 lot) but the position is 10.0"] = (
         "positions.csv", b.line_of("positions", row), "quantity", "10", acc)
 
     acc = account("ACC-IPS-BAD")
