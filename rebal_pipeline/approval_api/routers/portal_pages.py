@@ -106,11 +106,16 @@ def sign_in_page(request: Request, status: int = 200, *, notice: str | None = No
 
 
 def portal_router() -> APIRouter:
+    """The review queue's pages: sign-in and sign-out, the queue and the batch, one
+    recommendation, compliance and operations (one function per group below)."""
     router = APIRouter(include_in_schema=False)
+    for add_routes in (_sign_in_routes, _queue_routes, _recommendation_routes, _oversight_routes):
+        add_routes(router)
+    return router
 
-    # ----------------------------------------------------------------------------------------
-    # Sign-in and sign-out
-    # ----------------------------------------------------------------------------------------
+
+def _sign_in_routes(router: APIRouter) -> None:
+    """Sign-in by an emailed single-use link, and sign-out."""
 
     @router.get("/portal")
     def portal_home() -> Response:
@@ -190,9 +195,9 @@ def portal_router() -> APIRouter:
         signin.clear_session_cookie(response, request, request.app.state.portal)
         return response
 
-    # ----------------------------------------------------------------------------------------
-    # The queue and the batch
-    # ----------------------------------------------------------------------------------------
+
+def _queue_routes(router: APIRouter) -> None:
+    """My queue, and approving or deferring many rows in one review session."""
 
     @router.get("/portal/queue")
     def my_queue(request: Request, session: PortalSession, store: Store) -> Response:
@@ -287,9 +292,9 @@ def portal_router() -> APIRouter:
                    message=message)
         return row
 
-    # ----------------------------------------------------------------------------------------
-    # One recommendation
-    # ----------------------------------------------------------------------------------------
+
+def _recommendation_routes(router: APIRouter) -> None:
+    """One recommendation's page and its decision form."""
 
     def _recommendation_page(request: Request, session: sessions.Session, store, rid: str, *, status: int = 200,
                              error: str | None = None, errors: list[str] | None = None,
@@ -373,9 +378,9 @@ def portal_router() -> APIRouter:
                     rec_status=result.recommendation_status, decided_at=portal.local_moment(decision.created_at),
                     actor=decision.actor_id, reason=decision.reason)
 
-    # ----------------------------------------------------------------------------------------
-    # Compliance and operations
-    # ----------------------------------------------------------------------------------------
+
+def _oversight_routes(router: APIRouter) -> None:
+    """The compliance and operations views."""
 
     @router.get("/portal/compliance")
     def compliance(request: Request, session: PortalSession, store: Store) -> Response:
@@ -392,8 +397,6 @@ def portal_router() -> APIRouter:
         with store.begin() as conn:
             data = review_queue.operations_view(conn)
         return page(request, "operations.html.j2", session=session, section="operations", wide=True, data=data)
-
-    return router
 
 
 def _reason_and_day(fields: dict[str, list[str]]):
