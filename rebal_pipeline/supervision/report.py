@@ -391,6 +391,55 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
     anchor folder (default audit.anchor_dir); wash_sale_overrides: the override file
     (settings.wash_sale_overrides_path; None or missing: none)."""
     start, end = period.starts_at, period.ends_at
+    facts = _read_facts(conn, period)
+    mask = _masker_of(facts)
+
+    def words(text: str | None) -> str | None:
+        return None if text is None else mask(text)
+
+    lines = _recommendation_lines(facts)
+    decision_lines = _decision_lines(facts, start, end, words)
+    escalation_lines = _escalation_lines(facts, review_window_hours, words)
+    overrides = _wash_sale_overrides(wash_sale_overrides, period, facts.packages, mask)
+    exceptions = _exceptions(facts, period, lines, decision_lines, review_window_hours, mask, words)
+    advisors = _advisor_figures(facts, lines)
+    counts = {o: 0 for o in OUTCOMES}
+    for line in lines:
+        counts[line.outcome] = counts.get(line.outcome, 0) + 1
+    rec_rows = facts.rec_rows
+    return SupervisoryReport(
+        period=period, frequency=frequency, review_window_hours=float(review_window_hours),
+        micro_trade_limit=float(micro_trade_limit),
+        policy_versions=tuple(sorted({row["policy_version"] for row in rec_rows if row["policy_version"]})),
+        outcomes=tuple((o, n) for o, n in counts.items() if n), recommendations=tuple(lines),
+        decisions=tuple(decision_lines), escalations=tuple(escalation_lines), wash_sale_overrides=tuple(overrides),
+        exceptions=tuple(exceptions), advisors=tuple(advisors), chain=_chain(conn, period, anchors))
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the report is made of, read from the store in a fixed number of set-based queries."""
+
+    rec_rows: list[dict]
+    recs: dict[str, dict]
+    packages: dict[str, dict]
+    timelines: dict
+    decision_rows: list[dict]
+    escalation_rows: list[dict]
+    people: dict
+    suspension_rows: list[dict]
+    holds: list[dict]
+
+    @property
+    def decisions_by_recommendation(self) -> dict[str, list[dict]]:
+        by_rec: dict[str, list[dict]] = {}
+        for row in self.decision_rows:
+            by_rec.setdefault(row["recommendation_id"], []).append(row)
+        return by_rec
+
+
+def _read_facts(conn: Connection, period: Period) -> _Facts:
+    start, end = period.starts_at, period.ends_at
     r, d, e = recommendations.c, decisions.c, audit_events.c
 
     # 1. The period's recommendations (published on its days, before it ended).
@@ -442,18 +491,25 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
         notifications.c.created_at >= start, notifications.c.created_at < end))
         .order_by(notifications.c.notification_key)).mappings()]
 
+    return _Facts(rec_rows, recs, packages, timelines, decision_rows, escalation_rows, people, suspension_rows, holds)
+
+
+def _masker_of(facts: _Facts):
+    """Every account number the report could name, masked wherever it appears in a text."""
+    packages, decision_rows, suspension_rows = facts.packages, facts.decision_rows, facts.suspension_rows
     known_accounts = {a for p in packages.values() for a in p.get("account_ids") or []}
     known_accounts |= {row["scope_id"] for row in decision_rows if row["scope"] == "account"}
     known_accounts |= {row["subject_id"] for row in suspension_rows if row["subject_id"]}
     mask = masker(known_accounts)
 
-    def words(text: str | None) -> str | None:
-        return None if text is None else mask(text)
+    return mask
 
-    # Recommendation lines
-    by_rec: dict[str, list[dict]] = {}
-    for row in decision_rows:
-        by_rec.setdefault(row["recommendation_id"], []).append(row)
+
+def _recommendation_lines(facts: _Facts) -> list[RecommendationLine]:
+    """One line per recommendation: its outcome as recorded by the period's end, the first
+    decision by a person and the hours to it."""
+    recs, packages, timelines = facts.recs, facts.packages, facts.timelines
+    by_rec = facts.decisions_by_recommendation
     lines: list[RecommendationLine] = []
     for rid, row in recs.items():
         history = timelines.get(rid, [])
@@ -470,9 +526,14 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
             inside_bands=packages[rid].get("inside_bands")))
     lines.sort(key=lambda x: (x.as_of, x.advisor_id or "", x.recommendation_id))
 
-    # Decision lines (the period's only)
+    return lines
+
+
+def _decision_lines(facts: _Facts, start: datetime, end: datetime, words) -> list[DecisionLine]:
+    """The decisions recorded in the period, with who, when, why and the gate's verdict."""
+    people = facts.people
     decision_lines = []
-    for row in decision_rows:
+    for row in facts.decision_rows:
         if utc(row["created_at"]) < start:
             continue
         payload, package = _json(row["payload"]), _json(row["package"])
@@ -486,9 +547,14 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
             detail=words(_detail(row["action"], payload, package, float(row["trade_value"] or 0))) or ""))
     decision_lines.sort(key=lambda x: (x.decided_at, x.decision_id))
 
-    # Escalation lines
+    return decision_lines
+
+
+def _escalation_lines(facts: _Facts, review_window_hours: float, words) -> list[EscalationLine]:
+    """The escalations recorded in the period, by route and reason."""
+    people = facts.people
     escalation_lines = []
-    for row in escalation_rows:
+    for row in facts.escalation_rows:
         payload = _json(row["payload"])
         actor = row["actor"]
         if actor == "rebal:escalation_sensor":
@@ -506,9 +572,16 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
             route=route, by=person.name if person else actor, reason=words(reason) or ""))
     escalation_lines.sort(key=lambda x: (x.escalated_at, x.recommendation_id))
 
-    overrides = _wash_sale_overrides(wash_sale_overrides, period, packages, mask)
+    return escalation_lines
 
-    # Exceptions
+
+def _exceptions(facts: _Facts, period: Period, lines: list[RecommendationLine], decision_lines: list[DecisionLine],
+                review_window_hours: float, mask, words) -> list[ExceptionLine]:
+    """Alerts past their review window, recommendations still outside their bands, micro-trade
+    auto-approvals, suspended accounts and data-quality holds, in the report's order."""
+    start, end = period.starts_at, period.ends_at
+    recs, packages, timelines, holds = facts.recs, facts.packages, facts.timelines, facts.holds
+    by_rec = facts.decisions_by_recommendation
     exceptions: list[ExceptionLine] = []
     for line in lines:
         row = recs[line.recommendation_id]
@@ -549,7 +622,7 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
         if decision.action == "auto_approve":
             exceptions.append(ExceptionLine("micro_trade_auto_approval", decision.decided_at, decision.subject,
                                             decision.advisor_id, decision.recommendation_id, decision.detail))
-    exceptions += _suspensions(suspension_rows, start, mask)
+    exceptions += _suspensions(facts.suspension_rows, start, mask)
     for hold in holds:  # keys feed_data_quality:<as_of> (core/feed_data_quality.py), one per feed day
         payload = _json(hold["payload"])
         details = payload.get("details") or {}
@@ -566,7 +639,13 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
     order = {k: i for i, k in enumerate(EXCEPTION_KINDS)}
     exceptions.sort(key=lambda x: (order[x.kind], _sort_moment(x.when), x.subject, x.recommendation_id or ""))
 
-    # Per advisor
+    return exceptions
+
+
+def _advisor_figures(facts: _Facts, lines: list[RecommendationLine]) -> list[AdvisorFigures]:
+    """Per advisor: recommendations routed, decided, time to decision, auto-approved, deferred, escalated."""
+    timelines, people = facts.timelines, facts.people
+    by_rec = facts.decisions_by_recommendation
     advisors = []
     routed = [x for x in lines if x.advisor_id and timelines.get(x.recommendation_id)
               and timelines[x.recommendation_id][0][1] not in ("historical", "blocked_by_open_orders")]
@@ -584,16 +663,7 @@ def build_report(conn: Connection, period: Period, *, review_window_hours: float
             auto_approved=sum(1 for s in states if "auto_approved" in s), deferred=deferred,
             escalated=sum(1 for s in states if "escalated" in s)))
 
-    counts = {o: 0 for o in OUTCOMES}
-    for line in lines:
-        counts[line.outcome] = counts.get(line.outcome, 0) + 1
-    return SupervisoryReport(
-        period=period, frequency=frequency, review_window_hours=float(review_window_hours),
-        micro_trade_limit=float(micro_trade_limit),
-        policy_versions=tuple(sorted({row["policy_version"] for row in rec_rows if row["policy_version"]})),
-        outcomes=tuple((o, n) for o, n in counts.items() if n), recommendations=tuple(lines),
-        decisions=tuple(decision_lines), escalations=tuple(escalation_lines), wash_sale_overrides=tuple(overrides),
-        exceptions=tuple(exceptions), advisors=tuple(advisors), chain=_chain(conn, period, anchors))
+    return advisors
 
 
 def _sort_moment(value: datetime | date) -> datetime:
