@@ -103,11 +103,23 @@ def cmd_drill(args) -> int:
         progress.say("summarising the day …")
         summary = summarize_day(settings.warehouse_path(), as_of).text
         workflow = workflow_summary(as_of)
+        loop = None
+        if not args.no_loop:
+            from rebal_pipeline.drill import run_loop
+
+            progress.say("the whole loop: alerts, the advisor, the gate, orders, the desk, the client …")
+            loop = run_loop(as_of, progress)
     print()
     print(summary)
     print()
     print(workflow)
     print()
+    if loop is not None:
+        print("\n".join(loop.lines))
+        print()
+        if not loop.ok:
+            print("The loop stopped before its end; see above.", file=sys.stderr)
+            return 1
     print("Open the Dagster UI to see the run, the lineage from custodian_feed to drift_alerts and the checks:")
     print(f"  DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000")
     print(f"Query the warehouse: .venv/bin/python -c \"import duckdb; print(duckdb.connect('{settings.warehouse_path()}', read_only=True).sql('from drift_alerts limit 5'))\"")
@@ -406,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run on top of what earlier drills left in REBAL_HOME (their recommendations, runs and "
                         "audit events count too); by default each drill starts from an empty home, the previous "
                         "drill moved aside into <home>/previous_drills/")
+    p.add_argument("--no-loop", action="store_true",
+                   help="stop after the scan: no alert emails, advisor decisions, orders or client confirmations "
+                        "(by default the drill runs the whole loop on local servers it starts and stops)")
     via = p.add_mutually_exclusive_group()
     via.add_argument("--via-sftp", choices=["schwab", "fidelity", "pershing"],
                      help="deliver the book as that custodian's files over a real local SFTP server, "

@@ -17,6 +17,14 @@ Contract:
 - `summarize_day` / `workflow_summary` say in the advisor's words what the day found: every
   count with its noun through `plural` (1 account, 2 accounts), every row naming what it counts,
   a tax saving worded as a saving, suspended accounts counted apart from the scanned ones.
+- `run_loop` (after the scan, unless `rebal drill --no-loop`) runs the rest of the story with
+  rebal's own jobs on the same instance, against local servers it starts and stops (an SMTP sink,
+  a Redtail-style CRM stand-in, the approval API: rebal_pipeline/sandbox/): the advisor's alerts,
+  one approval by its emailed link and one modification in the portal, the gate and the staged
+  FIX / custodian files, the desk's confirmation, the client confirmation and the CRM note. Each
+  run is the one the sensor would request, for what the sensor's queue says is owed; the emails
+  received are saved as <home>/drill/mail/NN-<kind>.eml. Running it again on the same home
+  sends and records nothing new, and says so.
 """
 
 from __future__ import annotations
@@ -556,3 +564,407 @@ def deliver_by_custodian(book_dir: Path, as_of: date, firm: str = "sandbox-ria")
                      f"{plural(len(d.raw_files), 'page')} archived)")
         lines.append(f"  pulled: {d.as_of} part in; {d.assembly.describe()}")
     return lines
+
+
+# --- the whole loop: alert → advisor → gate → orders → desk → client -----------------------------
+
+LOOP_DIR = "drill"  # <REBAL_HOME>/drill/: the loop's emails (mail/NN-<kind>.eml), its subjects, its link secret
+SANDBOX_FIRM = "Sandbox RIA"
+SANDBOX_SENDER_DOMAIN = "sandbox-ria.example"
+SANDBOX_SENDER = f"Sandbox RIA <alerts@{SANDBOX_SENDER_DOMAIN}>"
+# Variables the loop sets itself for its local deployment: the ones a user's environment may hold
+# for a real relay, CRM, public URL or desk are left out, so the drill never sends anywhere else.
+LOOP_OWNS = ("REBAL_SMTP_", "REBAL_CRM", "REBAL_WEALTHBOX_", "REBAL_REDTAIL_", "REBAL_PUBLIC_URL", "REBAL_LINK_",
+             "REBAL_AUTO_SUBMIT_DISCRETIONARY", "REBAL_TRADING_DESK_ID", "REBAL_FIRM_NAME",
+             "REBAL_CLIENT_CONFIRMATION")
+LOOP_STEPS = ("Loop 1/6", "Loop 2/6", "Loop 3/6", "Loop 4/6", "Loop 5/6", "Loop 6/6")
+
+
+@dataclass
+class LoopResult:
+    lines: list[str]
+    ok: bool
+    emails: list[Path]  # the .eml copies this loop received, in order
+    crm_records: list  # what the CRM stand-in recorded (sandbox.local_peers.CrmRecord)
+
+
+def _loop_secret(folder: Path) -> str:
+    """The sandbox's link secret, kept in the drill's home (0600) so a later loop on the same home
+    (`--keep`) still opens the links of the emails it saved."""
+    import secrets
+
+    from rebal_pipeline.core.private_files import make_private, private_dir
+
+    private_dir(folder)
+    path = folder / "sandbox_link_secret"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48), encoding="utf-8")
+        make_private(path)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _loop_subjects(conn, as_of: date, now: datetime, folder: Path) -> dict | None:
+    """The two recommendations the drill's advisor acts on: chosen once per home and day (kept in
+    loop_<as_of>.json, so running the loop again acts on the same two and finds each step done). Chosen
+    from the advisor_alerts sensor's queue: one advisor's first two account-scope rebalance
+    recommendations, the second with a buy that can be made smaller."""
+    import json
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from rebal_pipeline.comms.waiting import recommendations_waiting_for_alert
+    from rebal_pipeline.workflow.package import RecommendationPackage
+    from rebal_pipeline.workflow.schema import recommendations
+
+    path = folder / f"loop_{as_of.isoformat()}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    waiting = recommendations_waiting_for_alert(conn, now, now - timedelta(days=3), 100_000)
+    r = recommendations.c
+    rows = {row["recommendation_id"]: row for row in conn.execute(
+        select(r.recommendation_id, r.advisor_id, r.kind, r.scope, r.package)
+        .where(r.as_of == as_of, r.recommendation_id.in_([w["recommendation_id"] for w in waiting]))).mappings()}
+    by_advisor: dict[str, list[str]] = {}
+    for w in waiting:
+        row = rows.get(w["recommendation_id"])
+        if row is None or row["kind"] != "rebalance" or row["scope"] != "account" or not row["advisor_id"]:
+            continue
+        package = RecommendationPackage.model_validate_json(row["package"])
+        has_buy = any(t.side == "buy" and t.quantity >= 2 for t in package.trades)
+        chosen = by_advisor.setdefault(row["advisor_id"], [])
+        if not chosen or has_buy:
+            chosen.append(row["recommendation_id"])
+        if len(chosen) == 2:
+            subjects = {"advisor_id": row["advisor_id"], "approve": chosen[0], "modify": chosen[1]}
+            path.write_text(json.dumps(subjects, indent=2) + "\n", encoding="utf-8")
+            return subjects
+    return None
+
+
+def _loop_deployment(home: Path, secret: str, sink, crm, api_url: str, desk_id: str) -> dict[str, str]:
+    """The REBAL_* variables of the drill's local deployment: the process environment (the
+    home, the store, the warehouse) with the relay, CRM, links and desk pointed at the loop's
+    local peers."""
+    deployment = {k: v for k, v in os.environ.items() if not k.startswith(LOOP_OWNS)}
+    deployment.update({
+        "REBAL_HOME": str(home), "REBAL_SANDBOX": "1",
+        "REBAL_SMTP_HOST": sink.host, "REBAL_SMTP_PORT": str(sink.port), "REBAL_SMTP_STARTTLS": "false",
+        "REBAL_SMTP_FROM": SANDBOX_SENDER, "REBAL_SMTP_TIMEOUT": "10", "REBAL_FIRM_NAME": SANDBOX_FIRM,
+        "REBAL_LINK_SECRET": secret, "REBAL_PUBLIC_URL": api_url,
+        "REBAL_CRM": "redtail", "REBAL_REDTAIL_BASE_URL": crm.url, "REBAL_REDTAIL_API_KEY": crm.api_key,
+        "REBAL_REDTAIL_USER_KEY": crm.user_key, "REBAL_CRM_MAX_ATTEMPTS": "2",
+        "REBAL_AUTO_SUBMIT_DISCRETIONARY": "false", "REBAL_TRADING_DESK_ID": desk_id,
+    })
+    return deployment
+
+
+def _save_mail(mail_dir: Path, received, kind: str) -> Path:
+    """A received email, byte for byte, as <mail_dir>/NN-<kind>.eml (NN continues the folder's count)."""
+    from rebal_pipeline.core.private_files import make_private, private_dir
+
+    private_dir(mail_dir)
+    number = len(list(mail_dir.glob("*.eml"))) + 1
+    path = mail_dir / f"{number:02d}-{kind}.eml"
+    path.write_bytes(received.data)
+    make_private(path)  # the client's name and address are in it
+    return path
+
+
+def run_loop(as_of: date, progress=None) -> LoopResult:
+    """The rest of the story after the daily scan, on the drill's Dagster instance, with the
+    servers a deployment would have started locally (an SMTP sink, a CRM stand-in, the approval
+    API): the advisor's alerts (send_advisor_alert), the advisor approving one recommendation by
+    its emailed link and modifying another in the portal, the gate and orders (execute_rebalance),
+    the desk's confirmation (`rebal orders-executed`), the client confirmation and CRM note
+    (communicate_execution). Each run is what the sensor would request (its RunRequest's config
+    and tags). Everything is exactly once: running the loop again on the same home sends nothing
+    new and says so. Printed lines show accounts as ••••1234 and no client name or address (those
+    are in the saved emails only). The servers stop when it returns, also on an error."""
+    import email
+    import email.policy
+    from datetime import timedelta
+
+    import httpx
+    from dagster import DagsterInstance, Definitions, in_process_executor
+    from sqlalchemy import select
+
+    from rebal_pipeline.approval_api.app import create_app
+    from rebal_pipeline.approval_api.testing import running_server
+    from rebal_pipeline.comms.delivery import client_contacts
+    from rebal_pipeline.comms.keys import alert_key
+    from rebal_pipeline.comms.smtp import make_message_id
+    from rebal_pipeline.comms.waiting import executed_decisions, recommendations_waiting_for_alert
+    from rebal_pipeline.core.clock import utc_now
+    from rebal_pipeline.defs.approvals.jobs import execute_rebalance
+    from rebal_pipeline.defs.approvals.sensors import decision_run_request
+    from rebal_pipeline.defs.comms.jobs import communicate_execution, send_advisor_alert
+    from rebal_pipeline.defs.comms.sensors import alert_run_request, execution_run_request
+    from rebal_pipeline.execution.submit import ExecutionError, confirm_executed
+    from rebal_pipeline.progress import RunProgress
+    from rebal_pipeline.resources import resources_for
+    from rebal_pipeline.sandbox import advisor
+    from rebal_pipeline.sandbox.local_peers import CrmStandIn, SmtpSink
+    from rebal_pipeline.workflow import audit
+    from rebal_pipeline.workflow.schema import decisions, recommendations, submissions, users
+    from rebal_pipeline.workflow.store import WorkflowStore
+
+    progress = progress if progress is not None else RunProgress("drill")
+    home = settings.rebal_home()
+    folder = home / LOOP_DIR
+    mail_dir = folder / "mail"
+    secret = _loop_secret(folder)
+    lines: list[str] = ["The whole loop, on local servers (started for this drill, stopped at its end):"]
+    saved: list[Path] = []
+    result = LoopResult(lines, False, saved, [])
+    store = WorkflowStore(settings.workflow_db_url())
+    store.migrate()
+    try:
+        with store.begin() as conn:
+            subjects = _loop_subjects(conn, as_of, utc_now(), folder)
+            desk = conn.execute(select(users.c.user_id, users.c.name).where(
+                users.c.role == "trading_desk", users.c.active.is_(True)).order_by(users.c.user_id)).first()
+            staff = {u.user_id: (u.name, u.email) for u in conn.execute(select(users.c.user_id, users.c.name,
+                                                                             users.c.email))}
+        if subjects is None:
+            lines.append("  no advisor has two account recommendations waiting for an alert today: nothing to show "
+                         "(try more households or another --seed)")
+            result.ok = True  # a quiet day is not a failure
+            return result
+        if desk is None:
+            lines.append("  no active trading-desk user in users.csv: the loop cannot confirm orders")
+            result.ok = True  # the book's choice, not a failure
+            return result
+        ids = [subjects["approve"], subjects["modify"]]
+        with store.begin() as conn:
+            recs = {row.recommendation_id: row for row in conn.execute(
+                select(recommendations.c.recommendation_id, recommendations.c.scope_id, recommendations.c.household_id,
+                       recommendations.c.urgency).where(recommendations.c.recommendation_id.in_(ids)))}
+        accounts = [recs[i].scope_id for i in ids]
+
+        with SmtpSink() as sink, CrmStandIn(api_key="sandbox-api-key", user_key="sandbox-user-key") as crm, \
+                running_server(create_app(store, secret.encode("utf-8"))) as api_url, \
+                httpx.Client(timeout=30) as browser:
+            deployment = _loop_deployment(home, secret, sink, crm, api_url, desk.user_id)
+            loop_settings = settings.load_settings(deployment)
+            definitions = Definitions(jobs=[send_advisor_alert, execute_rebalance, communicate_execution],
+                                      resources=resources_for(loop_settings), executor=in_process_executor)
+            contacts = client_contacts(definitions.resources["warehouse"], accounts)
+            private = sorted({text for c in contacts.values() for text in (c.client_name, c.client_email) if text},
+                             key=len, reverse=True)
+            mask_accounts = masker(accounts)
+
+            def shown(text: str) -> str:
+                """A line for the terminal: accounts ••••1234, client names and addresses left out."""
+                text = mask_accounts(str(text))
+                for value in private:
+                    text = text.replace(value, "[client]")
+                return text
+
+            lines.append(f"  SMTP sink smtp://{sink.host}:{sink.port} · CRM stand-in (Redtail-style) {crm.url} · "
+                         f"approval API and portal {api_url}")
+
+            def run(job_name: str, request, subject: str) -> dict | None:
+                """One run as the sensor would request it; its messages' outcomes (None: it failed)."""
+                job = definitions.resolve_job_def(job_name)
+                progress.say(f"{job_name} for {subject} …")
+                with DagsterInstance.get() as instance:
+                    outcome = job.execute_in_process(
+                        instance=instance, raise_on_error=False,
+                        run_config={**request.run_config,
+                                    "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                        tags={**request.tags, "dagster/run_key": request.run_key, "rebal/drill": "loop"})
+                if not outcome.success:
+                    for event in outcome.all_events:
+                        if event.is_step_failure and event.step_failure_data.error:
+                            lines.append(f"  FAILED {job_name} {event.step_key}: "
+                                         f"{shown(event.step_failure_data.error.message.strip())}")
+                    return None
+                outputs = [e for e in outcome.all_node_events if e.is_successful_output]
+                messages = [m for e in outputs for m in (e.step_output_data.metadata.get("messages").value
+                                                         if e.step_output_data.metadata.get("messages") else [])]
+                return {"run_id": outcome.run_id, "messages": messages}
+
+            def statuses(outcome: dict) -> str:
+                found: dict[str, int] = {}
+                for m in outcome["messages"]:
+                    word = {"sent": "sent", "already_sent": "already sent before: nothing new"}.get(m["status"], m["status"])
+                    found[f"{m['kind']} {word}"] = found.get(f"{m['kind']} {word}", 0) + 1
+                return ", ".join(f"{k}" + (f" ×{n}" if n > 1 else "") for k, n in found.items()) or "nothing to send"
+
+            # 1. Alerts: the advisor_alerts sensor's queue, and the two this drill's advisor acts on.
+            now = utc_now()
+            with store.begin() as conn:
+                owed = recommendations_waiting_for_alert(conn, now, now - timedelta(days=3), 100_000)
+            name, address = staff.get(subjects["advisor_id"], (subjects["advisor_id"], ""))
+            lines += ["", f"{LOOP_STEPS[0]} Alert emails (send_advisor_alert, as the advisor_alerts sensor requests "
+                          f"it): {plural(len(owed), 'recommendation')} waiting for an alert; this drill sends the "
+                          f"two that {name} ({subjects['advisor_id']}) acts on below, the sensor the rest once started"]
+            alert_mail: dict[str, Path] = {}
+            owed_ids = {w["recommendation_id"] for w in owed}
+            for rec_id in ids:
+                if rec_id not in owed_ids:  # the sensor would not ask again: its alert row is there
+                    lines.append(f"  {mask_account(recs[rec_id].scope_id)} recommendation {rec_id[:12]}…: "
+                                 "alert already sent before: nothing new")
+                else:
+                    outcome = run(send_advisor_alert.name, alert_run_request(rec_id, utc_now(), recs[rec_id].urgency),
+                                  mask_account(recs[rec_id].scope_id))
+                    if outcome is None:
+                        return result
+                    lines.append(f"  {mask_account(recs[rec_id].scope_id)} recommendation {rec_id[:12]}…: "
+                                 f"{statuses(outcome)}")
+                for received in sink.take_new():
+                    message = email.message_from_bytes(received.data, policy=email.policy.default)
+                    path = _save_mail(mail_dir, received, "alert")
+                    saved.append(path)
+                    alert_mail[rec_id] = path
+                    links = advisor.email_links(message)
+                    lines.append(f"    email to {', '.join(received.recipients)}: \"{shown(message['Subject'])}\"")
+                    lines.append(f"      buttons: {' · '.join(k for k in links if k)}; saved as {path}")
+                if rec_id not in alert_mail:  # sent by an earlier loop on this home: its saved copy
+                    wanted = make_message_id(alert_key(rec_id, subjects["advisor_id"]), SANDBOX_SENDER_DOMAIN)
+                    for path in sorted(mail_dir.glob("*-alert.eml")) if mail_dir.is_dir() else []:
+                        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                        if message["Message-ID"] == wanted:
+                            alert_mail[rec_id] = path
+                            break
+            for record in crm.records:
+                if record.kind == "task":
+                    lines.append(f"  CRM task #{record.id} for {record.contact}: \"{shown(record.body.get('subject', ''))}\" "
+                                 f"assigned to {record.body.get('assigned_to')}, due {record.body.get('due_date')}")
+
+            # 2. The advisor: approve one by its emailed link, modify the other in the portal.
+            lines += ["", f"{LOOP_STEPS[1]} {name} decides, in the browser, from the emails"]
+            with store.begin() as conn:
+                decided = {d.recommendation_id: d for d in conn.execute(
+                    select(decisions).where(decisions.c.recommendation_id.in_(ids),
+                                            decisions.c.action.in_(("approve", "modify")))
+                    .order_by(decisions.c.decision_seq))}
+            for rec_id, how in ((subjects["approve"], "approve"), (subjects["modify"], "modify")):
+                masked = mask_account(recs[rec_id].scope_id)
+                if rec_id in decided:
+                    d = decided[rec_id]
+                    lines.append(f"  {masked}: already decided ({d.action} by {d.actor_id} via {d.via} at "
+                                 f"{d.created_at:%Y-%m-%d %H:%M} UTC): nothing new recorded")
+                    continue
+                path = alert_mail.get(rec_id)
+                if path is None:
+                    lines.append(f"  {masked}: the alert email is not in {mail_dir}: nothing to click")
+                    return result
+                links = advisor.email_links(email.message_from_bytes(path.read_bytes(), policy=email.policy.default))
+                button = "Approve" if how == "approve" else "Review or modify"
+                if button not in links:
+                    lines.append(f"  {masked}: the alert email {path} has no \"{button}\" button: nothing to click")
+                    return result
+                if how == "approve":
+                    visit = advisor.approve_by_link(browser, links["Approve"])
+                    lines.append(f"  {masked}: opened \"Approve\" from the email → page \"{shown(visit.opened.said())}\"; "
+                                 f"pressed \"Approve these trades\"")
+                else:
+                    visit = advisor.modify_in_portal(
+                        browser, links["Review or modify"],
+                        reason="Drill: a smaller buy than proposed, to keep cash for a planned withdrawal")
+                    lines.append(f"  {masked}: opened \"Review or modify\" → page \"{shown(visit.opened.said())}\"; "
+                                 f"changed {shown(visit.changed)}, pressed \"Record these quantities\"")
+                lines.append(f"    the page said (HTTP {visit.result.status}): {shown(visit.result.said())}")
+                if visit.result.status not in (200, 201):
+                    return result
+
+            # 3. The gate and the orders: one execute_rebalance run per decision (approval_decisions).
+            lines += ["", f"{LOOP_STEPS[2]} Approval gate → order tickets → staged for the trading desk "
+                          "(execute_rebalance, as the approval_decisions sensor requests it)"]
+            with store.begin() as conn:
+                made = list(conn.execute(select(decisions).where(
+                    decisions.c.recommendation_id.in_(ids), decisions.c.action.in_(("approve", "modify")))
+                    .order_by(decisions.c.decision_seq)))
+            for d in made:
+                # The sensor asks for decisions whose gate verdict is still empty, and only those.
+                checked_before = d.gate_verdict is not None
+                if not checked_before and run(
+                        execute_rebalance.name, decision_run_request(d.decision_id, d.recommendation_id, d.action),
+                        f"the {d.action} of {mask_account(recs[d.recommendation_id].scope_id)}") is None:
+                    return result
+                with store.begin() as conn:
+                    verdict = conn.execute(select(decisions.c.gate_verdict, decisions.c.gate_reason)
+                                           .where(decisions.c.decision_id == d.decision_id)).first()
+                    orders = list(conn.execute(select(submissions).where(submissions.c.decision_id == d.decision_id)
+                                               .order_by(submissions.c.cl_ord_id)))
+                lines.append(f"  {d.action} {d.decision_id[:12]}… ({mask_account(recs[d.recommendation_id].scope_id)}): "
+                             f"gate {verdict.gate_verdict}" + (f" ({shown(verdict.gate_reason)})"
+                                                               if verdict.gate_verdict != "passed" else "")
+                             + (" (recorded by an earlier run: nothing new)" if checked_before else "")
+                             + f"; {plural(len(orders), 'order')} "
+                             + ", ".join(f"{o.side} {fmt_quantity(o)} {o.symbol}" for o in orders))
+                staged = settings.outbox_root() / "staged" / d.decision_id
+                for path in sorted(staged.glob("*")) if staged.is_dir() else []:
+                    if not path.name.startswith("."):
+                        lines.append(f"    {path}")
+
+            # 4. The desk places them and says so (rebal orders-executed).
+            lines += ["", f"{LOOP_STEPS[3]} The trading desk ({desk.name}, {desk.user_id}) places the staged orders "
+                          "and confirms (rebal orders-executed --decision D --by " + desk.user_id + ")"]
+            for d in made:
+                with store.begin() as conn:
+                    passed = conn.execute(select(decisions.c.gate_verdict).where(
+                        decisions.c.decision_id == d.decision_id)).scalar() == "passed"
+                if not passed:  # refused by the gate: no order to place, nothing for the client
+                    lines.append(f"  {d.decision_id[:12]}…: no orders (the gate refused it)")
+                    continue
+                try:
+                    with store.begin() as conn:
+                        count = confirm_executed(conn, d.decision_id, desk.user_id, utc_now())
+                except ExecutionError as error:
+                    lines.append(f"  {d.decision_id[:12]}…: {shown(error)}")
+                    return result
+                lines.append(f"  {d.decision_id[:12]}…: " + (f"{plural(count, 'order')} confirmed executed" if count
+                                                             else "already confirmed: nothing new"))
+
+            # 5. The client and the CRM (communicate_execution, as executed_recommendations requests it).
+            with store.begin() as conn:
+                owed_confirmations = executed_decisions(conn, utc_now() - timedelta(days=7), 500)
+            lines += ["", f"{LOOP_STEPS[4]} Client confirmation and CRM note (communicate_execution, as the "
+                          f"executed_recommendations sensor requests it): "
+                          f"{plural(len(owed_confirmations), 'executed decision')} owed one"]
+            if not owed_confirmations:
+                lines.append("  nothing new: every executed decision's client confirmation was already sent")
+            for row in owed_confirmations:
+                outcome = run(communicate_execution.name,
+                              execution_run_request(row["decision_id"], row["recommendation_id"], utc_now()),
+                              f"decision {row['decision_id'][:12]}…")
+                if outcome is None:
+                    return result
+                lines.append(f"  decision {row['decision_id'][:12]}…: {statuses(outcome)}")
+                for received in sink.take_new():
+                    message = email.message_from_bytes(received.data, policy=email.policy.default)
+                    path = _save_mail(mail_dir, received, "confirmation")
+                    saved.append(path)
+                    lines.append(f"    email to the client ({plural(len(received.recipients), 'address')}, "
+                                 f"not shown here): \"{shown(message['Subject'])}\" → {path}")
+            for record in crm.records:
+                if record.kind == "note":
+                    lines.append(f"  CRM note #{record.id} on contact {record.contact} "
+                                 f"({record.body.get('category')}, {record.body.get('note_date')}):")
+                    lines += [f"    {shown(text)}" for text in str(record.body.get("body", "")).splitlines() if text]
+
+            # 6. Where things stand.
+            with store.begin() as conn:
+                states = dict(conn.execute(select(recommendations.c.recommendation_id, recommendations.c.status)
+                                           .where(recommendations.c.recommendation_id.in_(ids))).all())
+                chain = audit.verify(conn)
+            lines += ["", f"{LOOP_STEPS[5]} Where it ended: "
+                      + "; ".join(f"{mask_account(recs[i].scope_id)} {states.get(i, '?').replace('_', ' ')}" for i in ids)
+                      + f"; {plural(len(saved), 'email')} received by this loop, {plural(len(crm.records), 'CRM record')}",
+                      f"  Audit: {chain}",
+                      f"  Emails (.eml, open in any mail client): {mail_dir}"]
+            result.crm_records = list(crm.records)
+            result.ok = True
+            return result
+    finally:
+        store.dispose()
+
+
+def fmt_quantity(order) -> str:
+    """An order's size as the desk reads it: 12 shares, 12.5 shares, or $1,000.00 for a fund bought by amount."""
+    if order.quantity is not None:
+        return f"{order.quantity:,.4f}".rstrip("0").rstrip(".")
+    return dollars(order.cash_amount or 0.0)
