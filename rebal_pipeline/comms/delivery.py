@@ -53,11 +53,10 @@ from sqlalchemy import select
 from rebal_pipeline.approval_api import links as link_tokens
 from rebal_pipeline.comms import emails, outbound, smtp
 from rebal_pipeline.comms.chart import class_label
-from rebal_pipeline.comms.keys import alert_key, confirmation_key, crm_note_key, crm_task_key
+from rebal_pipeline.comms.keys import alert_key, confirmation_key, crm_note_key, crm_task_key, key_for_people
 from rebal_pipeline.comms.outbound import Delivery, Permanent, Transient
 from rebal_pipeline.comms.settings import CommsSettings, CrmClient
 from rebal_pipeline.core.clock import utc as _utc
-from rebal_pipeline.core.pii import mask_account
 from rebal_pipeline.workflow import authority, operations_alerts
 from rebal_pipeline.workflow.operations_alerts import OperationsAlert
 from rebal_pipeline.workflow.package import RecommendationPackage
@@ -232,14 +231,6 @@ def outbound_state(store: WorkflowStore, message_key: str) -> Delivery:
         row = _message(conn, message_key)
     return Delivery(message_key=message_key, kind=row["kind"], channel=row["channel"], status="already_sent",
                     attempts=row["attempts"], external_id=row["external_id"])
-
-
-def key_for_people(key: str) -> str:
-    """A message key as logs and run metadata show it: a confirmation's account number masked to
-    its last four characters (core/pii.py); the store keeps the key whole."""
-    kind, _, rest = key.partition(":")
-    decision, sep, account = rest.rpartition(":")
-    return f"{kind}:{decision}:{mask_account(account)}" if kind == "confirmation" and sep else key
 
 
 def describe(outcome: Outcome) -> dict:

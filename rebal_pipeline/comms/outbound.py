@@ -73,6 +73,7 @@ from sqlalchemy.exc import IntegrityError
 
 from rebal_pipeline.comms import smtp
 from rebal_pipeline.comms.crm import CrmRejected, CrmUnavailable
+from rebal_pipeline.comms.keys import key_for_people
 from rebal_pipeline.workflow import audit
 from rebal_pipeline.workflow.schema import messages
 from rebal_pipeline.core.clock import utc as _utc
@@ -276,7 +277,7 @@ def claim(conn: Connection, message_key: str, kind: str, channel: str, now: date
         return False, _result(row, "in_flight")
     if status == "pending":
         log.warning("message %s: the attempt %d did not finish within its lease; sending again with the same "
-                    "identity", message_key, row["attempts"])
+                    "identity", key_for_people(message_key), row["attempts"])
     return True, _result(row, "pending", attempts=row["attempts"] + 1, next_attempt_at=lease_end)
 
 
@@ -311,14 +312,15 @@ def record_failure(conn: Connection, message_key: str, attempt: int, failure: Fa
             status="retry", last_error=reason, next_attempt_at=next_at))
         row = _row(conn, message_key)
         _audit(conn, "retry", row, now, attempts=attempt, error=reason, next_attempt_at=next_at)
-        log.warning("message %s (%s): attempt %d failed, retry at %s: %s", message_key, row["kind"], attempt,
-                    next_at.isoformat(), reason)
+        log.warning("message %s (%s): attempt %d failed, retry at %s: %s", key_for_people(message_key), row["kind"],
+                    attempt, next_at.isoformat(), reason)
         return _result(row, "retry", unexpected=failure.unexpected)
     conn.execute(update(messages).where(messages.c.message_key == message_key).values(
         status="rejected", last_error=reason, next_attempt_at=None))
     row = _row(conn, message_key)
     _audit(conn, "rejected", row, now, attempts=attempt, error=reason)
-    log.error("message %s (%s): rejected after attempt %d: %s", message_key, row["kind"], attempt, reason)
+    log.error("message %s (%s): rejected after attempt %d: %s", key_for_people(message_key), row["kind"], attempt,
+              reason)
     return _result(row, "rejected", unexpected=failure.unexpected)
 
 
@@ -336,19 +338,22 @@ def deliver(conn_factory: ConnFactory, message_key: str, kind: str, channel: Cha
         claimed, attempt = claim(conn, message_key, kind, channel, now, recipient_id=recipient_id,
                                  recommendation_id=recommendation_id, policy=policy)
     if not claimed:
-        log.info("message %s (%s): %s, nothing sent", message_key, kind, attempt.status.replace("_", " "))
+        log.info("message %s (%s): %s, nothing sent", key_for_people(message_key), kind,
+                 attempt.status.replace("_", " "))
         return attempt
     try:
         external_id = send_fn(message_key)
     except Exception as exc:  # noqa: BLE001 — every failure is recorded; none leaves the row in limbo
         failure = classify(exc)
         if failure.unexpected:
-            log.exception("message %s (%s): unexpected failure on attempt %d", message_key, kind, attempt.attempts)
+            log.exception("message %s (%s): unexpected failure on attempt %d", key_for_people(message_key), kind,
+                          attempt.attempts)
         with conn_factory() as conn:
             return record_failure(conn, message_key, attempt.attempts, failure, now, policy)
     with conn_factory() as conn:
         done = record_sent(conn, message_key, None if external_id is None else str(external_id), now)
-    log.info("message %s (%s) sent on attempt %d as %s", message_key, kind, attempt.attempts, done.external_id)
+    log.info("message %s (%s) sent on attempt %d as %s", key_for_people(message_key), kind, attempt.attempts,
+             done.external_id)
     return done
 
 

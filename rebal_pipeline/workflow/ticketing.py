@@ -9,6 +9,10 @@ orders and blocks placed at the gate's time, each routed `staged` or `submitted`
   OrderTickets with tickets        the orders, ready for `submit.stage_and_submit`
   OrderTickets without tickets     the warehouse has no reference tables at all (never built by
                                    the daily scan): nothing is ticketed, the hand-off stays for the desk
+  OrderTickets, orders_done > 0    a re-run for a decision every order of which an earlier run
+                                   staged or submitted (wf_submissions, none pending), whose orders
+                                   can no longer be rebuilt (the day re-scanned without the account
+                                   or symbol): nothing is left to do, so nothing is refused
   WarehouseUnreadable              the warehouse cannot be read now (e.g. a write lock): try again
   TicketsRefused                   a trade that cannot be an order (no reference data for its symbol
                                    or account, a bond, a fractional quantity of a whole-share
@@ -44,7 +48,8 @@ class OrderTickets:
     decision_id: str
     approved: Any  # submit.load_approved_decision's record (gate_checked_at: when orders are placed)
     reference_day: date
-    tickets: submit.Tickets | None  # None: the warehouse has no reference tables
+    tickets: submit.Tickets | None  # None: the warehouse has no reference tables, or orders_done
+    orders_done: int = 0  # > 0: every order was staged or submitted by an earlier run
 
 
 def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id: str, *, auto_submit: bool,
@@ -54,6 +59,7 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
     (REBAL_AUTO_SUBMIT_DISCRETIONARY, REBAL_TRADING_DESK_ID: `submit.auto_submit_discretionary`,
     `submit.trading_desk_id`), given by the caller: nothing here reads the environment."""
     trades: list = []  # (the accounts an error names are masked in the refusal)
+    approved, day = None, None
     try:
         with store.begin() as conn:
             approved = submit.load_approved_decision(conn, decision_id)
@@ -73,6 +79,24 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
         tickets = submit.build_tickets(approved, trades, securities, accounts,
                                        auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:
+        done = _orders_all_done(store, decision_id) if approved is not None else 0
+        if done:  # a re-run after the day was re-scanned: the orders left already, exactly once
+            return OrderTickets(decision_id, approved, day, None, orders_done=done)
         raise TicketsRefused(f"decision {decision_id}: no orders staged or submitted: "
                              f"{masker(t.account_id for t in trades)(str(exc))}") from None
     return OrderTickets(decision_id, approved, day, tickets)
+
+
+def _orders_all_done(store: WorkflowStore, decision_id: str) -> int:
+    """How many orders an earlier run recorded for the decision, when none is still pending (0:
+    none recorded, or some pending). Every order's row is written at once, pending, before any
+    leaves (execution/submit.py step 1), so no pending row means every order was handled."""
+    from sqlalchemy import func, select
+
+    from rebal_pipeline.workflow.schema import submissions
+
+    with store.begin() as conn:
+        total, pending = conn.execute(select(
+            func.count(), func.count().filter(submissions.c.status == "pending"),
+        ).where(submissions.c.decision_id == decision_id)).one()
+    return int(total) if total and not pending else 0

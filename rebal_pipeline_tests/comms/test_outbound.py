@@ -287,3 +287,15 @@ def test_the_backoff_doubles_from_the_first_retry_and_is_capped():
     assert policy.backoff(50) == timedelta(hours=6)
     assert policy.backoff(1, retry_after=120) == timedelta(minutes=5)
     assert policy.backoff(1, retry_after=86400) == timedelta(hours=6)
+
+
+def test_a_client_confirmation_is_logged_with_its_account_masked(store, caplog):
+    # Run logs leave the warehouse: a confirmation's key names the account, shown as ••••4321.
+    caplog.set_level("INFO", logger="rebal")
+    key = "confirmation:DEC-1:ACC-87654321"
+    deliver(store.begin, key, "confirmation", "smtp", lambda _key: "<id@example-ria.com>", T0)
+    deliver(store.begin, key, "confirmation", "smtp", lambda _key: "<id@example-ria.com>", T0)  # already sent
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "confirmation:DEC-1:••••4321" in logged and "87654321" not in logged
+    with store.begin() as conn:  # the store keeps the key whole
+        assert conn.execute(select(messages.c.message_key)).scalar() == key

@@ -233,6 +233,33 @@ def test_discretionary_orders_go_to_the_custodian_drop_only_when_auto_submit_is_
     assert chain(store).ok
 
 
+def test_a_rerun_after_the_day_was_rescanned_without_the_account_is_done_not_refused(
+        store, book, instance, outbox_home):
+    # Red team: the orders left; then the day was re-scanned from a corrected feed that no longer
+    # carries ACC-1, and someone re-executes the run. Nothing is left to do: it must neither
+    # refuse (the orders cannot be rebuilt) nor stage anything again.
+    decision_id = approved_household(store)
+    assert run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success
+    rows, outbox = submission_rows(store), tree(outbox_home / "outbox")
+    with book.connect() as con:
+        con.execute("delete from stg_feed_accounts where account_id = 'ACC-1'")
+
+    again = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
+
+    assert again.success
+    assert instance.get_run_by_id(again.run_id).tags["rebal/tickets"] == "already_done"
+    assert submission_rows(store) == rows and tree(outbox_home / "outbox") == outbox
+    assert chain(store).ok
+
+
+def test_a_decision_whose_orders_cannot_be_built_is_still_refused_when_none_left(store, book, instance):
+    decision_id = approved_household(store)
+    with book.connect() as con:
+        con.execute("delete from stg_feed_accounts where account_id = 'ACC-1'")
+    refused = run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON)
+    assert not refused.success and submission_rows(store) == []
+
+
 def test_rerunning_the_job_stages_and_submits_nothing_twice(store, book, instance, outbox_home):
     decision_id = approved_household(store)
     assert run_gate(store, book, instance, decision_id, AUTO_SUBMIT_ON).success

@@ -201,6 +201,11 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
         raise Failure(description=str(exc)) from None
     except ticketing.TicketsRefused as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
+    if result.orders_done:
+        context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "already_done"})
+        context.log.info(f"decision {decision_id}: all {result.orders_done} orders were staged or submitted by an "
+                         "earlier run (the day's reference data has changed since): nothing left to do")
+        return
     if result.tickets is None:
         context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
         context.log.warning(
