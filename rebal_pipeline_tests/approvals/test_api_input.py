@@ -28,6 +28,7 @@ from sqlalchemy import event, func, select as sql_select, update
 from rebal_pipeline.approval_api import create_app
 from rebal_pipeline.approval_api.request_body import MAX_BODY_BYTES
 from rebal_pipeline.approval_api.testing import running_server
+from rebal_pipeline.sandbox.local_peers import free_port
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.schema import audit_events, decisions, recommendations
 from rebal_pipeline.workflow.store import WorkflowStore
@@ -35,12 +36,6 @@ from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, package, publi
 
 MB = 1024 * 1024
 STREAMED = 64 * MB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_kb(pid: int, field: str) -> int:
@@ -89,7 +84,7 @@ def server(tmp_path_factory):
             lifecycle.issue_api_token(conn, "ADV-1", token, PUBLISHED_AT)
         link_app = create_app(store, secret.encode())  # only to sign a link with the server's secret
         link = link_app.state.issue_links("REC-2", "ADV-1", actions=("approve",))["approve"]
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "REBAL_LINK_SECRET": secret, "REBAL_WORKFLOW_DB_URL": url_db}
         log_file = open(folder / "server.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "rebal_pipeline.approval_api", "--host", "127.0.0.1",

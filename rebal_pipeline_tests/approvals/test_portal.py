@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,11 +29,9 @@ from rebal_pipeline.workflow.schema import decisions, recommendations, used_link
 from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT, package
 from rebal_pipeline_tests.approvals.test_api import SECRET, api, assert_error, leave_team  # noqa: F401  (fixture)
+from rebal_pipeline_tests.browser import chromium  # noqa: F401 (fixture: Debian's chromium)
 
 OUTPUT = Path(__file__).parent / "output"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 # What Chromium and Firefox send when opening a link.
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"}
 FORM = "application/x-www-form-urlencoded"
@@ -499,33 +496,6 @@ def test_a_household_page_masks_every_account():
 # ---------------------------------------------------------------------------------------------
 # In a real browser: Debian's chromium, headless, driven by Playwright
 # ---------------------------------------------------------------------------------------------
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's chromium under Playwright (no browser of Playwright's own). Skipped with a message
-    where it is not installed; in CI (CI set) a missing browser fails the test."""
-    if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is not installed (apt-get install chromium); the portal's browser tests need it"
-        if _ci():
-            pytest.fail(message + " and are required in CI")
-        pytest.skip(message + "; they run in CI")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if _ci():
-            pytest.fail("playwright is required in CI (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

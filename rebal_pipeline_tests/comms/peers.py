@@ -9,7 +9,6 @@ import base64
 import datetime as dt
 import ipaddress
 import json
-import socket
 import ssl
 import threading
 from collections import defaultdict, deque
@@ -20,11 +19,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from rebal_pipeline.sandbox.local_peers import free_port  # the one free-port helper (tests import it from here too)
 
 
 # ---------------------------------------------------------------------------------------------

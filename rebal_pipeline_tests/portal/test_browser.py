@@ -5,7 +5,6 @@ Screenshots go to rebal_pipeline_tests/portal/screenshots/ (looked at by eye whe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,40 +14,11 @@ from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.operations_alerts import raise_operations_alert
 from rebal_pipeline.workflow.schema import users
 from rebal_pipeline_tests.portal.conftest import AS_OF, ORDER
+from rebal_pipeline_tests.browser import chromium  # noqa: F401 (fixture: Debian's chromium)
 
 SCREENSHOTS = Path(__file__).parent / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's chromium under Playwright (as test_portal.py launches it); skipped where it is not
-    installed, required in CI."""
-    if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is not installed (apt-get install chromium); the portal's browser tests need it"
-        if _ci():
-            pytest.fail(message + " and are required in CI")
-        pytest.skip(message + "; they run in CI")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if _ci():
-            pytest.fail("playwright is required in CI (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture
