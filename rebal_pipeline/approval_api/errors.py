@@ -24,7 +24,7 @@ from rebal_pipeline.approval_api import portal
 from rebal_pipeline.approval_api.links import LinkError
 from rebal_pipeline.approval_api.models import ErrorBody
 from rebal_pipeline.approval_api.request_body import MAX_BODY_BYTES, BodyRefused
-from rebal_pipeline.approval_api.signin import PortalFormError
+from rebal_pipeline.approval_api.signin import PortalFormError, PortalSettings
 from rebal_pipeline.workflow.lifecycle import DecisionError
 from rebal_pipeline.workflow.sessions import SessionError
 
@@ -78,7 +78,9 @@ def _error_for(scope: dict, status: int, message: str, detail: Any = None,
     portal's form) a page with the same status and message."""
     if portal.is_portal_path(scope):
         reference = detail.get("request_id") if isinstance(detail, dict) else None
-        return portal.portal_error_page(status, message, headers, reference=reference)
+        settings = getattr(getattr(scope.get("app"), "state", None), "portal", None) or PortalSettings()
+        return portal.portal_error_page(status, message, headers, reference=reference,
+                                        idle_minutes=settings.idle_minutes)
     if portal.html_for(scope):
         reference = detail.get("request_id") if isinstance(detail, dict) else None
         return portal.error_page(status, message, headers, reference=reference)

@@ -472,9 +472,12 @@ def result_page(*, claims: LinkClaims, summary: RecommendationSummary, package: 
 def error_page(status: int, message: str, headers: Mapping[str, str] | None = None,
                reference: str | None = None) -> HTMLResponse:
     """A link error for a browser: the JSON's status and message, and what to do next."""
-    title = _ERROR_TITLES.get(status, "Something went wrong" if status >= 500 else "This request cannot be completed")
-    return _page("error.html.j2", status, headers, status=status, title=title, message=message,
-                 reference=reference)
+    return _page("error.html.j2", status, headers, status=status, title=_error_title(status, _ERROR_TITLES),
+                 message=message, reference=reference)
+
+
+def _error_title(status: int, titles: Mapping[int, str]) -> str:
+    return titles.get(status, "Something went wrong" if status >= 500 else "This request cannot be completed")
 
 
 _PORTAL_ERROR_TITLES = {
@@ -486,11 +489,10 @@ _PORTAL_ERROR_TITLES = {
 
 
 def portal_error_page(status: int, message: str, headers: Mapping[str, str] | None = None,
-                      reference: str | None = None) -> HTMLResponse:
-    """An error of the review portal (/portal/...): status, message, and the way back."""
-    title = _PORTAL_ERROR_TITLES.get(status, "Something went wrong" if status >= 500
-                                     else "This request cannot be completed")
+                      reference: str | None = None, *, idle_minutes: int) -> HTMLResponse:
+    """An error of the review portal (/portal/...): status, message, and the way back.
+    idle_minutes: the portal's idle timeout (PortalSettings.idle_minutes), as every page says it."""
     # Without the session here: the bar shows no name (the page may answer a stranger).
-    return _page("portal/error.html.j2", status, {k: v for k, v in (headers or {}).items()}, status=status,
-                 title=title, message=message, reference=reference, me=None, csrf="", section="",
-                 idle_minutes=30)
+    return _page("portal/error.html.j2", status, headers, status=status,
+                 title=_error_title(status, _PORTAL_ERROR_TITLES), message=message, reference=reference, me=None,
+                 csrf="", section="", idle_minutes=idle_minutes)

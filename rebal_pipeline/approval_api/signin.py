@@ -64,6 +64,11 @@ class PortalSettings:
     def can_send(self) -> bool:
         return bool(self.public_url and self.smtp)
 
+    @property
+    def idle_minutes(self) -> int:
+        """The idle timeout as every portal page's footer states it."""
+        return int(self.idle_timeout.total_seconds() // 60)
+
 
 # ---------------------------------------------------------------------------------------------
 # Cookies

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 
 from sqlalchemy import func, select
@@ -353,3 +354,12 @@ def test_sign_in_tokens_stay_out_of_the_logs(portal, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "/portal/sign-in/{token}" in logged
     assert token not in logged and session_id not in logged and "dana@example-ria.com" not in logged
+
+
+def test_every_page_states_the_idle_timeout_the_firm_set_error_pages_too(portal):
+    portal.app.state.portal.idle_timeout = timedelta(minutes=45)  # REBAL_PORTAL_IDLE_MINUTES=45
+    client = portal.client()
+    form = page_text(client.get("/portal/sign-in"), 200)
+    refused = page_text(client.get("/portal/sign-in/not-a-real-token"), 401)
+    for text in (form, refused):
+        assert "Sessions end after 45 minutes without activity." in text

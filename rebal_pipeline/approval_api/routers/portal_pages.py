@@ -82,7 +82,7 @@ def policy_of(request: Request) -> LifecyclePolicy:
 def _common(request: Request, session: sessions.Session | None, section: str = "") -> dict:
     settings = request.app.state.portal
     return {"me": session.user if session else None, "csrf": session.csrf_token if session else "",
-            "section": section, "idle_minutes": int(settings.idle_timeout.total_seconds() // 60)}
+            "section": section, "idle_minutes": settings.idle_minutes}
 
 
 def page(request: Request, template: str, status: int = 200, session: sessions.Session | None = None,
