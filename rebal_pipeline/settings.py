@@ -37,6 +37,17 @@ class SettingsError(ValueError):
     """A REBAL_* variable is missing where it is needed, or malformed. The message names it."""
 
 
+def _boolean(value, true_words: tuple[str, ...], false_words: tuple[str, ...]) -> bool:
+    """A flag given as text: one of `true_words` or `false_words` (any case); anything else is
+    refused with "must be true or false"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in true_words or text in false_words:
+        return text in true_words
+    raise ValueError("must be true or false")
+
+
 def _var(name: str, default=None, **kwargs):
     """A field read from the environment variable `name` (and only from it)."""
     return Field(default, validation_alias=AliasChoices(name), **kwargs)
@@ -122,25 +133,13 @@ class RebalSettings(BaseSettings):
     @classmethod
     def _flag(cls, value) -> bool:
         # The relay's flag as rebal has always read it: 1/true/yes/on or 0/false/no/off.
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("must be true or false")
+        return _boolean(value, ("1", "true", "yes", "on"), ("0", "false", "no", "off"))
 
     @field_validator("auto_submit_discretionary", mode="before")
     @classmethod
     def _true_or_false(cls, value) -> bool:
         # Orders reach the desk on this flag: anything but true/false is refused, not guessed.
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text not in ("true", "false"):
-            raise ValueError("must be true or false")
-        return text == "true"
+        return _boolean(value, ("true",), ("false",))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -57,7 +57,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 from pydantic import ValidationError
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rebal_pipeline import settings
@@ -444,6 +444,16 @@ def _record_pending(conn: Connection, tickets: Tickets, wanted: dict[str, dict],
                     f"{AUTO_SUBMIT_ENV}) or settle the order by hand")
         status[cl_ord_id] = existing["status"]
     return status
+
+
+def orders_all_done(conn: Connection, decision_id: str) -> int:
+    """How many orders an earlier run recorded for the decision, when none is still pending (0:
+    none recorded, or some pending). Every order's row is written at once, pending, before any
+    leaves (`stage_and_submit` step 1), so no pending row means every order was handled."""
+    total, pending = conn.execute(select(
+        func.count(), func.count().filter(submissions.c.status == "pending"),
+    ).where(submissions.c.decision_id == decision_id)).one()
+    return int(total) if total and not pending else 0
 
 
 def _audit_payload(order: Order, channel: str, destination: Destination) -> dict:

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, and_, select
 from rebal_pipeline.comms import outbound
 from rebal_pipeline.core.clock import utc
 from rebal_pipeline.core.private_files import PRIVATE_FILE_MODE, private_dir
+from rebal_pipeline.core.write_once import fsync_dir, temp_path
 from rebal_pipeline.supervision.render import render_all
 from rebal_pipeline.supervision.report import Period, SupervisoryReport, build_report
 from rebal_pipeline.workflow import audit
@@ -54,12 +55,14 @@ def file_name(period: Period, fmt: str) -> str:
 
 
 def write_files(folder: Path, period: Period, files: dict[str, bytes]) -> dict[str, Path]:
-    """Each format to `folder` (0700), atomically (a temporary file, fsync, rename), 0600."""
+    """Each format to `folder` (0700), atomically (a temporary dot-file as core/write_once.py names
+    it, fsync, rename, the folder fsynced), 0600. A regenerated report replaces its files (the same
+    bytes for a period that has ended)."""
     folder = private_dir(Path(folder))
     written = {}
     for fmt, body in sorted(files.items()):
         path = folder / file_name(period, fmt)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp = temp_path(path)
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
         with os.fdopen(descriptor, "wb") as out:
             out.write(body)
@@ -68,6 +71,7 @@ def write_files(folder: Path, period: Period, files: dict[str, bytes]) -> dict[s
         os.chmod(tmp, PRIVATE_FILE_MODE)
         os.replace(tmp, path)
         written[fmt] = path
+    fsync_dir(folder)  # the new directory entries survive a crash too
     return written
 
 

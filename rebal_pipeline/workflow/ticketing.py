@@ -10,7 +10,7 @@ orders and blocks placed at the gate's time, each routed `staged` or `submitted`
   OrderTickets without tickets     the warehouse has no reference tables at all (never built by
                                    the daily scan): nothing is ticketed, the hand-off stays for the desk
   OrderTickets, orders_done > 0    a re-run for a decision every order of which an earlier run
-                                   staged or submitted (wf_submissions, none pending), whose orders
+                                   staged or submitted (submit.orders_all_done: none pending), whose orders
                                    can no longer be rebuilt (the day re-scanned without the account
                                    or symbol): nothing is left to do, so nothing is refused
   WarehouseUnreadable              the warehouse cannot be read now (e.g. a write lock): try again
@@ -79,24 +79,12 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
         tickets = submit.build_tickets(approved, trades, securities, accounts,
                                        auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:
-        done = _orders_all_done(store, decision_id) if approved is not None else 0
-        if done:  # a re-run after the day was re-scanned: the orders left already, exactly once
-            return OrderTickets(decision_id, approved, day, None, orders_done=done)
+        if approved is not None:
+            with store.begin() as conn:
+                done = submit.orders_all_done(conn, decision_id)
+            if done:  # a re-run after the day was re-scanned: the orders left already, exactly once
+                return OrderTickets(decision_id, approved, day, None, orders_done=done)
         raise TicketsRefused(f"decision {decision_id}: no orders staged or submitted: "
                              f"{masker(t.account_id for t in trades)(str(exc))}") from None
     return OrderTickets(decision_id, approved, day, tickets)
 
-
-def _orders_all_done(store: WorkflowStore, decision_id: str) -> int:
-    """How many orders an earlier run recorded for the decision, when none is still pending (0:
-    none recorded, or some pending). Every order's row is written at once, pending, before any
-    leaves (execution/submit.py step 1), so no pending row means every order was handled."""
-    from sqlalchemy import func, select
-
-    from rebal_pipeline.workflow.schema import submissions
-
-    with store.begin() as conn:
-        total, pending = conn.execute(select(
-            func.count(), func.count().filter(submissions.c.status == "pending"),
-        ).where(submissions.c.decision_id == decision_id)).one()
-    return int(total) if total and not pending else 0
