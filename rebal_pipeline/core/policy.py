@@ -111,6 +111,37 @@ class SupervisionRule(_Strict):
     frequency: Literal["weekly", "monthly", "quarterly"] = "weekly"
 
 
+class BasketWeight(_Strict):
+    symbol: str = Field(min_length=1, max_length=16)
+    weight: Decimal = Field(gt=0, le=1)
+
+
+class MarketEventRule(_Strict):
+    """Market-event batch scans (rebal_pipeline/market_events): the reference basket whose move
+    since the last scan (or, before the day's first event, since the last session's close)
+    triggers an out-of-cycle scan of every account when |move| ≥ threshold; how long after the
+    latest event the batch's approved trades go out together as block orders; how often the
+    `market_events` sensor looks at the intraday prices."""
+
+    reference_basket: list[BasketWeight] = Field(
+        default_factory=lambda: [BasketWeight(symbol="VTI", weight=Decimal("0.6")),
+                                 BasketWeight(symbol="VEA", weight=Decimal("0.2")),
+                                 BasketWeight(symbol="BND", weight=Decimal("0.2"))],
+        min_length=1)
+    threshold: Decimal = Field(default=Decimal("0.03"), gt=0, lt=1)
+    release_after_minutes: int = Field(default=120, ge=0, le=24 * 60)
+    poll_seconds: int = Field(default=60, ge=10, le=3600)
+
+    @model_validator(mode="after")
+    def _basket_is_whole(self) -> "MarketEventRule":
+        symbols = [w.symbol for w in self.reference_basket]
+        if len(set(symbols)) != len(symbols):
+            raise ValueError("market_events.reference_basket names a symbol twice")
+        if sum(w.weight for w in self.reference_basket) != 1:
+            raise ValueError("market_events.reference_basket weights must add up to 1")
+        return self
+
+
 class DriftPolicy(_Strict):
     version: str = Field(min_length=1)
     effective_from: date
@@ -123,6 +154,7 @@ class DriftPolicy(_Strict):
     household_location: HouseholdLocationRule = HouseholdLocationRule()
     approval: ApprovalRule = ApprovalRule()
     supervision: SupervisionRule = SupervisionRule()
+    market_events: MarketEventRule = MarketEventRule()
     content_sha256: str = ""
 
     @model_validator(mode="after")

@@ -279,3 +279,68 @@ sign_in_links = Table(
     Column("used_at", DateTime(timezone=True)),  # set once, by the POST that signs in
     Index("ix_wf_sign_in_links_user_created", "user_id", "created_at"),
 )
+
+# ---- Market-event batch scans (issue 16, migration 0007) ----
+# market_events/batches.py is the rule (invariants E1–E6 in its docstring). One batch per New York
+# trading day; every market event of the day (a basket move seen in the intraday prices, or one an
+# operator declared) extends it; the recommendations its scans published join it while they wait
+# for a person; the decisions on them go out together in releases (block orders per custodian and
+# symbol), each decision in exactly one release.
+market_batches = Table(
+    "wf_market_batches", metadata,
+    Column("batch_id", String(32), primary_key=True),  # mev-YYYYMMDD: the trading day
+    Column("trading_day", Date, nullable=False, unique=True),
+    Column("session_as_of", Date, nullable=False),  # the closed session whose book the scans value
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    # When the held decisions go out: the latest event's time + the policy's release_after_minutes
+    # (each event of the day moves it later), then at every tick while decisions are held.
+    Column("release_due_at", DateTime(timezone=True), nullable=False),
+    Column("events", Integer, nullable=False, default=0),
+)
+
+market_events = Table(
+    "wf_market_events", metadata,
+    Column("event_id", String(48), primary_key=True),  # <batch_id>-e<seq>
+    # What makes the event once: prices:<SHA-256 of the prices file> or operator:<day>:<digest>.
+    Column("event_key", String(200), nullable=False, unique=True),
+    Column("batch_id", String(32), ForeignKey("wf_market_batches.batch_id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("source", String(16), nullable=False),  # prices | operator
+    Column("declared_by", String(64), nullable=False),  # the operator's user id, or rebal:market_events
+    Column("reason", Text, nullable=False),
+    Column("move", Float),  # the basket's move since the reference (None: declared without prices)
+    Column("reference", Text, nullable=False),  # canonical JSON: basket, prices, reference, archive
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("scanned_at", DateTime(timezone=True)),  # set once, by the scan that published
+    Column("scan_run_id", String(64)),
+    Column("recommendations", Integer),  # how many joined the batch through this event's scan
+    UniqueConstraint("batch_id", "seq", name="uq_wf_market_events_batch_seq"),
+)
+
+batch_recommendations = Table(
+    "wf_batch_recommendations", metadata,
+    Column("recommendation_id", String(64), ForeignKey("wf_recommendations.recommendation_id"), primary_key=True),
+    Column("batch_id", String(32), ForeignKey("wf_market_batches.batch_id"), nullable=False),
+    Column("event_id", String(48), ForeignKey("wf_market_events.event_id"), nullable=False),
+    Column("severity", Float, nullable=False),  # worst |drift| ÷ band at the event's prices
+    Column("added_at", DateTime(timezone=True), nullable=False),
+    Index("ix_wf_batch_recommendations_batch", "batch_id"),
+)
+
+batch_releases = Table(
+    "wf_batch_releases", metadata,
+    Column("release_id", String(48), primary_key=True),  # <batch_id>-r<seq>
+    Column("batch_id", String(32), ForeignKey("wf_market_batches.batch_id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_by_run", String(64), nullable=False),
+    UniqueConstraint("batch_id", "seq", name="uq_wf_batch_releases_batch_seq"),
+)
+
+batch_release_decisions = Table(
+    "wf_batch_release_decisions", metadata,
+    # The primary key is the rule "each decision in one release only" (E5).
+    Column("decision_id", String(64), ForeignKey("wf_decisions.decision_id"), primary_key=True),
+    Column("release_id", String(48), ForeignKey("wf_batch_releases.release_id"), nullable=False),
+    Index("ix_wf_batch_release_decisions_release", "release_id"),
+)
