@@ -508,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", help="where feeds and warehouses go (default: a temp dir)")
     p.set_defaults(func=cmd_benchmark)
 
+    from rebal_pipeline.market_events import command as market_event_command
+
+    p = commands.add_parser("market-event", help=market_event_command.HELP)
+    market_event_command.add_arguments(p)
+    p.set_defaults(func=market_event_command.run)
+
     from rebal_pipeline.supervision import command as supervision_command
 
     p = commands.add_parser("supervisory-report", help=supervision_command.HELP)

@@ -7,6 +7,7 @@ from rebal_pipeline.defs.comms import defs as comms
 from rebal_pipeline.defs.connections import sensors as connections
 from rebal_pipeline.defs.drift.schedules import daily_drift_at_market_close, daily_drift_scan
 from rebal_pipeline.defs.feed import assets as feed
+from rebal_pipeline.defs.market_events import defs as market_events
 from rebal_pipeline.defs.supervision import defs as supervision
 from rebal_pipeline.defs.trades import assets as trades
 from rebal_pipeline.defs.warehouse import assets as warehouse
@@ -24,9 +25,11 @@ def build_definitions(rebal_settings: RebalSettings | None = None) -> Definition
         rebal_settings = load_settings()
     return Definitions(
         assets=[*feed.assets, *warehouse.assets, *trades.assets, *workflow.assets, *audit_record.assets],
-        jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs, *connections.jobs, *supervision.jobs],
+        jobs=[daily_drift_scan, *approvals.jobs, *comms.jobs, *connections.jobs, *supervision.jobs,
+              *market_events.jobs],
         schedules=[daily_drift_at_market_close, *supervision.build_schedules(rebal_settings)],
-        sensors=[*approvals.sensors, *comms.sensors, *connections.sensors],
+        sensors=[*approvals.sensors, *comms.sensors, *connections.sensors,
+                 *market_events.build_sensors(rebal_settings)],
         resources=resources_for(rebal_settings),
         # DuckDB allows one writing process at a time: run the steps of a run in one process.
         executor=in_process_executor,

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import and_, case, func, or_, select
 
 from rebal_pipeline.comms.delivery import OPERATIONS_ALERT, OUTBOX_KINDS
-from rebal_pipeline.workflow.schema import messages, notifications, recommendations, submissions
+from rebal_pipeline.workflow.schema import batch_recommendations, messages, notifications, recommendations, submissions
 
 
 def recommendations_waiting_for_alert(conn, now: datetime, since: datetime, limit: int) -> list[dict]:
@@ -33,6 +33,9 @@ def recommendations_waiting_for_alert(conn, now: datetime, since: datetime, limi
         or_(and_(r.created_at >= since, r.created_at <= now), and_(r.rerouted_at >= since, r.rerouted_at <= now)),
         (recommendations.c.delivery.is_(None)) | (recommendations.c.delivery != "weekly_batch"),
         ~alerted,
+        # A market-event batch's members are in the batch's email (market_events/report.py), one
+        # per advisor and event, not one each; re-routed to a new advisor, one is alerted alone.
+        or_(r.rerouted_at.is_not(None), r.recommendation_id.notin_(select(batch_recommendations.c.recommendation_id))),
     )).order_by(recommendations.c.created_at, recommendations.c.recommendation_id).limit(limit)).mappings().all()
     return [dict(r) for r in rows]
 

@@ -37,6 +37,33 @@ Determinism: the orders are built from the store's decision and package, the han
 approved trades and the warehouse's reference data of the gate's trading day, placed at the
 gate's time, so a re-run writes the same bytes; the FIX header comes from REBAL_FIX_* (keep them
 unchanged between a crash and its re-run).
+
+Releases (issue #16, market-event batch scans): the decisions of one batch release, each passed
+by the gate, go out as ONE set of tickets (`build_release_tickets`) labelled by the release id
+(`mev-YYYYMMDD-r<seq>`), which names the folder and files as a decision id does:
+    <outbox>/staged/<release_id>/orders.fix, <custodian>_orders_<YYYYMMDD>.<csv|txt>
+    <outbox>/submitted/<custodian>/<custodian>_orders_<YYYYMMDD>_<release_id>.<csv|txt>
+`Tickets.covers` names the decisions. The invariants (tested in
+rebal_pipeline_tests/execution/test_release_tickets.py, SQLite and Postgres):
+  R1. Every approved trade of every covered decision is exactly one order, with the ClOrdID it
+      has when the decision goes alone (ClOrdID = hash(decision|account|symbol|side)) and the
+      same channel rule (`build_tickets`'); one wf_submissions row per order, under its own
+      decision id.
+  R2. Blocks are built once over all the release's orders (`build_blocks`): one block per
+      custodian, advisor, symbol, side, channel and discretionary flag spans the accounts of
+      several decisions; its allocations sum exactly to its quantity and share those fields.
+  R3. Exactly once as for a decision: a re-run, or a crash between writing the files and marking
+      them done, writes nothing new and ends with every order done once and one audit event per
+      order.
+  R4. The same decisions and trades in any order make identical tickets and identical bytes.
+  R5. A decision goes out once, alone or in one release. After a release, the decision run
+      alone finds every order done and writes nothing (a pending one is refused: it would be a
+      different destination); a release covering a decision whose orders already left alone
+      (or in another release) is refused before anything is recorded or written
+      (`_record_pending`: an order recorded for another destination is never written into a
+      new one).
+  R6. The release's FIX file validates against the FIX 4.4 dictionary, blocks included.
+The desk confirms a release it placed with `confirm_release_executed`.
 """
 
 from __future__ import annotations
@@ -52,12 +79,12 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
 
 import duckdb
 from pydantic import ValidationError
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rebal_pipeline import settings
@@ -83,7 +110,8 @@ FIX_FILE_NAME = "orders.fix"
 TICKETS_FORMAT = "rebal.tickets/1"
 REFERENCE_TABLES = ("stg_feed_securities", "stg_feed_accounts")
 NEW_YORK = ZoneInfo("America/New_York")
-# Decision ids name folders and files: hex digests in practice, nothing that could leave the outbox.
+# Decision ids (and release ids, mev-YYYYMMDD-r<seq>) name folders and files: nothing that could
+# leave the outbox.
 _SAFE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -211,31 +239,62 @@ def read_reference(con: duckdb.DuckDBPyConnection, symbols: Iterable[str], accou
 
 @dataclass(frozen=True)
 class Tickets:
+    """The orders of one run. `decision_id` is the label naming the outbox folder and files: the
+    decision's id, or the release's id for a release, whose decisions `decision_ids` lists
+    (sorted; empty for a single decision). Every order belongs to a decision it covers."""
+
     decision_id: str
     batch: TicketBatch
     channels: dict[str, str]  # cl_ord_id → staged | submitted
+    decision_ids: tuple[str, ...] = ()  # the decisions a release covers; (): just decision_id
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decision_ids", tuple(self.decision_ids))  # a document carries a list
+        # The exactly-once checks read the covered decisions' rows (`covers`): an order of any
+        # other decision would escape them.
+        strangers = sorted({o.decision_id for o in self.batch.orders} - set(self.covers))
+        if strangers:
+            raise ExecutionError(f"{self.decision_id}: orders of decision(s) {', '.join(strangers)} it does not "
+                                 "cover")
+
+    @property
+    def covers(self) -> tuple[str, ...]:
+        """The decisions whose orders these are: a release's decisions, or the one decision."""
+        return self.decision_ids or (self.decision_id,)
+
+    @property
+    def is_release(self) -> bool:
+        return bool(self.decision_ids)
+
+    @property
+    def label(self) -> str:
+        """How messages name the run: "decision <id>" or "release <id>"."""
+        return f"{'release' if self.is_release else 'decision'} {self.decision_id}"
 
     def to_document(self) -> dict:
-        return {"format": TICKETS_FORMAT, "decision_id": self.decision_id,
-                "batch": self.batch.model_dump(mode="json"), "channels": dict(sorted(self.channels.items()))}
+        document = {"format": TICKETS_FORMAT, "decision_id": self.decision_id,
+                    "batch": self.batch.model_dump(mode="json"), "channels": dict(sorted(self.channels.items()))}
+        if self.decision_ids:  # a single decision's document stays as it always was
+            document["decision_ids"] = list(self.decision_ids)
+        return document
 
     @classmethod
     def from_document(cls, document: dict) -> Tickets:
         if document.get("format") != TICKETS_FORMAT:
             raise ExecutionError(f"not a {TICKETS_FORMAT} document")
-        return cls(document["decision_id"], TicketBatch.model_validate(document["batch"]), dict(document["channels"]))
+        return cls(document["decision_id"], TicketBatch.model_validate(document["batch"]), dict(document["channels"]),
+                   tuple(document.get("decision_ids") or ()))
 
     def count(self, channel: str) -> int:
         return sum(1 for c in self.channels.values() if c == channel)
 
 
-def build_tickets(approved: ApprovedDecision, trades: Iterable[PackageTrade], securities: Mapping[str, SecurityRef],
-                  accounts: Mapping[str, AccountRef], *, auto_submit: bool, desk_id: str) -> Tickets:
-    """Orders for the approved trades, routed: a discretionary account's orders are submitted
-    when auto-submit is on and its custodian has an order file layout; every other order is
-    staged for the desk. Raises TicketError (nothing built) when any trade cannot be an order."""
-    if not _SAFE_ID.fullmatch(approved.decision.decision_id):
-        raise ExecutionError(f"{approved.decision.decision_id!r} cannot name an outbox folder")
+def _routed_orders(approved: ApprovedDecision, trades: Iterable[PackageTrade], securities: Mapping[str, SecurityRef],
+                   accounts: Mapping[str, AccountRef], *, auto_submit: bool, desk_id: str,
+                   placed_at: datetime) -> tuple[list[Order], dict[str, str]]:
+    """One decision's orders (not blocked yet) and each one's channel: a discretionary account's
+    orders are submitted when auto-submit is on and its custodian has an order file layout;
+    every other order is staged for the desk (placed by `desk_id`)."""
     trades = list(trades)
 
     def channel_of(trade: PackageTrade) -> str:
@@ -249,11 +308,88 @@ def build_tickets(approved: ApprovedDecision, trades: Iterable[PackageTrade], se
     for channel, placed_by in ((STAGED, desk_id), (SUBMITTED, EXECUTOR)):
         mine = [t for t in trades if channel_of(t) == channel]
         built = build_orders(approved.package, mine, approved.decision, securities, accounts, placed_by=placed_by,
-                             placed_at=approved.gate_checked_at)
+                             placed_at=placed_at)
         orders += built
         channels.update({o.cl_ord_id: channel for o in built})
+    return orders, channels
+
+
+def build_tickets(approved: ApprovedDecision, trades: Iterable[PackageTrade], securities: Mapping[str, SecurityRef],
+                  accounts: Mapping[str, AccountRef], *, auto_submit: bool, desk_id: str) -> Tickets:
+    """Orders for the approved trades, routed: a discretionary account's orders are submitted
+    when auto-submit is on and its custodian has an order file layout; every other order is
+    staged for the desk. Raises TicketError (nothing built) when any trade cannot be an order."""
+    if not _SAFE_ID.fullmatch(approved.decision.decision_id):
+        raise ExecutionError(f"{approved.decision.decision_id!r} cannot name an outbox folder")
+    orders, channels = _routed_orders(approved, trades, securities, accounts, auto_submit=auto_submit,
+                                      desk_id=desk_id, placed_at=approved.gate_checked_at)
     # Blocks never mix channels: build_blocks groups by placed_by and by discretionary.
     return Tickets(approved.decision.decision_id, build_blocks(orders), channels)
+
+
+def release_placed_at(approved: Iterable[ApprovedDecision]) -> datetime:
+    """When a release's orders are placed: the latest gate time of its decisions (see
+    `build_release_tickets`)."""
+    times = [a.gate_checked_at for a in approved]
+    if not times:
+        raise ExecutionError("a release covers at least one decision")
+    return max(_utc(t) for t in times)
+
+
+def build_release_tickets(release_id: str, approved: Sequence[ApprovedDecision],
+                          trades: Mapping[str, Sequence[PackageTrade]], securities: Mapping[str, SecurityRef],
+                          accounts: Mapping[str, AccountRef], *, auto_submit: bool, desk_id: str) -> Tickets:
+    """One set of tickets for a release's decisions (each passed by the gate; `trades`: decision
+    id → the trades it approved, `gate.passed_trades`), labelled `release_id`.
+
+    Each decision's orders are built exactly as `build_tickets` builds them (the same ClOrdIDs,
+    the same channel rule: R1), then blocked ONCE over all of them (`build_blocks`), so one
+    block per custodian, advisor, symbol, side, channel and discretionary flag spans the
+    accounts of several decisions (R2). The result does not depend on the order of `approved`
+    or of any decision's trades (R4); `decision_ids` are sorted.
+
+    Placement time: a block is one NewOrderSingle with one TransactTime(60) and its allocations
+    share it (BlockOrder's rule), so the release has one placement time for all its orders: the
+    latest gate time of its decisions — the moment the release's last gate passed, the earliest
+    moment at which every order of the release had been re-verified (no order is placed before
+    its own gate), and, a gate verdict being recorded once, the same on every re-run (so a re-run
+    writes the same bytes: R3). The time the release run started would differ on every re-run.
+
+    Refused (nothing built): a release id that cannot name an outbox folder or is also one of
+    its decisions' ids, no decision, a decision listed twice, trades for a decision not in the
+    release or none for one in it (ExecutionError); a trade that cannot be an order
+    (TicketError naming the decision)."""
+    if not _SAFE_ID.fullmatch(release_id):
+        raise ExecutionError(f"{release_id!r} cannot name an outbox folder")
+    approved = sorted(approved, key=lambda a: a.decision.decision_id)
+    ids = [a.decision.decision_id for a in approved]
+    if not ids:
+        raise ExecutionError(f"release {release_id} covers no decision")
+    twice = sorted({d for d in ids if ids.count(d) > 1})
+    if twice:
+        raise ExecutionError(f"release {release_id}: decision(s) {', '.join(twice)} listed twice")
+    if release_id in ids:  # its folder would be the decision's own
+        raise ExecutionError(f"release {release_id} has the id of one of its decisions")
+    problems = []
+    missing, strangers = sorted(set(ids) - set(trades)), sorted(set(trades) - set(ids))
+    if missing:
+        problems.append(f"no approved trades given for decision(s) {', '.join(missing)}")
+    if strangers:
+        problems.append(f"trades given for decision(s) {', '.join(strangers)} it does not cover")
+    if problems:
+        raise ExecutionError(f"release {release_id}: {'; '.join(problems)}")
+    placed_at = release_placed_at(approved)
+    orders: list[Order] = []
+    channels: dict[str, str] = {}
+    for one in approved:
+        try:
+            built, routed = _routed_orders(one, trades[one.decision.decision_id], securities, accounts,
+                                           auto_submit=auto_submit, desk_id=desk_id, placed_at=placed_at)
+        except TicketError as exc:
+            raise TicketError(f"decision {one.decision.decision_id}: {exc}") from None
+        orders += built
+        channels.update(routed)
+    return Tickets(release_id, build_blocks(orders), channels, decision_ids=tuple(ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,21 +552,31 @@ class SubmissionOutcome:
 
 
 def _record_pending(conn: Connection, tickets: Tickets, wanted: dict[str, dict], now: datetime) -> dict[str, str]:
-    """Step 1: a pending row per ClOrdID not recorded yet; the status of every one."""
+    """Step 1: a pending row per ClOrdID not recorded yet; the status of every one.
+
+    Refused, in this transaction (so nothing is recorded) and before anything is written:
+      - a row of a covered decision, or one recorded for a destination of this run, that is not
+        among this run's orders (stray: the earlier attempt was another set of orders);
+      - a pending row this run would make different (channel, destination, quantity, ...);
+      - an order that left already (done, executed, cancelled) for another destination, when
+        this run's destination for it is still to be written: writing it would send the order
+        a second time (R5: a decision staged alone, then in a release, or the reverse)."""
+    paths = sorted({row["destination"] for row in wanted.values()} | {f"{STAGED}/{tickets.decision_id}"})
     stray = conn.execute(select(submissions.c.cl_ord_id).where(and_(
-        submissions.c.decision_id == tickets.decision_id, submissions.c.cl_ord_id.notin_(list(wanted))))
+        or_(submissions.c.decision_id.in_(list(tickets.covers)), submissions.c.destination.in_(paths)),
+        submissions.c.cl_ord_id.notin_(list(wanted))))
     ).scalars().all()
     if stray:
-        raise ExecutionError(f"decision {tickets.decision_id}: orders {', '.join(sorted(stray))} were recorded by an "
+        raise ExecutionError(f"{tickets.label}: orders {', '.join(sorted(stray))} were recorded by an "
                              "earlier attempt but are not among this run's orders: nothing written")
-    status = {}
+    status, recorded_at = {}, {}
     for cl_ord_id, row in wanted.items():
         existing = conn.execute(select(submissions).where(submissions.c.cl_ord_id == cl_ord_id)).mappings().first()
         if existing is None:
             try:
                 with conn.begin_nested():
                     conn.execute(insert(submissions).values(**row, status="pending", created_at=now))
-                status[cl_ord_id] = "pending"
+                status[cl_ord_id], recorded_at[cl_ord_id] = "pending", row["destination"]
                 continue
             except IntegrityError:  # another run of the same decision got there first
                 existing = conn.execute(select(submissions).where(submissions.c.cl_ord_id == cl_ord_id)
@@ -442,7 +588,17 @@ def _record_pending(conn: Connection, tickets: Tickets, wanted: dict[str, dict],
                     f"order {cl_ord_id} was recorded (pending) by an earlier attempt and this run would make it "
                     f"different ({'; '.join(differs)}): nothing written. Restore what changed (reference data, "
                     f"{AUTO_SUBMIT_ENV}) or settle the order by hand")
-        status[cl_ord_id] = existing["status"]
+        status[cl_ord_id], recorded_at[cl_ord_id] = existing["status"], existing["destination"]
+    to_write = {wanted[c]["destination"] for c, s in status.items() if s == "pending"}
+    gone = sorted((recorded_at[c], c) for c, s in status.items()
+                  if s != "pending" and recorded_at[c] != wanted[c]["destination"] and wanted[c]["destination"] in to_write)
+    if gone:
+        where = sorted({d for d, _ in gone})
+        raise ExecutionError(
+            f"{tickets.label}: orders {', '.join(c for _, c in gone)} already left for {', '.join(where)} "
+            f"(decision(s) {', '.join(sorted({wanted[c]['decision_id'] for _, c in gone}))}); writing them into "
+            f"{', '.join(sorted({wanted[c]['destination'] for _, c in gone}))} would send them again: nothing "
+            "written. A decision goes out once, alone or in one release")
     return status
 
 
@@ -456,8 +612,24 @@ def orders_all_done(conn: Connection, decision_id: str) -> int:
     return int(total) if total and not pending else 0
 
 
-def _audit_payload(order: Order, channel: str, destination: Destination) -> dict:
-    return {
+def release_orders_all_done(conn: Connection, decision_ids: Iterable[str]) -> int:
+    """`orders_all_done` over a release's decisions: how many orders an earlier run recorded for
+    them, when none is still pending and each decision has its orders recorded (0 otherwise).
+    A release's rows are all written at once, pending, in one transaction (`stage_and_submit`
+    step 1), so a decision without rows was never part of a recorded release."""
+    ids = sorted(set(decision_ids))
+    if not ids:
+        return 0
+    rows = conn.execute(select(
+        submissions.c.decision_id, func.count(), func.count().filter(submissions.c.status == "pending"),
+    ).where(submissions.c.decision_id.in_(ids)).group_by(submissions.c.decision_id)).all()
+    if len(rows) != len(ids) or any(pending for _, _, pending in rows):
+        return 0
+    return sum(int(total) for _, total, _ in rows)
+
+
+def _audit_payload(order: Order, channel: str, destination: Destination, release_id: str | None = None) -> dict:
+    payload = {
         "decision_id": order.decision_id, "recommendation_id": order.recommendation_id, "cl_ord_id": order.cl_ord_id,
         "block_id": order.block_id, "account_id": order.account_id, "custodian": order.custodian,
         "symbol": order.symbol, "side": order.side,
@@ -466,12 +638,17 @@ def _audit_payload(order: Order, channel: str, destination: Destination) -> dict
         "channel": channel, "destination": destination.path, "placed_by": order.placed_by,
         "placed_at": order.placed_at, "files": destination.sha256,
     }
+    if release_id is not None:  # a single decision's event stays as it always was
+        payload["release_id"] = release_id
+    return payload
 
 
 def stage_and_submit(store, tickets: Tickets, *, session: FixSession, now: Callable[[], datetime],
                      outbox: Path | None = None,
                      after_write: Callable[[Destination], None] | None = None) -> SubmissionOutcome:
-    """Stage or submit every order of `tickets` exactly once (see the module's docstring).
+    """Stage or submit every order of `tickets` exactly once (see the module's docstring): a
+    decision's, or a release's (`build_release_tickets`: one row per order under its own
+    decision, the destinations the release's; the checks read every decision it covers).
 
     `store`: a WorkflowStore. `after_write` is called after a destination is on disk and before
     its rows are marked done: the crash seam (tests raise there to play a crash)."""
@@ -509,7 +686,8 @@ def stage_and_submit(store, tickets: Tickets, *, session: FixSession, now: Calla
                     continue  # another run of the decision completed it
                 channel = tickets.channels[cl_ord_id]
                 if audit.append(conn, f"{AUDIT_KIND[channel]}:{cl_ord_id}", AUDIT_KIND[channel], EXECUTOR, moment,
-                                cl_ord_id, _audit_payload(orders[cl_ord_id], channel, destination)):
+                                cl_ord_id, _audit_payload(orders[cl_ord_id], channel, destination,
+                                                          tickets.decision_id if tickets.is_release else None)):
                     outcome.events += 1
                 outcome.completed.append(cl_ord_id)
     return outcome
@@ -543,3 +721,60 @@ def confirm_executed(conn, decision_id: str, user_id: str, now: datetime) -> int
 
         ledger.record_outcome(conn, decision_id, _utc(now))  # every order placed: the recommendation is executed
     return confirmed
+
+
+def _of_release(row, release_id: str) -> bool:
+    """An order row written into the release's destinations: its staged folder, or a submitted
+    file named <custodian>_orders_<YYYYMMDD>_<release_id>.<ext>."""
+    destination = row["destination"] or ""
+    if row["channel"] == STAGED:
+        return destination == f"{STAGED}/{release_id}"
+    return destination.startswith(f"{SUBMITTED}/") and Path(destination).stem.endswith(f"_{release_id}")
+
+
+def confirm_release_executed(conn: Connection, release_id: str, decision_ids: Sequence[str], user_id: str,
+                             now: datetime) -> int:
+    """The trading desk confirms it placed a release's staged orders: every staged `done` order
+    of these decisions written into staged/<release_id> becomes `executed`, with ONE audit event
+    `orders_executed:<release_id>` (its payload: the decisions and the orders confirmed of each),
+    then each decision's recommendation moves to its outcome (`ledger.record_outcome`, L6), in
+    the caller's transaction. Returns the orders confirmed (0: already).
+
+    Refused, as `confirm_executed` refuses (nothing changes): a user who is not an active
+    trading-desk or operations user; decisions with no orders; staged orders of these decisions
+    that are not written yet (pending). Also refused: no decision named, and a decision none of
+    whose orders is in the release (the wrong release, or a decision that went out alone)."""
+    from rebal_pipeline.workflow import ledger
+    from rebal_pipeline.workflow.schema import users
+
+    now = _utc(now)
+    user = conn.execute(select(users).where(users.c.user_id == user_id)).mappings().first()
+    if user is None or not user["active"] or user["role"] not in ("trading_desk", "operations"):
+        raise ExecutionError(f"{user_id} is not an active trading-desk or operations user")
+    ids = sorted(set(decision_ids))
+    if not ids:
+        raise ExecutionError(f"release {release_id}: no decisions named")
+    rows = conn.execute(select(submissions).where(submissions.c.decision_id.in_(ids))).mappings().all()
+    if not rows:
+        raise ExecutionError(f"no orders for release {release_id} (decisions {', '.join(ids)})")
+    not_ready = sorted(r["cl_ord_id"] for r in rows if r["channel"] == STAGED and r["status"] == "pending")
+    if not_ready:
+        raise ExecutionError(f"orders {', '.join(not_ready)} are not staged yet (their files are not written)")
+    outside = [d for d in ids if not any(r["decision_id"] == d and _of_release(r, release_id) for r in rows)]
+    if outside:
+        raise ExecutionError(f"decision(s) {', '.join(outside)} have no orders in release {release_id}")
+    confirmed: dict[str, int] = {}
+    for decision_id in ids:
+        count = conn.execute(update(submissions).where(and_(
+            submissions.c.decision_id == decision_id, submissions.c.channel == STAGED,
+            submissions.c.destination == f"{STAGED}/{release_id}", submissions.c.status == "done"))
+            .values(status="executed", completed_at=now)).rowcount
+        if count:
+            confirmed[decision_id] = count
+    total = sum(confirmed.values())
+    if total:
+        audit.append(conn, f"orders_executed:{release_id}", "orders_executed", user_id, now, release_id,
+                     {"release_id": release_id, "decision_ids": ids, "orders": total, "by_decision": confirmed})
+        for decision_id in ids:  # every order placed: each recommendation is executed (L6)
+            ledger.record_outcome(conn, decision_id, now)
+    return total

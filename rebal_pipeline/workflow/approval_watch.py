@@ -26,7 +26,7 @@ from sqlalchemy import Connection, select
 
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.gate import EXECUTABLE
-from rebal_pipeline.workflow.schema import decisions, notifications
+from rebal_pipeline.workflow.schema import batch_recommendations, decisions, notifications
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,17 @@ def decisions_above(conn: Connection, cursor: DecisionCursor, now: datetime, hol
                     batch: int) -> DecisionsSeen:
     """The next `batch` decisions above the cursor's floor: those waiting for the gate, and the
     cursor moved over what was seen."""
+    # A decision on a market-event batch's member goes out with the batch's release, never alone
+    # (market_events/batches.py E5): seen here (the cursor moves over it), never requested.
+    member = batch_recommendations.c.recommendation_id == decisions.c.recommendation_id
     rows = conn.execute(
         select(decisions.c.decision_seq, decisions.c.decision_id, decisions.c.recommendation_id,
-               decisions.c.action, decisions.c.gate_verdict)
+               decisions.c.action, decisions.c.gate_verdict,
+               select(batch_recommendations.c.batch_id).where(member).scalar_subquery().label("batch_id"))
         .where(decisions.c.decision_seq > cursor.floor)
         .order_by(decisions.c.decision_seq).limit(batch)
     ).all()
-    waiting = [r for r in rows if r.action in EXECUTABLE and r.gate_verdict is None]
+    waiting = [r for r in rows if r.action in EXECUTABLE and r.gate_verdict is None and r.batch_id is None]
     return DecisionsSeen(waiting, advance_cursor(cursor, [r.decision_seq for r in rows], now, hole_patience))
 
 

@@ -18,13 +18,22 @@ orders and blocks placed at the gate's time, each routed `staged` or `submitted`
                                    or account, a bond, a fractional quantity of a whole-share
                                    security), or no passed hand-off: fix the feed, then re-execute.
                                    Its message shows the accounts masked (core/pii.py).
+
+`release_tickets` does the same for the decisions of a market-event batch release (issue #16),
+each of which the caller has gated first: their hand-offs read in one store transaction, the
+reference data of the release's trading day (the New York date of its placement time, the
+latest gate time: `submit.release_placed_at`) read once for all of them, one set of tickets
+(`submit.build_release_tickets`: blocks span decisions) labelled by the release id. The same
+outcomes, with OrderTickets.decision_id the release id and `approved` the decisions' records;
+`orders_done` counts the release's orders when every one left already
+(`submit.release_orders_all_done`); a refusal names the release and the decision.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import duckdb
 
@@ -46,7 +55,8 @@ class TicketsRefused(ValueError):
 @dataclass(frozen=True)
 class OrderTickets:
     decision_id: str
-    approved: Any  # submit.load_approved_decision's record (gate_checked_at: when orders are placed)
+    approved: Any  # submit.load_approved_decision's record (gate_checked_at: when orders are placed);
+    # for a release, a tuple of them, by decision id (submit.release_placed_at: when orders are placed)
     reference_day: date
     tickets: submit.Tickets | None  # None: the warehouse has no reference tables, or orders_done
     orders_done: int = 0  # > 0: every order was staged or submitted by an earlier run
@@ -88,3 +98,47 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
                              f"{masker(t.account_id for t in trades)(str(exc))}") from None
     return OrderTickets(decision_id, approved, day, tickets)
 
+
+def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id: str, decision_ids: Sequence[str], *,
+                    auto_submit: bool, desk_id: str) -> OrderTickets:
+    """The orders of a release: `decision_ids` are its decisions, each passed by the gate (the
+    caller gates them first; one that did not pass refuses the whole release). `connect`,
+    `auto_submit` and `desk_id` as for `order_tickets`. OrderTickets.decision_id is the release
+    id; `tickets.covers` the decisions."""
+    trades: dict[str, list] = {}  # (the accounts an error names are masked in the refusal)
+    approved: list[submit.ApprovedDecision] = []
+    ids = sorted(set(decision_ids))
+    day = None
+    try:
+        if not ids:
+            raise submit.ExecutionError("the release covers no decision")
+        with store.begin() as conn:
+            for decision_id in ids:
+                try:
+                    one = submit.load_approved_decision(conn, decision_id)
+                    _handoff, trades[decision_id] = gate.passed_trades(conn, decision_id)
+                except (gate.GateCannotCheck, submit.ExecutionError) as exc:
+                    raise submit.ExecutionError(f"decision {decision_id}: {exc}") from None
+                approved.append(one)
+        day = submit.trading_day(submit.release_placed_at(approved))
+        every = [t for mine in trades.values() for t in mine]
+        try:
+            with connect() as con:
+                if not submit.has_reference_tables(con):
+                    return OrderTickets(release_id, tuple(approved), day, None)
+                securities, accounts = submit.read_reference(
+                    con, {t.symbol for t in every}, {t.account_id for t in every}, day)
+        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
+            raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+        tickets = submit.build_release_tickets(release_id, approved, trades, securities, accounts,
+                                               auto_submit=auto_submit, desk_id=desk_id)
+    except (TicketError, submit.ExecutionError) as exc:
+        if ids and len(approved) == len(ids):
+            with store.begin() as conn:
+                done = submit.release_orders_all_done(conn, ids)
+            if done:  # a re-run after the day was re-scanned: the orders left already, exactly once
+                return OrderTickets(release_id, tuple(approved), day, None, orders_done=done)
+        accounts_named = [t.account_id for mine in trades.values() for t in mine]
+        raise TicketsRefused(f"release {release_id}: no orders staged or submitted: "
+                             f"{masker(accounts_named)(str(exc))}") from None
+    return OrderTickets(release_id, tuple(approved), day, tickets)

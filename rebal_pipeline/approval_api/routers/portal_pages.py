@@ -5,8 +5,10 @@
     GET  /portal/sign-in/{token}          "Sign in as …?" (changes nothing: mail scanners prefetch)
     POST /portal/sign-in/{token}          spends the link, sets the session cookie, → the queue
     POST /portal/sign-out                 ends the session
-    GET  /portal/queue                    my queue: filters, sorting, the batch form
+    GET  /portal/queue                    my queue: filters, sorting, the batch form; with
+                                          ?batch=mev-YYYYMMDD one market-event batch and its header
     POST /portal/batch                    approve or defer the selected rows, one result per row
+                                          (?batch=…: the rows were picked from that batch's queue)
     GET  /portal/recommendations/{id}     the package with the decision forms and its history
     POST /portal/recommendations/{id}/decision
     GET  /portal/compliance               escalations and compliance reviews, with history
@@ -213,17 +215,28 @@ def _queue_routes(router: APIRouter) -> None:
         now, policy = request.app.state.clock(), policy_of(request)
         with store.begin() as conn:
             data = review_queue.queue(conn, user, filters, now, policy)
+            # A batch-filtered queue has the batch's header; the whole queue, the recent batches.
+            market_batch = review_queue.batch_header(conn, user, filters.batch, now) if filters.batch else None
+            market_batches = [] if filters.batch else review_queue.recent_market_batches(conn, user, now)
         first_day, last_day = portal.defer_bounds(now)
         heading = {"advisor": "My queue", "compliance": "Queue", "operations": "All recommendations",
                    "trading_desk": "All recommendations"}.get(user["role"], "Queue")
         intro = ("Open recommendations of your clients and your team's." if user["role"] == "advisor" else
                  "Every recommendation you may read (decide escalated ones from Compliance)."
                  if user["role"] == "compliance" else "Every recommendation (read only: your role decides nothing).")
+        if market_batch:
+            heading = f"Market event of {market_batch['day']}"
+            intro = ("Your clients' and your team's recommendations from this market event's re-scan."
+                     if user["role"] == "advisor" else "The recommendations from this market event's re-scan.")
         choices = [("open", "Open (pending, deferred, escalated)")] + [
             (s, s.replace("_", " ").capitalize()) for s in review_queue.STATUS_CHOICES[1:]]
         return page(request, "queue.html.j2", session=session, section="queue", wide=True, heading=heading,
                     intro=intro, data=data, filters=filters, status_choices=choices,
-                    filtered=bool(filters.tier or filters.kind or filters.household or filters.status != default_status),
+                    filtered=bool(filters.tier or filters.kind or filters.household or filters.batch
+                                  or filters.status != default_status),
+                    market_batch=market_batch, market_batches=market_batches,
+                    batch_action="/portal/batch?" + urlencode({"batch": filters.batch}) if filters.batch
+                    else "/portal/batch",
                     batch=user["role"] in ("advisor", "compliance") and any(r["may_decide"] for r in data["rows"]),
                     may_defer=user["role"] == "advisor", max_reason=MAX_REASON,
                     default_defer_days=policy.default_defer_days, defer_min=first_day.isoformat(),
@@ -233,6 +246,12 @@ def _queue_routes(router: APIRouter) -> None:
 
     @router.post("/portal/batch")
     def batch(request: Request, session: PortalSession, fields: PortalForm, store: Store) -> Response:
+        # Rows picked from a market-event batch's queue: the result page leads back to it. The
+        # form's fields stay those of the whole queue (the batch is in the form's address).
+        from_batch = request.query_params.get("batch", "")
+        if from_batch and not review_queue.is_batch_id(from_batch):
+            raise ApiError(422, "batch: not a market-event batch id (mev- and the trading day's eight digits, "
+                                "e.g. mev-20261120)")
         action = signin.first(fields, "action")
         if action not in ("approve", "defer"):
             raise ApiError(422, "a review session approves or defers the selected rows (action approve or defer)")
@@ -253,8 +272,13 @@ def _queue_routes(router: APIRouter) -> None:
         counts: dict[str, int] = {}
         for r in results:
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        market_batch = None
+        if from_batch:
+            with store.begin() as conn:
+                market_batch = review_queue.batch_header(conn, user, from_batch, request.app.state.clock())
         return page(request, "batch_result.html.j2", session=session, section="queue", wide=True,
                     action_label="approve" if action == "approve" else "defer", results=results,
+                    market_batch=market_batch,
                     summary=sorted(counts.items(), key=lambda kv: (kv[0] not in ("recorded", "already recorded"),
                                                                    kv[0])))
 

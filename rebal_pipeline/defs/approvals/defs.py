@@ -4,7 +4,7 @@ Resources they need (already in resources.local_resources()): `workflow_store`, 
 """
 
 from rebal_pipeline.defs.approvals.jobs import execute_rebalance, notify_recommendation
-from rebal_pipeline.defs.approvals.sensors import approval_decisions, approval_escalations
+from rebal_pipeline.defs.approvals.sensors import approval_decisions, approval_escalations, market_event_batches
 
 jobs = [execute_rebalance, notify_recommendation]
-sensors = [approval_decisions, approval_escalations]
+sensors = [approval_decisions, approval_escalations, market_event_batches]

@@ -73,6 +73,7 @@ from rebal_pipeline.resources import (
     WAREHOUSE_POOL, AuditResource, ExecutionResource, FeedLocation, FixSessionResource, Warehouse,
     WorkflowStoreResource, settings_of,
 )
+from rebal_pipeline.market_events import batches
 from rebal_pipeline.workflow import anchoring, gate, ledger, outbox, ticketing
 
 GATE_VERDICT_TAG = "rebal/gate_verdict"
@@ -97,7 +98,13 @@ WAREHOUSE_READ_RETRY = RetryPolicy(max_retries=4, delay=15, backoff=Backoff.EXPO
 
 
 class ApprovalGateConfig(Config):
-    decision_id: str = Field(description="wf_decisions.decision_id (the decision sensor sets it)")
+    decision_id: str = Field(default="", description="wf_decisions.decision_id (the decision sensor sets it)")
+    release_id: str = Field(default="", description="A market-event batch's release, mev-YYYYMMDD-r<n> (the "
+                                                    "market_event_batches sensor sets it): its held decisions, "
+                                                    "each gated, their orders blocked together")
+
+
+HELD_FOR_BATCH = "held_for_batch"
 
 
 @op(
@@ -112,10 +119,26 @@ class ApprovalGateConfig(Config):
 )
 def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workflow_store: WorkflowStoreResource,
                   warehouse: Warehouse):
+    if bool(config.decision_id) == bool(config.release_id):
+        raise Failure(description="give exactly one of decision_id and release_id", allow_retries=False)
+    if config.release_id:
+        yield from _gate_release(context, config.release_id, workflow_store, warehouse)
+        return
     try:
         outbox.check_decision_id(config.decision_id)
     except outbox.OutboxError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
+    with workflow_store.open() as store, store.begin() as conn:
+        batch_id = batches.goes_with_batch(conn, config.decision_id)
+    if batch_id is not None:
+        # A batch member's decision goes out with the batch's release (market_events/batches.py
+        # E5): no verdict is recorded here, so the release's gate checks it.
+        context.instance.add_run_tags(context.run_id, {GATE_VERDICT_TAG: HELD_FOR_BATCH})
+        context.log.info(f"decision {config.decision_id} belongs to market-event batch {batch_id}: it goes out "
+                         "with the batch's release (market_event_batches sensor), not alone")
+        yield Output({"decision_id": config.decision_id, "verdict": HELD_FOR_BATCH, "batch_id": batch_id},
+                     "verdict", metadata={"verdict": HELD_FOR_BATCH, "batch_id": batch_id})
+        return
     try:
         with workflow_store.open() as store, store.begin() as conn:
             verdict = gate.gate_decision(conn, config.decision_id, gate.warehouse_positions(warehouse.connect),
@@ -149,6 +172,47 @@ def approval_gate(context: OpExecutionContext, config: ApprovalGateConfig, workf
         yield Output(verdict.handoff, "approved_trades", metadata={"trades": len(verdict.trades)})
 
 
+def _gate_release(context: OpExecutionContext, release_id: str, workflow_store: WorkflowStoreResource,
+                  warehouse: Warehouse):
+    """A batch release: claim it once (its held decisions), gate each decision as if it went
+    alone (one transaction each: a refusal refuses that decision only), hand the passed ones on."""
+    try:
+        with workflow_store.open() as store:
+            with store.begin() as conn:
+                decision_ids = batches.claim_release(conn, release_id, context.run_id, utc_now())
+            positions = gate.warehouse_positions(warehouse.connect)
+            verdicts = []
+            for decision_id in decision_ids:
+                with store.begin() as conn:
+                    verdict = gate.gate_decision(conn, decision_id, positions, utc_now())
+                    mask = masker(gate.accounts_of(conn, verdict.recommendation_id))
+                verdicts.append((verdict, mask))
+    except batches.BatchError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
+    except gate.GateCannotCheck as exc:
+        raise Failure(description=f"the approval gate could not check release {release_id}: {exc}",
+                      allow_retries=isinstance(exc.__cause__, duckdb.Error)) from None
+    passed = [v for v, _ in verdicts if v.passed]
+    for verdict, mask in verdicts:
+        if not verdict.passed:
+            context.log.warning(f"decision {verdict.decision_id} of {release_id} refused by the gate: "
+                                f"{mask(verdict.reason)}")
+    outcome = f"passed={len(passed)},refused={len(verdicts) - len(passed)}"
+    context.instance.add_run_tags(context.run_id, {GATE_VERDICT_TAG: outcome, "rebal/release": release_id})
+    yield Output(
+        {"release_id": release_id, "verdict": outcome,
+         "decisions": [{"decision_id": v.decision_id, "verdict": "passed" if v.passed else "refused",
+                        "reason": v.reason} for v, _ in verdicts]},
+        "verdict",
+        metadata={"release_id": release_id, "verdict": outcome, "decisions": len(verdicts),
+                  "refused": MetadataValue.md("\n".join(f"- {v.decision_id}: {m(v.reason)}" for v, m in verdicts
+                                                         if not v.passed) or "none")})
+    if passed:
+        yield Output({"release_id": release_id, "decision_ids": [v.decision_id for v in passed],
+                      "handoffs": [v.handoff for v in passed]}, "approved_trades",
+                     metadata={"decisions": len(passed), "trades": sum(len(v.trades) for v in passed)})
+
+
 def _remove_abandoned_temps(context: OpExecutionContext, folder) -> list[str]:
     removed = remove_abandoned_temps(folder)
     if removed:
@@ -160,14 +224,22 @@ def _remove_abandoned_temps(context: OpExecutionContext, folder) -> list[str]:
     description="Write a copy of the approved trades for people to outbox/approved/ (once per decision); "
                 "ticketing reads them from the workflow store.")
 def prepare_approved_trades(context: OpExecutionContext, approved_trades: dict):
-    path = outbox.approved_trades_path(settings.outbox_root(), approved_trades["decision_id"])
-    removed = _remove_abandoned_temps(context, path.parent)
-    written = outbox.write_copy_for_people(path, {**approved_trades, "prepared_by_run": context.run_id})
-    if not written:
-        context.log.info(f"{path.name} was already prepared: left as it is")
-    yield Output(approved_trades["decision_id"], metadata={
-        "path": MetadataValue.path(str(path)), "written_by_this_run": written,
-        "trades": len(approved_trades["trades"]), "removed_temp_files": len(removed)})
+    # A release: one copy per decision it carries, as if each went alone.
+    handoffs = approved_trades.get("handoffs") or [approved_trades]
+    label = approved_trades.get("release_id") or approved_trades["decision_id"]
+    paths, written, removed = [], 0, []
+    for handoff in handoffs:
+        path = outbox.approved_trades_path(settings.outbox_root(), handoff["decision_id"])
+        removed += _remove_abandoned_temps(context, path.parent)
+        if outbox.write_copy_for_people(path, {**handoff, "prepared_by_run": context.run_id}):
+            written += 1
+        else:
+            context.log.info(f"{path.name} was already prepared: left as it is")
+        paths.append(path)
+    yield Output(label, metadata={
+        "path": MetadataValue.path(str(paths[0])) if len(paths) == 1 else MetadataValue.json([str(p) for p in paths]),
+        "written_by_this_run": written, "trades": sum(len(h["trades"]) for h in handoffs),
+        "removed_temp_files": len(removed)})
 
 
 TICKETS_TAG = "rebal/tickets"
@@ -195,8 +267,14 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
                       allow_retries=False) from None
     try:
         with workflow_store.open() as store:
-            result = ticketing.order_tickets(store, warehouse.connect, decision_id, auto_submit=auto_submit,
-                                             desk_id=desk_id)
+            if batches.is_release_id(decision_id):  # a batch release: blocks across its passed decisions
+                with store.begin() as conn:
+                    passed = batches.passed_decisions(conn, decision_id)
+                result = ticketing.release_tickets(store, warehouse.connect, decision_id, passed,
+                                                   auto_submit=auto_submit, desk_id=desk_id)
+            else:
+                result = ticketing.order_tickets(store, warehouse.connect, decision_id, auto_submit=auto_submit,
+                                                 desk_id=desk_id)
     except ticketing.WarehouseUnreadable as exc:  # retried by WAREHOUSE_READ_RETRY
         raise Failure(description=str(exc)) from None
     except ticketing.TicketsRefused as exc:
@@ -235,7 +313,8 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
         raise Failure(description=f"decision {orders.decision_id}: "
                                   f"{masker(o.account_id for o in orders.batch.orders)(str(exc))}") from None
     with workflow_store.open() as store, store.begin() as conn:  # all submitted: the story ends (ledger L6)
-        ledger.record_outcome(conn, orders.decision_id, utc_now())
+        for decision_id in orders.covers:  # a release: each decision it carries
+            ledger.record_outcome(conn, decision_id, utc_now())
     staged, submitted = orders.count(submit.STAGED), orders.count(submit.SUBMITTED)
     context.instance.add_run_tags(context.run_id, {TICKETS_TAG: f"staged={staged},submitted={submitted}"})
     if outcome.already_done:

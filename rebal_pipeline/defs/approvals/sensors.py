@@ -10,6 +10,13 @@ approval_decisions (every 30 s)
     default 1 h: no store transaction lasts that long). While the floor waits, decisions above it
     are requested again at each tick while their verdict is empty: Dagster skips those run keys.
 
+market_event_batches (every 60 s)
+    A market-event batch whose release time has come (the latest event + the policy's
+    release_after_minutes) and that holds approved decisions → RunRequest(run_key=
+    "market_batch_release:<batch>-r<n>", job=execute_rebalance, release_id): the run claims the
+    release once (market_events/batches.py E6), gates each decision and blocks their orders per
+    custodian and symbol. Decisions made after a release go in the next one, at the next tick.
+
 approval_escalations (every 5 min)
     `lifecycle.due_notifications` (24h reminder to the advisor, 48h escalation to compliance;
     deferred ones after their date; not weekly-batch ones) and `lifecycle.weekly_digest_due` (one
@@ -41,6 +48,7 @@ from dagster import RunRequest, SensorEvaluationContext, SensorResult, sensor
 from rebal_pipeline.core.clock import utc, utc_now
 from rebal_pipeline.defs.approvals.jobs import NotificationConfig, execute_rebalance, notify_recommendation
 from rebal_pipeline.resources import ApprovalClockResource, DriftPolicySource, WorkflowStoreResource, settings_of
+from rebal_pipeline.market_events import batches
 from rebal_pipeline.workflow import approval_watch, lifecycle
 
 Clock = Callable[[], datetime]
@@ -84,6 +92,42 @@ def build_approval_decisions_sensor(clock: Clock = utc_now, hole_patience: timed
         return SensorResult(run_requests=requests, cursor=seen.cursor.dump())
 
     return _approval_decisions
+
+
+# ---------------------------------------------------------------------------------------------
+# market_event_batches
+# ---------------------------------------------------------------------------------------------
+
+RELEASE_RUN_KEY_PREFIX = "market_batch_release:"
+
+
+def release_run_request(release: batches.DueRelease) -> RunRequest:
+    return RunRequest(
+        run_key=f"{RELEASE_RUN_KEY_PREFIX}{release.release_id}",
+        job_name=execute_rebalance.name,
+        run_config={"ops": {"approval_gate": {"config": {"release_id": release.release_id}}}},
+        tags={"rebal/release": release.release_id, "rebal/market_batch": release.batch_id},
+    )
+
+
+def build_market_event_batches_sensor(clock: Clock = utc_now, name: str = "market_event_batches",
+                                      minimum_interval_seconds: int = 60):
+    @sensor(
+        name=name,
+        job=execute_rebalance,
+        minimum_interval_seconds=minimum_interval_seconds,
+        description="Launches execute_rebalance once per release of a market-event batch (its approved trades as "
+                    "block orders), when the release time has come. run_key = market_batch_release:<release id>.",
+    )
+    def _market_event_batches(context: SensorEvaluationContext, workflow_store: WorkflowStoreResource):
+        now = utc(clock())
+        with workflow_store.open() as store, store.begin() as conn:
+            due = batches.due_releases(conn, now)
+        if not due:
+            return SensorResult(skip_reason=f"no market-event batch due for release at {now.isoformat()}")
+        return SensorResult(run_requests=[release_run_request(r) for r in due])
+
+    return _market_event_batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,3 +177,4 @@ def build_approval_escalations_sensor(clock: Clock = utc_now, policy: lifecycle.
 
 approval_decisions = build_approval_decisions_sensor()
 approval_escalations = build_approval_escalations_sensor()
+market_event_batches = build_market_event_batches_sensor()
