@@ -590,8 +590,8 @@ def _record_pending(conn: Connection, tickets: Tickets, wanted: dict[str, dict],
                     f"{AUTO_SUBMIT_ENV}) or settle the order by hand")
         status[cl_ord_id], recorded_at[cl_ord_id] = existing["status"], existing["destination"]
     to_write = {wanted[c]["destination"] for c, s in status.items() if s == "pending"}
-    gone = sorted((recorded_at[c], c) for c, s in status.items()
-                  if s != "pending" and recorded_at[c] != wanted[c]["destination"] and wanted[c]["destination"] in to_write)
+    gone = sorted((recorded_at[c], c) for c, s in status.items() if s != "pending"
+                  and recorded_at[c] != wanted[c]["destination"] and wanted[c]["destination"] in to_write)
     if gone:
         where = sorted({d for d, _ in gone})
         raise ExecutionError(

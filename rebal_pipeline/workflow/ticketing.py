@@ -105,18 +105,24 @@ def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id
     caller gates them first; one that did not pass refuses the whole release). `connect`,
     `auto_submit` and `desk_id` as for `order_tickets`. OrderTickets.decision_id is the release
     id; `tickets.covers` the decisions."""
-    trades: dict[str, list] = {}  # (the accounts an error names are masked in the refusal)
+    trades: dict[str, list] = {}
     approved: list[submit.ApprovedDecision] = []
-    ids = sorted(set(decision_ids))
+    named: set[str] = set()  # the accounts an error may name: masked in the refusal
+    ids = sorted(decision_ids)
     day = None
     try:
         if not ids:
             raise submit.ExecutionError("the release covers no decision")
+        twice = sorted({d for d in ids if ids.count(d) > 1})
+        if twice:
+            raise submit.ExecutionError(f"decision(s) {', '.join(twice)} listed twice")
         with store.begin() as conn:
             for decision_id in ids:
                 try:
                     one = submit.load_approved_decision(conn, decision_id)
+                    named.update(one.package.account_ids)
                     _handoff, trades[decision_id] = gate.passed_trades(conn, decision_id)
+                    named.update(t.account_id for t in trades[decision_id])
                 except (gate.GateCannotCheck, submit.ExecutionError) as exc:
                     raise submit.ExecutionError(f"decision {decision_id}: {exc}") from None
                 approved.append(one)
@@ -133,12 +139,11 @@ def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id
         tickets = submit.build_release_tickets(release_id, approved, trades, securities, accounts,
                                                auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:
-        if ids and len(approved) == len(ids):
+        if approved and len(approved) == len(ids):
             with store.begin() as conn:
                 done = submit.release_orders_all_done(conn, ids)
             if done:  # a re-run after the day was re-scanned: the orders left already, exactly once
                 return OrderTickets(release_id, tuple(approved), day, None, orders_done=done)
-        accounts_named = [t.account_id for mine in trades.values() for t in mine]
         raise TicketsRefused(f"release {release_id}: no orders staged or submitted: "
-                             f"{masker(accounts_named)(str(exc))}") from None
+                             f"{masker(named)(str(exc))}") from None
     return OrderTickets(release_id, tuple(approved), day, tickets)

@@ -20,7 +20,6 @@ The batch's release (its approved trades as block orders) is the `market_event_b
 (defs/approvals/sensors.py), because it launches execute_rebalance.
 """
 
-from __future__ import annotations
 
 import json
 from datetime import datetime
