@@ -341,14 +341,19 @@ def cmd_orders_executed(args) -> int:
     """The trading desk confirms it placed a decision's staged orders (the client confirmation follows)."""
     from datetime import datetime, timezone
 
-    from rebal_pipeline.execution.submit import ExecutionError, confirm_executed
+    from rebal_pipeline.execution.submit import ExecutionError, confirm_executed, confirm_release_executed
+    from rebal_pipeline.market_events import batches
     from rebal_pipeline.workflow.store import WorkflowStore
 
     store = WorkflowStore.from_env()
     store.migrate()
     try:
         with store.begin() as conn:
-            count = confirm_executed(conn, args.decision, args.by, datetime.now(timezone.utc))
+            if batches.is_release_id(args.decision):  # a market-event batch's release: all its orders
+                count = confirm_release_executed(conn, args.decision, batches.release_decisions(conn, args.decision),
+                                                 args.by, datetime.now(timezone.utc))
+            else:
+                count = confirm_executed(conn, args.decision, args.by, datetime.now(timezone.utc))
     except ExecutionError as error:
         print(f"rebal: {error}", file=sys.stderr)
         return 1
@@ -466,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_api)
 
-    p = commands.add_parser("orders-executed", help="trading desk: confirm a decision's staged orders were placed")
+    p = commands.add_parser("orders-executed", help="trading desk: confirm a decision's (or a market-event "
+                                                "batch release's, mev-YYYYMMDD-r<n>) staged orders were placed")
     p.add_argument("--decision", required=True)
     p.add_argument("--by", required=True, help="the trading-desk user id")
     p.set_defaults(func=cmd_orders_executed)

@@ -28,7 +28,9 @@ batch. The queue shows, per batch, what the person may read of it:
   the person has members in (compliance and operations: every batch), each with its open count;
 - a row's batch (its badge): the batch it joined, if any (a recommendation is in one batch only:
   the members table's primary key).
-Counts and lists are read-only and done in SQL; nothing here changes the store.
+Counts and lists are read-only and done in SQL; nothing here changes the store. An event's reason
+is typed by a person (operations or compliance): any account of the batch's members named in it is
+masked, like every account on a page.
 
 Escalation clock: the time left until the 48h rule (lifecycle_policy().escalation_hours after the
 clock's start) escalates a pending recommendation to compliance; weekly-batch recommendations are
@@ -203,7 +205,7 @@ def queue(conn: Connection, user: dict, filters: Filters, now: datetime, policy:
 MARKET_BATCHES_SHOWN = 5
 # Everyone else sees a batch only when it holds one of the recommendations they may read.
 _EVERY_BATCH_ROLES = ("compliance", "operations")
-_SOURCE_WORDS = {"prices": "Intraday prices", "operator": "Declared by operations"}
+_SOURCE_WORDS = {"prices": "Intraday prices", "operator": "Declared by a person"}
 _AUTOMATIC = "rebal:market_events"  # market_events.declared_by of an event seen in the prices
 _MAX_MASKED_MEMBERS = 10_000
 _NEW_YORK = ZoneInfo("America/New_York")  # the batch's trading day and its times (portal.NEW_YORK)

@@ -15,6 +15,8 @@ says what the batch looks like to people:
                                                      queued once per (event, advisor)
     send_advisor_email(store, notification_key, now, comms=...)
                                                      sends one queued email through the outbox, once
+    send_event_emails(store, event_id, now, comms=...)
+                                                     sends every email queued for the event, each once
 
 Rules (each has one home; this module only reads and formats):
 - **Order**: severity (the member's worst |drift| ÷ band at the event's prices, recorded when it
@@ -48,7 +50,14 @@ Rules (each has one home; this module only reads and formats):
   own key). The key is also the wf_messages key `send_advisor_email` delivers under
   (comms/outbound.py: a `sent` key is never sent again; a relay that is down leaves it `retry`).
   The email is rendered when sent, from the store: the rows recorded with the notification,
-  their status as it is then.
+  their status as it is then; the event's reason was masked when queued (with every account of
+  the batch so far, once per event rather than once per email).
+  Who sends it: the store is the hand-off, as for reminders and operations alerts — the comms
+  runs (defs/comms: the mailer_outbox sensor lists wf_notifications rows without a wf_messages
+  row; send_notification sends one; outbound_retries re-sends) hand a `market_event` key to
+  `send_advisor_email`.
+- `batch_rows` and `batch_summary` take `through_event=` (keyword): the batch as it stood after
+  that event's scan, as `write_batch_report` writes it.
 """
 
 from __future__ import annotations
@@ -148,7 +157,8 @@ def _worst(package: RecommendationPackage) -> PackageBand | None:
 
 def _members(conn: Connection, batch_id: str, *, advisor_id: str | None = None, through_seq: int | None = None,
              added_by: str | None = None) -> list[tuple[dict, RecommendationPackage]]:
-    """The members' rows and packages in the report's order (the module docstring)."""
+    """The members' rows and packages in the report's order (the module docstring): of one
+    advisor, added by the events up to seq `through_seq`, added by one event."""
     r, m = recommendations.c, batch_recommendations.c
     where = [m.batch_id == batch_id]
     if advisor_id is not None:
@@ -217,6 +227,25 @@ def _counts(rows: list[dict]) -> dict:
             "estimated_tax": round(sum(taxes), 2) if taxes else None}
 
 
+def _events(conn: Connection, batch_id: str, condition=None) -> list[dict]:
+    """The batch's events in order (with the declaring user's name); reasons as typed."""
+    e, u = market_events.c, users.c
+    where = [e.batch_id == batch_id] + ([condition] if condition is not None else [])
+    rows = conn.execute(select(e.event_id, e.seq, e.detected_at, e.scanned_at, e.source, e.declared_by, e.reason,
+                               e.move, e.recommendations, u.name)
+                        .select_from(market_events.outerjoin(users, u.user_id == e.declared_by))
+                        .where(and_(*where)).order_by(e.seq)).mappings().all()
+    return [{"event_id": ev["event_id"], "seq": ev["seq"], "detected_at": utc(ev["detected_at"]),
+             "scanned_at": utc(ev["scanned_at"]) if ev["scanned_at"] else None, "source": ev["source"],
+             "declared_by": ev["declared_by"], "declared_by_name": ev["name"], "reason": ev["reason"],
+             "move": ev["move"], "recommendations": ev["recommendations"]} for ev in rows]
+
+
+def _reason_masker(members: list[tuple[dict, RecommendationPackage]]):
+    """A reason is typed by a person: any account of the batch it names is masked like every other."""
+    return masker({a for _, package in members for a in package.account_ids})
+
+
 def batch_summary(conn: Connection, batch_id: str, *, through_event: str | None = None) -> dict:
     """The batch (id, trading day, session valued, opened, release due, events), its events in
     order (event_id, seq, detected_at, scanned_at, source, declared_by and their name, reason with
@@ -225,16 +254,11 @@ def batch_summary(conn: Connection, batch_id: str, *, through_event: str | None 
     through_event: as it stands after that event's scan (its events and members only)."""
     batch = _batch(conn, batch_id)
     seq = _through(conn, batch_id, through_event)
-    e, u = market_events.c, users.c
-    where = [e.batch_id == batch_id] + ([e.seq <= seq] if seq is not None else [])
-    events = conn.execute(select(e.event_id, e.seq, e.detected_at, e.scanned_at, e.source, e.declared_by, e.reason,
-                                 e.move, e.recommendations, u.name)
-                          .select_from(market_events.outerjoin(users, u.user_id == e.declared_by))
-                          .where(and_(*where)).order_by(e.seq)).mappings().all()
+    events = _events(conn, batch_id, market_events.c.seq <= seq if seq is not None else None)
     members = _members(conn, batch_id, through_seq=seq)
     rows = [_row(rec, package) for rec, package in members]
-    # A reason is typed by a person: any account of the batch it names is masked like every other.
-    mask = masker({a for _, package in members for a in package.account_ids})
+    mask = _reason_masker(members)
+    u = users.c
     advisor_ids = sorted({row["advisor_id"] for row in rows if row["advisor_id"]})
     names = dict(conn.execute(select(u.user_id, u.name).where(u.user_id.in_(advisor_ids))).all()) if advisor_ids \
         else {}
@@ -247,10 +271,7 @@ def batch_summary(conn: Connection, batch_id: str, *, through_event: str | None 
                   "session_as_of": batch["session_as_of"], "opened_at": utc(batch["opened_at"]),
                   "release_due_at": utc(batch["release_due_at"]), "events": int(batch["events"])},
         "through_event": through_event,
-        "events": [{"event_id": ev["event_id"], "seq": ev["seq"], "detected_at": utc(ev["detected_at"]),
-                    "scanned_at": utc(ev["scanned_at"]) if ev["scanned_at"] else None, "source": ev["source"],
-                    "declared_by": ev["declared_by"], "declared_by_name": ev["name"], "reason": mask(ev["reason"]),
-                    "move": ev["move"], "recommendations": ev["recommendations"]} for ev in events],
+        "events": [{**ev, "reason": mask(ev["reason"])} for ev in events],
         "advisors": advisors,
         "totals": _counts(rows),
     }
@@ -312,7 +333,7 @@ def _view(summary: dict, rows: list[dict]) -> dict:
         "session": emails.day(batch["session_as_of"]), "opened": new_york_time(batch["opened_at"]),
         "release_due": new_york_time(batch["release_due_at"]),
         "as_of": (f"after the scan of {through} (event {len(events)} of the day)" if through
-                  else f"after all {len(events)} event{'s' if len(events) != 1 else ''} of the day"),
+                  else f"after the day's {len(events)} event{'s' if len(events) != 1 else ''}"),
         "events": events,
         "statuses": [{"status": status.replace("_", " "), "code": status, "count": f"{n:,}"}
                      for status, n in summary["totals"]["by_status"].items()],
@@ -467,11 +488,14 @@ def email_advisors(conn: Connection, batch_id: str, event_id: str, now: datetime
     now (0 on a re-run)."""
     now = utc(now)
     _batch(conn, batch_id)
-    _scanned(_event_of(conn, batch_id, event_id))
+    event = _scanned(_event_of(conn, batch_id, event_id))
     link = queue_link(portal_url, batch_id)
+    members = _members(conn, batch_id, through_seq=int(event["seq"]))
+    # Masked once here, with every account of the batch so far, not once per email sent.
+    reason = _reason_masker(members)(event["reason"])
     parts: dict[str, list[str]] = {}
-    for rec, _package in _members(conn, batch_id, added_by=event_id):
-        if rec["advisor_id"]:
+    for rec, _package in members:
+        if rec["event_id"] == event_id and rec["advisor_id"]:
             parts.setdefault(rec["advisor_id"], []).append(rec["recommendation_id"])
     queued = 0
     for advisor_id, recommendation_ids in sorted(parts.items()):
@@ -486,7 +510,7 @@ def email_advisors(conn: Connection, batch_id: str, event_id: str, now: datetime
                 with conn.begin_nested():
                     conn.execute(insert(notifications).values(
                         notification_key=key, kind=MESSAGE_KIND, recommendation_id=None, recipient_id=recipient_id,
-                        created_at=now, payload=audit.canonical_json(body)))
+                        created_at=now, payload=audit.canonical_json({**body, "reason": reason})))
             except IntegrityError:  # queued before (a re-run): exactly once
                 continue
             audit.append(conn, f"{QUEUED_EVENT_KIND}:{key}", QUEUED_EVENT_KIND, ACTOR, now, advisor_id,
@@ -533,22 +557,26 @@ def advisor_email(conn: Connection, notification_key: str, *, sender: str, to: s
     wanted = set(body["recommendations"])
     rows = [_row(rec, package) for rec, package in _members(conn, batch_id, advisor_id=advisor_id, added_by=event_id)
             if rec["recommendation_id"] in wanted]
-    summary = batch_summary(conn, batch_id, through_event=event_id)
-    event = next(e for e in summary["events"] if e["event_id"] == event_id)
+    batch = _batch(conn, batch_id)
+    [event] = _events(conn, batch_id, market_events.c.event_id == event_id)
+    event["reason"] = body["reason"]  # masked when queued (email_advisors)
     advisor_name = conn.execute(select(users.c.name).where(users.c.user_id == advisor_id)).scalar() or advisor_id
     team_copy = queued["recipient_id"] != advisor_id
     count = f"{len(rows)} recommendation{'s' if len(rows) != 1 else ''}"
-    day = emails.day(summary["batch"]["trading_day"])
+    day = emails.day(batch["trading_day"])
     move = signed_move(event["move"])
     subject = (f"Market event {move} on {day}: {count} to review" if event["move"] is not None
                else f"Market event on {day} (declared): {count} to review")
     if team_copy:
         subject += f" for {advisor_name}"
-    context = {"event": _event_view(event), "move": move, "day": day, "count": count, "batch_id": batch_id,
+    view = _event_view(event)
+    context = {"event": view, "move": move if event["move"] is not None else "(declared)",
+               "what": (f"a market move of {move}" if event["move"] is not None
+                        else f"a market event {view['origin']}"), "day": day, "count": count, "batch_id": batch_id,
                "rows": [_row_view(rank, row) for rank, row in enumerate(rows, start=1)],
                "link": emails._check_links({"review": body["link"]}, ())["review"],
                "recipient_name": recipient_name, "advisor_name": advisor_name, "team_copy": team_copy,
-               "release_due": new_york_time(summary["batch"]["release_due_at"])}
+               "release_due": new_york_time(utc(batch["release_due_at"]))}
     return _assemble(subject=subject, sender=sender, to=to, message_id=message_id,
                      reference=f"{MESSAGE_KIND}:{event_id}", context=context)
 
@@ -569,3 +597,21 @@ def send_advisor_email(store, notification_key: str, now: datetime, *, comms) ->
 
     return [outbound.deliver(store.begin, notification_key, MESSAGE_KIND, "smtp", delivery._email_send(comms, build),
                              now, recipient_id=recipient_id)]
+
+
+def event_message_keys(conn: Connection, event_id: str) -> list[str]:
+    """The keys of the emails queued for an event, in order (advisor, then their team's copies)."""
+    batches.check_event_id(event_id)
+    prefix = f"{MESSAGE_KIND}:{event_id}:"
+    return list(conn.execute(select(notifications.c.notification_key).where(and_(
+        notifications.c.kind == MESSAGE_KIND, notifications.c.notification_key.startswith(prefix, autoescape=True)))
+        .order_by(notifications.c.notification_key)).scalars())
+
+
+def send_event_emails(store, event_id: str, now: datetime, *, comms) -> list[outbound.Delivery]:
+    """Send every email queued for the event, each once (as supervision/deliver.email_report sends
+    the supervisory report from its own run): a re-run sends only what is not sent yet."""
+    with store.begin() as conn:
+        keys = event_message_keys(conn, event_id)
+    return [d for key in keys for d in send_advisor_email(store, key, now, comms=comms)]
+

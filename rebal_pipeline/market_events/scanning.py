@@ -55,7 +55,11 @@ def receive_snapshot(feed_root: Path, archive_root: Path, relative: str) -> Rece
     prices.archive_drop(path, archive_root, shown_as=relative)
     snapshot = prices.read_snapshot(path, feed_root=feed_root)
     archived = prices.archive_snapshot(snapshot, archive_root)  # the bytes read are the bytes archived
-    return Received(snapshot, archived, prices.write_rejects(snapshot, archive_root))
+    rejects = prices.write_rejects(snapshot, archive_root)
+    if not snapshot.prices:
+        raise EventError(f"{snapshot.shown_as}: no row could be read ({len(snapshot.rejects)} quarantined in "
+                         f"{rejects}): no event")
+    return Received(snapshot, archived, rejects)
 
 
 def session_closes(con, as_of) -> dict[str, Decimal]:

@@ -124,7 +124,9 @@ def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id
                     _handoff, trades[decision_id] = gate.passed_trades(conn, decision_id)
                     named.update(t.account_id for t in trades[decision_id])
                 except (gate.GateCannotCheck, submit.ExecutionError) as exc:
-                    raise submit.ExecutionError(f"decision {decision_id}: {exc}") from None
+                    # Every refusal names the decision (most of these messages do already).
+                    reason = str(exc) if decision_id in str(exc) else f"decision {decision_id}: {exc}"
+                    raise submit.ExecutionError(reason) from None
                 approved.append(one)
         day = submit.trading_day(submit.release_placed_at(approved))
         every = [t for mine in trades.values() for t in mine]

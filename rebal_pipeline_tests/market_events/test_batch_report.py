@@ -6,15 +6,15 @@ The batch of Monday 23 November 2026 (New York), built directly in the store:
 | event | when (New York)  | source                          | move   | members added              |
 |-------|------------------|---------------------------------|--------|----------------------------|
 | e1    | 14:35, scan 14:41 | intraday prices                | −3.1%  | REC-A1 REC-A2 REC-B1 REC-B2 |
-| e2    | 15:50, scan 15:58 | declared by OPS-1 (a reason with HTML and an account in it) | — | REC-B3 |
+| e2    | 15:50, scan 15:58 | declared by OPS-1 (HTML and an account in its reason) | — | REC-B3 |
 
-| rec    | advisor | account(s)                 | bands: drift / band               | severity (by hand) | trade value | est. tax |
-|--------|---------|----------------------------|-----------------------------------|--------------------|-------------|----------|
-| REC-A1 | ADV-1   | ACC-0001001                | equity +0.12/0.05, FI −0.06/0.04  | 2.4 (equity)       | $2,000      | $20.00   |
-| REC-A2 | ADV-1   | ACC-0001002                | equity +0.03/0.05, FI −0.09/0.05  | 1.8 (FI)           | $2,000      | −$310.50 (a saving) |
-| REC-B1 | ADV-2   | ACC-0002001                | equity −0.10/0.05, FI +0.10/0.10  | 2.0 (equity)       | $2,000      | $0.00    |
-| REC-B2 | ADV-2   | ACC-0002002                | equity +0.09/0.05, FI −0.09/0.10  | 1.8 (equity)       | $3,000      | $150.00  |
-| REC-B3 | ADV-2   | ACC-0002003, ACC-0002004   | equity +0.06/0.05                 | 1.2 (equity)       | $1,000      | none     |
+| rec    | advisor | account(s)              | drift / band: equity, FI | severity (by hand) | trade  | est. tax |
+|--------|---------|-------------------------|--------------------------|--------------------|--------|----------|
+| REC-A1 | ADV-1   | ACC-0001001             | +0.12/0.05, −0.06/0.04   | 2.4 (equity)       | $2,000 | $20.00   |
+| REC-A2 | ADV-1   | ACC-0001002             | +0.03/0.05, −0.09/0.05   | 1.8 (FI)           | $2,000 | −$310.50 |
+| REC-B1 | ADV-2   | ACC-0002001             | −0.10/0.05, +0.10/0.10   | 2.0 (equity)       | $2,000 | $0.00    |
+| REC-B2 | ADV-2   | ACC-0002002             | +0.09/0.05, −0.09/0.10   | 1.8 (equity)       | $3,000 | $150.00  |
+| REC-B3 | ADV-2   | ACC-0002003, ACC-0002004 | +0.06/0.05 (equity only) | 1.2 (equity)       | $1,000 | none     |
 
 So the order is A1 (2.4), B1 (2.0), B2 (1.8, $3,000), A2 (1.8, $2,000: the tie goes to the larger
 trade), B3 (1.2). ADV-1 approved REC-A2. ADV-1's users.csv row asks for team alerts; ADV-3 is on
@@ -76,7 +76,8 @@ def _package(rec_id: str, advisor_id: str, bands: list[tuple[str, float, float]]
         recommendation_id=rec_id, as_of=AS_OF, advisor_id=advisor_id, household_id=f"HH-{rec_id[4:]}",
         account_ids=accounts, scope_id=first if len(accounts) == 1 else f"HH-{rec_id[4:]}",
         tier="standard", urgency="medium", delivery="within_48h",
-        holdings=[h for a in accounts for h in (holding(a, "VTI", "equity", 70, 100), holding(a, "BND", "fixed_income", 60, 50))],
+        holdings=[h for a in accounts
+                  for h in (holding(a, "VTI", "equity", 70, 100), holding(a, "BND", "fixed_income", 60, 50))],
         trades=[trade(first, "VTI", "equity", "sell", trade_value / 200, 100),
                 trade(first, "BND", "fixed_income", "buy", trade_value / 100, 50)],
         bands=[PackageBand(asset_class=c, target_weight=targets[c], band=b, current_weight=targets[c] + d, drift=d)
@@ -119,13 +120,13 @@ def batch(store):  # noqa: F811 (the store fixture of the approvals tests)
     return store
 
 
-def rows_of(store, advisor_id=None, **kwargs):
-    with store.begin() as conn:
+def rows_of(db, advisor_id=None, **kwargs):
+    with db.begin() as conn:
         return report.batch_rows(conn, BATCH, advisor_id, **kwargs)
 
 
-def rendered(store, through_event=None) -> tuple[str, bytes]:
-    with store.begin() as conn:
+def rendered(db, through_event=None) -> tuple[str, bytes]:
+    with db.begin() as conn:
         return report.render_batch_report(report.batch_summary(conn, BATCH, through_event=through_event),
                                           report.batch_rows(conn, BATCH, through_event=through_event))
 
@@ -218,13 +219,13 @@ def test_the_report_is_severity_sorted_masked_escaped_and_the_same_when_rendered
 # ---------------------------------------------------------------------------------------------
 
 
-def write(store, root: Path, event_id: str = E1):
-    with store.begin() as conn:
+def write(db, root: Path, event_id: str = E1):
+    with db.begin() as conn:
         return report.write_batch_report(conn, root, BATCH, event_id, NOW)
 
 
-def report_events(store) -> list[dict]:
-    with store.begin() as conn:
+def report_events(db) -> list[dict]:
+    with db.begin() as conn:
         assert audit.verify(conn, anchors=False).ok
         return [dict(r) for r in conn.execute(select(audit_events).where(
             audit_events.c.kind == "market_batch_report").order_by(audit_events.c.seq)).mappings()]
@@ -310,13 +311,13 @@ def comms_for(peer) -> CommsSettings:
         "REBAL_SMTP_FROM": "Example RIA <alerts@example-ria.com>", "REBAL_SMTP_TIMEOUT": "5"}))
 
 
-def queue(store, event_id: str) -> int:
-    with store.begin() as conn:
+def queue(db, event_id: str) -> int:
+    with db.begin() as conn:
         return report.email_advisors(conn, BATCH, event_id, NOW, portal_url=PORTAL)
 
 
-def queued_keys(store) -> list[str]:
-    with store.begin() as conn:
+def queued_keys(db) -> list[str]:
+    with db.begin() as conn:
         return list(conn.execute(select(notifications.c.notification_key).where(
             notifications.c.kind == "market_event").order_by(notifications.c.notification_key)).scalars())
 
@@ -362,8 +363,10 @@ def test_each_advisor_is_emailed_their_part_once(batch, smtp_peer):
 
     # The second event added one recommendation, of ADV-2's: one email, with that row only.
     assert queue(batch, E2) == 1
-    [delivery] = report.send_advisor_email(batch, "market_event:mev-20261123-e2:ADV-2", NOW, comms=comms)
-    assert delivery.status == "sent" and len(smtp_peer.messages) == 4
+    sent = report.send_event_emails(batch, E2, NOW, comms=comms)
+    assert [(d.message_key, d.status) for d in sent] == [("market_event:mev-20261123-e2:ADV-2", "sent")]
+    assert [d.status for d in report.send_event_emails(batch, E1, NOW, comms=comms)] == ["already_sent"] * 3
+    assert len(smtp_peer.messages) == 4
     last = parse(smtp_peer.messages[-1].data)
     assert last["Subject"] == "Market event on 23 Nov 2026 (declared): 1 recommendation to review"
     body = read_html(last.get_body(("html",)).get_content()).text

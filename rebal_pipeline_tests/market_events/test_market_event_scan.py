@@ -8,6 +8,8 @@ day extends the batch; the advisor's decisions are held, not launched alone; at 
 one execute_rebalance run gates them and blocks their orders per custodian and symbol, and the
 FIX file validates against the FIX 4.4 dictionary."""
 
+import email
+import email.policy
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -25,6 +27,7 @@ from rebal_pipeline.defs.market_events.defs import build_market_events_sensor
 from rebal_pipeline.market_events import batches, prices
 from rebal_pipeline.resources import resources_for
 from rebal_pipeline.sandbox.intraday import shocked_prices, write_intraday_prices
+from rebal_pipeline.sandbox.local_peers import SmtpSink
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import (
     batch_recommendations, decisions, market_batches, market_events, recommendations, submissions, users,
@@ -51,7 +54,13 @@ def book(tmp_path, monkeypatch):
         monkeypatch.delenv(name)
     assert main(["drill", "--households", "40", "--as-of", SESSION.isoformat(), "--no-loop"]) == 0
     store = WorkflowStore(settings.workflow_db_url())
-    yield tmp_path, store
+    with SmtpSink() as sink:  # the firm's relay: a real SMTP server on 127.0.0.1
+        for name, value in {"REBAL_SMTP_HOST": sink.host, "REBAL_SMTP_PORT": str(sink.port),
+                            "REBAL_SMTP_STARTTLS": "false", "REBAL_SMTP_FROM": "rebal@firm.example",
+                            "REBAL_LINK_SECRET": "a-market-event-test-secret-of-32+bytes",
+                            "REBAL_PUBLIC_URL": "http://127.0.0.1:8000"}.items():
+            monkeypatch.setenv(name, value)
+        yield tmp_path, store, sink
     store.dispose()
 
 
@@ -73,7 +82,7 @@ def _counts(store):
 
 
 def test_a_market_event_scans_every_account_once_batches_the_alerts_and_releases_block_orders(book):
-    home, store = book
+    home, store, sink = book
     feed_root = settings.feed_root()
     closes = prices.read_session_closes(feed_root, SESSION)
     warehouse_before = (home / "warehouse.duckdb").stat().st_mtime_ns if (home / "warehouse.duckdb").exists() else None
@@ -104,7 +113,7 @@ def test_a_market_event_scans_every_account_once_batches_the_alerts_and_releases
         member_recs = {r["recommendation_id"]: dict(r) for r in conn.execute(select(recommendations).where(
             recommendations.c.recommendation_id.in_([m["recommendation_id"] for m in members]))).mappings()}
         chain = audit.verify(conn)
-    assert event["move"] == pytest.approx(-0.04, abs=1e-6) and event["scanned_at"] is not None
+    assert event["move"] == pytest.approx(-0.04, abs=1e-4) and event["scanned_at"] is not None
     assert members, "a 4% fall puts accounts outside their bands"
     assert {r["status"] for r in member_recs.values()} <= set(lifecycle.OPEN)
     assert all(r["as_of"] == SESSION for r in member_recs.values())
@@ -122,14 +131,24 @@ def test_a_market_event_scans_every_account_once_batches_the_alerts_and_releases
     report = outcome.output_for_node("report_market_event")
     html = (home / report["html"]).read_text() if not report["html"].startswith("/") else open(report["html"]).read()
     assert "mev-20261123" in html
-    severities = [m["severity"] for m in sorted(members, key=lambda m: -m["severity"])]
-    assert severities == sorted(severities, reverse=True)
+    positions = [html.find(f"••••{r['scope_id'][-4:]}") for r in sorted(
+        member_recs.values(), key=lambda r: -next(m["severity"] for m in members
+                                                   if m["recommendation_id"] == r["recommendation_id"]))]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), "severity first"
+    mails = sink.take_new()
+    advisors = {r["advisor_id"] for r in member_recs.values()}
+    with store.begin() as conn:
+        emails = {u["email"] for u in conn.execute(select(users).where(users.c.user_id.in_(advisors))).mappings()}
+    assert {rcpt for m in mails for rcpt in m.recipients} >= emails and len(mails) >= len(advisors)
+    bodies = [email.message_from_bytes(m.data, policy=email.policy.default).get_body(("plain",)).get_content()
+              for m in mails]
+    assert all("/portal/queue?batch=mev-20261123" in body for body in bodies), bodies[0]
 
     # Exactly once: the same run again publishes, batches and emails nothing new.
     counts = _counts(store)
-    assert counts["recommendations"] > before["recommendations"]
+    assert counts["wf_recommendations"] > before["wf_recommendations"]
     assert _run("market_event_scan", request, instance).success
-    assert _counts(store) == counts
+    assert _counts(store) == counts and sink.take_new() == []
 
     # A second move the same day (another 4% down since the first event) extends the batch.
     write_intraday_prices(feed_root, DAY, at(12, 30), shocked_prices(shocked, Decimal("-0.04")))

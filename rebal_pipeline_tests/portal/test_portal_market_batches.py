@@ -143,7 +143,7 @@ def test_the_batch_header_states_the_events_the_counts_and_the_release(batch):
         ("1", "09:20 | Intraday prices | rebal, automatically | The reference basket fell 3.1% from the 20 Nov close | "
               "\u22123.1% | re-scanned at 09:28: 3 recommendations"),
         # An account named in a typed reason is masked; an event without prices has no move.
-        ("2", "11:35 | Declared by operations | Olu Operations | Rate decision at 11:30; the client of "
+        ("2", "11:35 | Declared by a person | Olu Operations | Rate decision at 11:30; the client of "
               "\u2022\u2022\u2022\u2022C-21 called | \u2014 | re-scanned at 11:41: 3 recommendations")]
     assert "ACC-21" not in response.text
     # Dana's five members: Q-HIGH-A, Q-LOW, Q-MED-NEW open; Q-MEV-HELD approved, not released;
@@ -156,11 +156,19 @@ def test_the_batch_header_states_the_events_the_counts_and_the_release(batch):
     ops = batch.sign_in("ops@example-ria.com")
     assert counts(ops.get("/portal/queue", params={"batch": BATCH})) == {
         "members": "6", "waiting": "4", "held": "1", "released": "1"}
-    # After the due time, the page says the release was due (a new sign-in: the idle timeout).
+    assert 'id="n-closed"' not in response.text  # nothing closed otherwise yet
+    # After the due time, the page says the release was due (a new sign-in: the idle timeout);
+    # Q-LOW, back inside its bands meanwhile, needs no decision any more.
+    with batch.store.begin() as conn:
+        conn.execute(update(recommendations).where(recommendations.c.recommendation_id == "Q-LOW")
+                     .values(status="resolved_by_market"))
     batch.clock.now = est(13, 40)
     later = batch.sign_in("dana@example-ria.com").get("/portal/queue", params={"batch": BATCH})
     assert part(later, "release") == ("The release was due at 13:35 New York: trades approved since go out "
                                       "together as block orders at the next check. Released so far: 11:20.")
+    assert {**counts(later), "closed": part(later, "n-closed")} == {
+        "members": "5 your clients' and your team's", "waiting": "2", "held": "1", "released": "1",
+        "closed": "1 resolved by market: 1"}
 
 
 def test_batch_approve_of_two_members_gives_two_results_and_moves_the_counts(batch):

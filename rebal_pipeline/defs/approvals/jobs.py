@@ -295,7 +295,9 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
     yield Output(tickets.to_document(), metadata={
         "decision_id": decision_id, "orders": len(tickets.batch.orders), "blocks": len(tickets.batch.blocks),
         "staged": tickets.count(submit.STAGED), "submitted": tickets.count(submit.SUBMITTED),
-        "placed_at": result.approved.gate_checked_at.isoformat(), "reference_day": result.reference_day.isoformat(),
+        "placed_at": (submit.release_placed_at(result.approved) if tickets.is_release
+                      else result.approved.gate_checked_at).isoformat(),
+        "reference_day": result.reference_day.isoformat(),
     })
 
 
@@ -310,7 +312,7 @@ def stage_or_submit_orders(context: OpExecutionContext, tickets: dict, workflow_
             outcome = submit.stage_and_submit(store, orders, session=fix_session.session(), now=utc_now,
                                               outbox=settings.outbox_root(), after_write=after_delivery)
     except submit.ExecutionError as exc:
-        raise Failure(description=f"decision {orders.decision_id}: "
+        raise Failure(description=f"{orders.label}: "
                                   f"{masker(o.account_id for o in orders.batch.orders)(str(exc))}") from None
     with workflow_store.open() as store, store.begin() as conn:  # all submitted: the story ends (ledger L6)
         for decision_id in orders.covers:  # a release: each decision it carries

@@ -137,13 +137,26 @@ def report_market_event(context: OpExecutionContext, scanned: dict, workflow_sto
     # The scan's time: the report says what the batch held then, identical on a re-run.
     now = utc(datetime.fromisoformat(scanned["now"]))
     with workflow_store.open() as store:
-        written = report.write_batch_report(store, settings.current().reports_root(), scanned["batch_id"],
-                                            scanned["event_id"], now)
-        sent = report.email_advisors(store, scanned["batch_id"], scanned["event_id"], now, comms=comms)
+        with store.begin() as conn:
+            written = report.write_batch_report(conn, settings.current().outbox_root(), scanned["batch_id"],
+                                                scanned["event_id"], now)
+            queued = report.email_advisors(conn, scanned["batch_id"], scanned["event_id"], now,
+                                           portal_url=comms.public_url)
+        # Sent from this run, once each (wf_messages), as the supervisory report is; a failed send is
+        # sent by re-executing the run.
+        sent = report.send_event_emails(store, scanned["event_id"], now, comms=comms)
+    unsent = [d.message_key for d in sent if d.status not in ("sent", "already_sent")]
+    for delivery in sent:
+        context.log.info(f"market-event email {delivery.message_key}: {delivery.status}")
+    if unsent:
+        raise Failure(description=f"report written; emails not sent yet: {', '.join(unsent)}; re-execute this run "
+                                  "once the relay is fixed")
     yield Output({"html": str(written.html_path), "csv": str(written.csv_path)}, metadata={
         "html": MetadataValue.path(str(written.html_path)), "csv": MetadataValue.path(str(written.csv_path)),
         "sha256": MetadataValue.json(written.sha256), "written_by_this_run": written.written,
-        "emails": MetadataValue.json(sent)})
+        "emails_queued_by_this_run": queued,
+        "emails": MetadataValue.json([{"key": d.message_key, "status": d.status} for d in sent])})
+
 
 
 @job(description="An out-of-cycle scan of every account for one market event (launched by the market_events "
