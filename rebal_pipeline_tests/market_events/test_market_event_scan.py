@@ -28,6 +28,7 @@ from rebal_pipeline.market_events import batches, prices
 from rebal_pipeline.resources import resources_for
 from rebal_pipeline.sandbox.intraday import shocked_prices, write_intraday_prices
 from rebal_pipeline.sandbox.local_peers import SmtpSink
+from rebal_pipeline.tickets import load_fix44, read_fix_file
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.schema import (
     batch_recommendations, decisions, market_batches, market_events, recommendations, submissions, users,
@@ -196,9 +197,15 @@ def test_a_market_event_scans_every_account_once_batches_the_alerts_and_releases
     assert {o["destination"] for o in orders} <= {"staged/mev-20261123-r1"} | {
         o["destination"] for o in orders if o["channel"] == "submitted"}
     fix_file = settings.outbox_root() / "staged" / "mev-20261123-r1" / "orders.fix"
-    from rebal_pipeline.tickets.fix44_dictionary import FixDictionary  # noqa: F401
-
-    assert fix_file.exists()
+    # Every message validates against the FIX 4.4 dictionary; a block message allocates to accounts
+    # (NoAllocs) and every order of the release is in the file once.
+    dictionary = load_fix44()
+    assert all(dictionary.validate_wire(line) == [] for line in fix_file.read_bytes().splitlines())
+    messages = list(read_fix_file(fix_file))
+    assert messages and all(dictionary.validate(m) == [] for m in messages)
+    sent = {m.get(11).decode() for m in messages}
+    assert {o["cl_ord_id"] for o in orders if o["channel"] == "staged"} <= sent | {
+        o["cl_ord_id"] for o in orders if o["block_id"] and o["block_id"] in sent}
     # A second run of the release changes nothing.
     assert _run("execute_rebalance", release, instance).success
     with store.begin() as conn:
