@@ -16,7 +16,7 @@ def test_every_sensor_and_schedule_starts_stopped_and_is_in_the_readme():
     table = _readme_table()
     sensors = list(defs.sensors)
     schedules = list(defs.schedules)
-    assert len(sensors) == 11 and len(schedules) == 2
+    assert len(sensors) == 13 and len(schedules) == 2
     for sensor in sensors:
         assert sensor.default_status == DefaultSensorStatus.STOPPED, sensor.name
         assert f"`{sensor.name}`" in table, sensor.name

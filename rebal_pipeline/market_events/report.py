@@ -72,7 +72,7 @@ from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy import Connection, and_, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
@@ -347,9 +347,13 @@ def _view(summary: dict, rows: list[dict]) -> dict:
 
 # Autoescape on for HTML (reasons, names and ids from the data are escaped); off for plain text,
 # which is not HTML (escaping would show &amp; to the reader).
+def _escape_html(name: str | None) -> bool:
+    """Every template is escaped except the plain-text email part (a `.txt` template)."""
+    return not (name or "").removesuffix(".j2").endswith(".txt")
+
+
 _TEMPLATES = Environment(loader=PackageLoader("rebal_pipeline.market_events", "templates"),
-                         autoescape=select_autoescape(enabled_extensions=("html.j2",),
-                                                      disabled_extensions=("txt.j2",), default=True),
+                         autoescape=_escape_html,
                          undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 _TEMPLATES.globals["css"] = emails._CSS  # the emails' inline styles: the batch email looks like the others
 
