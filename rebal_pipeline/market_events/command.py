@@ -37,6 +37,7 @@ def run(args) -> int:
     from rebal_pipeline.core.policy import load_policy
     from rebal_pipeline.execution.submit import trading_day
     from rebal_pipeline.market_events import batches, prices, scan, scanning
+    from rebal_pipeline.workflow import audit
     from rebal_pipeline.workflow.store import WorkflowStore
 
     current = settings.current()
@@ -72,7 +73,8 @@ def run(args) -> int:
                 threshold=rule.threshold, release_after=timedelta(minutes=rule.release_after_minutes),
                 basket_prices={s: snapshot.prices[s] for s, _ in basket if s in snapshot.prices} if snapshot else None,
                 session_closes=closes, extra=extra)
-    except (batches.BatchError, prices.PricesFileError, scanning.EventError, scan.ScanError, ValueError) as error:
+    except (batches.BatchError, prices.PricesFileError, scanning.EventError, scan.ScanError, audit.AuditKeyError,
+            ValueError) as error:
         print(f"rebal: {error}", file=sys.stderr)
         return 1
     finally:
@@ -95,12 +97,16 @@ def _scan_now(event_id: str) -> int:
     request = scan_request(event_id=event_id)
     job = build_definitions().resolve_job_def("market_event_scan")
     with DagsterInstance.get() as instance:
-        outcome = job.execute_in_process(instance=instance, run_config=request.run_config, raise_on_error=False,
+        # The run's own log stays in the run (the Dagster UI); this command prints what it did.
+        run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+        outcome = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
                                          tags={**request.tags, "dagster/run_key": request.run_key})
     if not outcome.success:
         for event in outcome.all_events:
             if event.is_step_failure and event.step_failure_data.error:
-                print(f"rebal: {event.step_key}: {event.step_failure_data.error.message.strip()}", file=sys.stderr)
+                message = event.step_failure_data.error.message.strip().removeprefix(
+                    "dagster._core.definitions.events.Failure: ")
+                print(f"rebal: {event.step_key}: {message}", file=sys.stderr)
         return 1
     scanned = outcome.output_for_node("scan_market_event")
     report = outcome.output_for_node("report_market_event")
