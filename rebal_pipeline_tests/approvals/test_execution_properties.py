@@ -4,12 +4,16 @@ Hypothesis draws random sequences over a one-account book (a rebalance and a har
 publishing a day (new, re-published with perturbed prices, or an older day), decisions through the
 approval API (approve, modify with random quantities, defer, escalate, compliance approving, a
 batch), gate runs (`gate.gate_decision` called directly, then the ticket and submit functions),
-fills seen on the next day's positions, and the desk's cancellations. After every step:
+fills seen on the next day's positions, the desk's cancellations, and market events: an event's
+batch takes the waiting recommendations, their decisions are held (the single-decision gate skips
+them, as the decision sensor does) and go out in a release, gated one by one and blocked together
+(`submit.build_release_tickets`). After every step:
   - the open (staged + submitted, unfilled) sells of a symbol never exceed the holding;
   - cash plus what the open orders move never goes below the cash floor (5% min_cash_weight);
   - at most one order set (one set of orders, one confirmation) per account and as-of date;
   - no recommendation is stuck: each one not final is decidable by an active person, or waits
     for the gate, or has its orders open;
+  - a batch member's decision is gated only through a release, and is in at most one;
   - the audit chain verifies.
 A few dozen examples by default (REBAL_HYPOTHESIS_EXAMPLES for more), on SQLite always and on
 Postgres when CI=true (the `store` fixture). Packages and people are built through
@@ -21,6 +25,7 @@ import itertools
 import os
 import secrets
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 from fastapi.testclient import TestClient
@@ -31,13 +36,16 @@ from sqlalchemy import func, select
 
 from rebal_pipeline.approval_api.app import create_app
 from rebal_pipeline.execution import submit
+from rebal_pipeline.market_events import batches
 from rebal_pipeline.tickets import FixSession
 from rebal_pipeline.tickets.orders import AccountRef, SecurityRef
 from rebal_pipeline.workflow import audit, gate, ledger, lifecycle
 from rebal_pipeline.workflow.package import (
     PackageRestriction, RecommendationPackage, TradeRules,
 )
-from rebal_pipeline.workflow.schema import decisions, ledger_orders, order_sets, recommendations, users
+from rebal_pipeline.workflow.schema import (
+    batch_recommendations, decisions, ledger_orders, order_sets, recommendations, users,
+)
 from rebal_pipeline_tests import factories
 from rebal_pipeline_tests.factories import DESK, USERS
 
@@ -49,6 +57,10 @@ FLOOR = 0.05
 FINAL = ("executed", "partially_executed", "cancelled", "superseded", "resolved_by_market",
          "blocked_by_open_orders", "historical")
 _examples = itertools.count()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def note(text: str) -> None:
@@ -74,6 +86,12 @@ step = st.one_of(
     # and the departed advisor then tries to decide with their old token.
     st.tuples(st.just("leave")),
     st.tuples(st.just("departed_decides"), st.integers(0, 5)),
+    # A market event takes the waiting recommendations into the day's batch; a release gates its
+    # held decisions and stages their orders together.
+    # (review: the advisor then approves the batch's rows in one session, through the API's batch)
+    st.tuples(st.just("market_event"), st.booleans()),
+    st.tuples(st.just("release"), st.booleans()),
+    st.tuples(st.just("release"), st.booleans()),
 )
 STAFF = [u for u in PEOPLE if u["role"] != "advisor"]
 
@@ -91,6 +109,7 @@ class World:
         self.positions = {0: {"VTI": 46.0, "BND": 60.0, "CASH": 900.0}}
         self.now = datetime(2030, 1, 1, tzinfo=timezone.utc) + timedelta(days=20 * n, hours=22)
         self.published = 0
+        self.batches: set[str] = set()  # the market-event batches this example opened
         # Advisors of this example's own (the users table is shared by every example of the run):
         # A is the advisor of record until a "leave" step hands the account to B.
         self.advisors = [factories.user(f"P{n}-ADV-{x}", name=f"Advisor {x} {n}", email=f"adv{x}{n}@example-ria.com")
@@ -205,6 +224,10 @@ class World:
                                          headers={"Authorization": f"Bearer {self.tokens[self.departed]}"},
                                          json={"action": "approve"})
                 assert response.status_code == 401, response.text  # the token died with the departure
+        elif kind == "market_event":
+            self.market_event(action[1])
+        elif kind == "release":
+            self.release(action[1])
         elif kind == "cancel":
             done = [d for d in self.executable() if d["gate_verdict"] == "passed"]
             if done:
@@ -240,7 +263,11 @@ class World:
         note(f"{verb}: {response.status_code}")
 
     def gate(self, pick, auto_submit) -> None:
-        waiting = [d for d in self.executable() if d["gate_verdict"] is None]
+        executable = self.executable()  # read before the transaction (one writer at a time on SQLite)
+        with self.store.begin() as conn:
+            # A batch member's decision is not launched alone (the decision sensor skips it).
+            waiting = [d for d in executable if d["gate_verdict"] is None
+                       and batches.goes_with_batch(conn, d["decision_id"]) is None]
         if not waiting:
             return
         decision_id = waiting[pick % len(waiting)]["decision_id"]
@@ -253,14 +280,64 @@ class World:
         with self.store.begin() as conn:
             approved = submit.load_approved_decision(conn, decision_id)
             _, trades = gate.passed_trades(conn, decision_id)
-        securities = {s: SecurityRef(symbol=s, cusip=None, security_type="etf", fractional=False)
-                      for s in ("VTI", "BND")}
-        accounts = {self.account: AccountRef(account_id=self.account, custodian="schwab", discretionary=auto_submit)}
-        tickets = submit.build_tickets(approved, trades, securities, accounts, auto_submit=auto_submit,
+        tickets = submit.build_tickets(approved, trades, *self.reference(auto_submit), auto_submit=auto_submit,
                                        desk_id="trading_desk")
         submit.stage_and_submit(self.store, tickets, session=FixSession(), now=self.tick, outbox=self.outbox)
         with self.store.begin() as conn:
             ledger.record_outcome(conn, decision_id, self.tick())
+
+    def reference(self, discretionary: bool):
+        securities = {s: SecurityRef(symbol=s, cusip=None, security_type="etf", fractional=False)
+                      for s in ("VTI", "BND")}
+        accounts = {self.account: AccountRef(account_id=self.account, custodian="schwab", discretionary=discretionary)}
+        return securities, accounts
+
+    def market_event(self, review: bool) -> None:
+        """An operator declares a market event today; the waiting recommendations join its batch
+        (and, with `review`, the advisor approves the joined ones in one batch request)."""
+        waiting = [r["recommendation_id"] for r in self.recs()]  # read before the transaction
+        now, day = self.tick(), self.as_of(self.day)
+        with self.store.begin() as conn:
+            found = batches.record_event(
+                conn, event_key=f"operator:{self.account}:{now.isoformat()}", source=batches.OPERATOR,
+                declared_by="OPS-1", reason="property test", day=day, session_as_of=day, detected_at=now, now=now,
+                basket=[("VTI", Decimal(1))], threshold=Decimal("0.03"), release_after=timedelta(minutes=20),
+                basket_prices=None, session_closes=None)
+            joined = batches.add_members(conn, found.event_id, waiting, now)
+        self.batches.add(found.batch_id)
+        note(f"market event: {len(joined)} joined")
+        if review and joined:
+            response = self.api.post("/decisions/batch", headers={"Authorization": f"Bearer {self.tokens[self.advisor]}"},
+                                     json={"items": [{"recommendation_id": r, "action": "approve"} for r in joined]})
+            assert response.status_code == 200 and all(i["status"] < 500 for i in response.json()["results"]), \
+                response.text
+
+    def release(self, auto_submit: bool) -> None:
+        """Every due release of this example's batches, as execute_rebalance runs it: claimed once,
+        each decision gated alone, the passed ones' orders blocked together, exactly once."""
+        now = self.tick(30)
+        with self.store.begin() as conn:
+            due = [r for r in batches.due_releases(conn, now) if r.batch_id in self.batches]
+        for release in due:
+            with self.store.begin() as conn:
+                claimed = batches.claim_release(conn, release.release_id, "property-test", now)
+            passed = []
+            for decision_id in claimed:
+                with self.store.begin() as conn:
+                    if gate.gate_decision(conn, decision_id, self.positions_for, self.tick()).passed:
+                        passed.append(decision_id)
+            note(f"release: {len(passed)} of {len(claimed)} passed")
+            if not passed:
+                continue
+            with self.store.begin() as conn:
+                approved = [submit.load_approved_decision(conn, d) for d in passed]
+                trades = {d: gate.passed_trades(conn, d)[1] for d in passed}
+            tickets = submit.build_release_tickets(release.release_id, approved, trades, *self.reference(auto_submit),
+                                                   auto_submit=auto_submit, desk_id="trading_desk")
+            submit.stage_and_submit(self.store, tickets, session=FixSession(), now=self.tick, outbox=self.outbox)
+            with self.store.begin() as conn:
+                for decision_id in passed:
+                    ledger.record_outcome(conn, decision_id, self.tick())
 
     def next_day(self, fills) -> None:
         """A new session: each open line fills (or not) at the custodian; the next day's positions."""
@@ -309,6 +386,15 @@ class World:
                 else:  # approved / modified / auto_approved: waiting for the gate, or its orders are open
                     mine = [d for d in executable if d["recommendation_id"] == rec["recommendation_id"]]
                     assert mine and mine[-1]["gate_verdict"] in (None, "passed"), (rec, mine)
+            joined = dict(conn.execute(select(batch_recommendations.c.recommendation_id,
+                                              batch_recommendations.c.added_at)).all())
+            for decision in executable:  # E5: a member's decision is gated through one release only
+                added = joined.get(decision["recommendation_id"])
+                if added is None or not decision["gate_verdict"] or batches.release_of(conn, decision["decision_id"]):
+                    continue
+                # Gated alone: only before the recommendation joined (a refusal hands it back to the
+                # advisor, and a later market event may take it in then).
+                assert _aware(decision["gate_checked_at"]) <= _aware(added), (decision, added)
             verified = audit.verify(conn)
             assert verified.ok, str(verified)
 
