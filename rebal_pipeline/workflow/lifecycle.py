@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Callable
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rebal_pipeline.core.clock import utc as _utc
@@ -336,28 +336,36 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     # only this loop's own auto-approvals add a lineage with an unsubmitted auto-approval.
     open_orders = ledger.accounts_with_open_orders(conn)
     unsubmitted = _lineages_with_unsubmitted_auto_approvals(conn, as_of)
-    for rec in sorted(recs, key=lambda r: r["recommendation_id"]):
-        if conn.execute(select(recommendations.c.recommendation_id)
-                        .where(recommendations.c.recommendation_id == rec["recommendation_id"])).first():
+    recs = sorted(recs, key=lambda r: r["recommendation_id"])
+    # Set-based reads (issue #17): which ids are stored, each lineage's open recommendation and
+    # each advisor's team, in a few queries for the whole day instead of three per recommendation.
+    stored = _stored_ids(conn, [r["recommendation_id"] for r in recs])
+    lineages = {r["recommendation_id"]: lineage_of(r["scope"], r["scope_id"], r["kind"]) for r in recs}
+    open_by_lineage = {} if history else _open_by_lineage(conn, sorted(set(lineages.values())))
+    teams = _teams(conn, sorted({r.get("advisor_id") for r in recs if r.get("advisor_id")}))
+    # Writes are buffered and flushed in bulk, in the order the loop makes them (the audit chain's
+    # order is the same as one write at a time); a step that writes for itself (voiding,
+    # compliance routing, auto-approval) flushes first, so it sees every row before it.
+    writes = _Writes(conn)
+    for rec in recs:
+        rec_id = rec["recommendation_id"]
+        if rec_id in stored:
             unchanged += 1
             continue
-        lineage = lineage_of(rec["scope"], rec["scope_id"], rec["kind"])
+        stored.add(rec_id)
+        lineage = lineages[rec_id]
         if history:
-            _insert_recommendation(conn, rec, lineage, as_of, now, HISTORICAL, {}, None)
-            audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_historical",
-                         "rebal:daily_scan", now, rec["recommendation_id"], {
-                             "as_of": as_of, "newest_day": newest, "scope": rec["scope"], "scope_id": rec["scope_id"],
-                             "kind": rec["kind"], "reason": f"{as_of.isoformat()} is older than the newest day "
-                                                           "published: history, not routed for decision"})
+            writes.recommendation(rec, lineage, as_of, now, HISTORICAL, {}, None)
+            writes.event(f"recommendation:{rec_id}", "recommendation_historical", now, rec_id, {
+                "as_of": as_of, "newest_day": newest, "scope": rec["scope"], "scope_id": rec["scope_id"],
+                "kind": rec["kind"], "reason": f"{as_of.isoformat()} is older than the newest day "
+                                              "published: history, not routed for decision"})
             historical += 1
             continue
-        previous = conn.execute(
-            select(recommendations).where(and_(recommendations.c.lineage == lineage,
-                                               recommendations.c.status.in_(OPEN)))
-            .order_by(recommendations.c.as_of.desc())
-        ).mappings().first()
+        previous = open_by_lineage.get(lineage)
         if lineage in unsubmitted:
-            voided += _void_unsubmitted_auto_approvals(conn, lineage, rec["recommendation_id"], as_of, now)
+            writes.flush()
+            voided += _void_unsubmitted_auto_approvals(conn, lineage, rec_id, as_of, now)
         accounts = list((rec.get("package") or {}).get("account_ids") or [rec["scope_id"]])
         blocking = {a: open_orders[a] for a in sorted(set(accounts)) if a in open_orders}
         carried: dict[str, Any] = {}
@@ -366,40 +374,40 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
             carried = {k: previous[k] for k in ("clock_started_at", "reminder_sent_at", "escalated_at",
                                                  "escalated_to", "deferred_until")}
             carried["status"] = previous["status"]
-            conn.execute(update(recommendations).where(
-                recommendations.c.recommendation_id == previous["recommendation_id"]).values(
-                status="superseded", superseded_by=rec["recommendation_id"], updated_at=now))
-            audit.append(conn, f"superseded:{previous['recommendation_id']}", "recommendation_superseded",
-                         "rebal:daily_scan", now, previous["recommendation_id"],
-                         {"superseded_by": rec["recommendation_id"], "as_of": as_of})
+            writes.supersede(previous["recommendation_id"], rec_id, now)
+            writes.event(f"superseded:{previous['recommendation_id']}", "recommendation_superseded", now,
+                         previous["recommendation_id"], {"superseded_by": rec_id, "as_of": as_of})
             superseded += 1
         if blocking:
-            _insert_recommendation(conn, rec, lineage, as_of, now, HELD, {}, previous)
-            audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_held", "rebal:daily_scan",
-                         now, rec["recommendation_id"], {
-                             "as_of": as_of, "scope": rec["scope"], "scope_id": rec["scope_id"], "kind": rec["kind"],
-                             "reason": "open orders", "open_orders": blocking,
-                             "supersedes": previous["recommendation_id"] if previous is not None else None})
+            writes.recommendation(rec, lineage, as_of, now, HELD, {}, previous)
+            writes.event(f"recommendation:{rec_id}", "recommendation_held", now, rec_id, {
+                "as_of": as_of, "scope": rec["scope"], "scope_id": rec["scope_id"], "kind": rec["kind"],
+                "reason": "open orders", "open_orders": blocking,
+                "supersedes": previous["recommendation_id"] if previous is not None else None})
+            open_by_lineage.pop(lineage, None)
             held += 1
             continue
         status = authority.initial_status(rec, carried.get("status"))
-        _insert_recommendation(conn, rec, lineage, as_of, now, status, carried, previous)
-        team = [r.member_user_id for r in conn.execute(
-            select(advisor_team.c.member_user_id).where(advisor_team.c.advisor_id == rec.get("advisor_id")))]
-        audit.append(conn, f"recommendation:{rec['recommendation_id']}", "recommendation_alerted", "rebal:daily_scan",
-                     now, rec["recommendation_id"], {
-                         "as_of": as_of, "scope": rec["scope"], "scope_id": rec["scope_id"], "kind": rec["kind"],
-                         "routed_to": rec.get("advisor_id"), "team": team, "urgency": rec.get("urgency"),
-                         "delivery": rec.get("delivery"), "policy_version": rec.get("policy_version"),
-                         "trade_value": rec.get("trade_value"), "supersedes": carried and previous["recommendation_id"],
-                     })
+        row = writes.recommendation(rec, lineage, as_of, now, status, carried, previous)
+        writes.event(f"recommendation:{rec_id}", "recommendation_alerted", now, rec_id, {
+            "as_of": as_of, "scope": rec["scope"], "scope_id": rec["scope_id"], "kind": rec["kind"],
+            "routed_to": rec.get("advisor_id"), "team": teams.get(rec.get("advisor_id"), []),
+            "urgency": rec.get("urgency"), "delivery": rec.get("delivery"), "policy_version": rec.get("policy_version"),
+            "trade_value": rec.get("trade_value"), "supersedes": carried and previous["recommendation_id"],
+        })
         created += 1
+        open_by_lineage[lineage] = row
         if status == "escalated" and carried.get("status") != "escalated":
+            writes.flush()
             authority.route_to_compliance(conn, rec, now)
+            open_by_lineage[lineage] = {**row, "status": "escalated"}
         elif _micro_trade(rec, policy) and status == "pending":
+            writes.flush()
             _auto_approve(conn, rec, now, policy)
+            open_by_lineage.pop(lineage, None)  # auto_approved: no longer waiting for a person
             unsubmitted.add(lineage)
             auto += 1
+    writes.flush()
     # Back inside the bands today: close what was waiting (never from an older day's run).
     if inside_lineages and not history:
         stale = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.lineage).where(and_(
@@ -415,9 +423,9 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     return PublishResult(created, superseded, resolved, auto, unchanged, historical, held, voided)
 
 
-def _insert_recommendation(conn: Connection, rec: dict, lineage: str, as_of: date, now: datetime, status: str,
-                           carried: dict, previous) -> None:
-    conn.execute(insert(recommendations).values(
+def _recommendation_row(rec: dict, lineage: str, as_of: date, now: datetime, status: str, carried: dict,
+                        previous) -> dict:
+    return dict(
         recommendation_id=rec["recommendation_id"], lineage=lineage, as_of=as_of, scope=rec["scope"],
         scope_id=rec["scope_id"], kind=rec["kind"], household_id=rec.get("household_id"),
         advisor_id=rec.get("advisor_id"), tier=rec.get("tier"), urgency=rec.get("urgency"),
@@ -430,7 +438,75 @@ def _insert_recommendation(conn: Connection, rec: dict, lineage: str, as_of: dat
         supersedes=previous["recommendation_id"] if previous is not None else None,
         deferred_until=carried.get("deferred_until"), reminder_sent_at=carried.get("reminder_sent_at"),
         escalated_at=carried.get("escalated_at"), escalated_to=carried.get("escalated_to"),
-    ))
+    )
+
+
+def _stored_ids(conn: Connection, ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        found |= set(conn.execute(select(recommendations.c.recommendation_id).where(
+            recommendations.c.recommendation_id.in_(ids[start:start + 500]))).scalars())
+    return found
+
+
+_CARRIED = ("recommendation_id", "status", "as_of", "clock_started_at", "reminder_sent_at", "escalated_at",
+            "escalated_to", "deferred_until")
+
+
+def _open_by_lineage(conn: Connection, lineages: list[str]) -> dict[str, dict]:
+    """Each lineage's open recommendation (the newest day's, as publish_day supersedes it)."""
+    found: dict[str, dict] = {}
+    for start in range(0, len(lineages), 500):
+        rows = conn.execute(select(recommendations.c.lineage, *(recommendations.c[c] for c in _CARRIED)).where(and_(
+            recommendations.c.lineage.in_(lineages[start:start + 500]), recommendations.c.status.in_(OPEN)))
+            .order_by(recommendations.c.as_of.desc(), recommendations.c.recommendation_id)).mappings()
+        for row in rows:
+            found.setdefault(row["lineage"], {c: row[c] for c in _CARRIED})
+    return found
+
+
+def _teams(conn: Connection, advisor_ids: list[str]) -> dict[str, list[str]]:
+    teams: dict[str, list[str]] = {}
+    for start in range(0, len(advisor_ids), 500):
+        for advisor_id, member in conn.execute(select(advisor_team.c.advisor_id, advisor_team.c.member_user_id).where(
+                advisor_team.c.advisor_id.in_(advisor_ids[start:start + 500]))):
+            teams.setdefault(advisor_id, []).append(member)
+    return teams
+
+
+class _Writes:
+    """publish_day's writes, in bulk: recommendation rows (executemany), supersedes (one
+    executemany) and audit events (one audit.append_many), flushed in that order."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.rows, self.superseded, self.events = conn, [], [], []
+
+    def recommendation(self, rec: dict, lineage: str, as_of: date, now: datetime, status: str, carried: dict,
+                       previous) -> dict:
+        row = _recommendation_row(rec, lineage, as_of, now, status, carried, previous)
+        self.rows.append(row)
+        return {c: row.get(c) for c in _CARRIED}
+
+    def supersede(self, recommendation_id: str, by: str, now: datetime) -> None:
+        self.superseded.append({"b_id": recommendation_id, "b_by": by, "b_now": now})
+
+    def event(self, event_id: str, kind: str, now: datetime, subject_id: str, payload: dict) -> None:
+        self.events.append({"event_id": event_id, "kind": kind, "actor": "rebal:daily_scan", "occurred_at": now,
+                            "subject_id": subject_id, "payload": payload})
+
+    def flush(self) -> None:
+        # Rows first: a supersede may name a row of this same flush (two of a lineage in one day).
+        for start in range(0, len(self.rows), 1000):
+            self.conn.execute(insert(recommendations), self.rows[start:start + 1000])
+        self.rows = []
+        if self.superseded:
+            self.conn.execute(update(recommendations).where(recommendations.c.recommendation_id == bindparam("b_id"))
+                              .values(status="superseded", superseded_by=bindparam("b_by"),
+                                      updated_at=bindparam("b_now")), self.superseded)
+            self.superseded = []
+        if self.events:
+            audit.append_many(self.conn, self.events)
+            self.events = []
 
 
 def _unsubmitted_auto_approvals(as_of: date):
