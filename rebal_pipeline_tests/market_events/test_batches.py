@@ -146,3 +146,23 @@ def test_random_sequences_put_every_member_decision_in_exactly_one_release(store
             assert conn.execute(select(func.count()).select_from(market_batches)).scalar_one() <= 1
 
     run()
+
+
+def test_an_auto_approval_of_the_scan_joins_and_is_held_but_an_earlier_one_does_not(store):
+    from rebal_pipeline_tests.approvals.conftest import PUBLISHED_AT
+
+    # A discretionary micro-trade (under $5,000, no realised gain) is approved by policy at publication.
+    publish(store, package("REC-OLD", account_id="ACC-8", discretionary=True), realized_gain=0.0)
+    publish(store, package("REC-NEW", account_id="ACC-9", discretionary=True), realized_gain=0.0,
+            now=PUBLISHED_AT + timedelta(hours=1))
+    with store.begin() as conn:
+        statuses = dict(conn.execute(select(lifecycle.recommendations.c.recommendation_id,
+                                            lifecycle.recommendations.c.status)).all())
+        assert statuses == {"REC-OLD": "auto_approved", "REC-NEW": "auto_approved"}
+        event = prices_event(conn, "prices:a", "260")
+        # The scan that published REC-NEW adds it in the same transaction, at its publication time.
+        added = batches.add_members(conn, event.event_id, ["REC-OLD", "REC-NEW"], PUBLISHED_AT + timedelta(hours=1))
+        [held] = batches.held_decisions(conn, event.batch_id)
+        assert conn.execute(select(decisions.c.recommendation_id).where(decisions.c.decision_id == held)
+                            ).scalar_one() == "REC-NEW"
+    assert added == ["REC-NEW"]  # REC-OLD's auto-approval may be on its way to the gate already
