@@ -412,14 +412,14 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     if inside_lineages and not history:
         stale = conn.execute(select(recommendations.c.recommendation_id, recommendations.c.lineage).where(and_(
             recommendations.c.status.in_(OPEN), recommendations.c.as_of < as_of))).all()
-        for row in stale:
-            if row.lineage not in inside_lineages:
-                continue
-            conn.execute(update(recommendations).where(recommendations.c.recommendation_id == row.recommendation_id)
-                         .values(status="resolved_by_market", updated_at=now))
-            audit.append(conn, f"resolved:{row.recommendation_id}", "recommendation_resolved_by_market",
-                         "rebal:daily_scan", now, row.recommendation_id, {"as_of": as_of})
-            resolved += 1
+        closing = sorted(row.recommendation_id for row in stale if row.lineage in inside_lineages)
+        if closing:  # one update and one chain append for all of them
+            conn.execute(update(recommendations).where(recommendations.c.recommendation_id == bindparam("b_id"))
+                         .values(status="resolved_by_market", updated_at=now), [{"b_id": r} for r in closing])
+            audit.append_many(conn, [{"event_id": f"resolved:{r}", "kind": "recommendation_resolved_by_market",
+                                      "actor": "rebal:daily_scan", "occurred_at": now, "subject_id": r,
+                                      "payload": {"as_of": as_of}} for r in closing])
+            resolved += len(closing)
     return PublishResult(created, superseded, resolved, auto, unchanged, historical, held, voided)
 
 
