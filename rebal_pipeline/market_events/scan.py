@@ -88,14 +88,12 @@ def _literal(text: str) -> str:
 
 
 def newest_session(con, on_or_before: date) -> date | None:
-    """The newest session the daily scan finished (its recommendations are in the warehouse)."""
-    if not _exists(con, "trade_recommendations") or not _exists(con, "int_scanned_accounts"):
+    """The newest session the daily scan valued (on or before the latest closed session): the
+    book the event's prices revalue."""
+    if not _exists(con, "int_scanned_accounts"):
         return None
-    return con.execute(f"select max(as_of) from {ATTACHED}.main.int_scanned_accounts where as_of <= $day "
-                       f"and as_of in (select as_of from {ATTACHED}.main.trade_recommendations)",
-                       {"day": on_or_before}).fetchone()[0] or (
-        con.execute(f"select max(as_of) from {ATTACHED}.main.int_scanned_accounts where as_of <= $day",
-                    {"day": on_or_before}).fetchone()[0])
+    return con.execute(f"select max(as_of) from {ATTACHED}.main.int_scanned_accounts where as_of <= $day",
+                       {"day": on_or_before}).fetchone()[0]
 
 
 def _shadow(con, table: str, as_of: date, keep_previous: bool) -> None:

@@ -21,6 +21,7 @@ The batch's release (its approved trades as block orders) is the `market_event_b
 """
 
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -198,8 +199,6 @@ def evaluate(store, feed_root: Path, rule, now: datetime, seen: str) -> tuple[li
                 snapshot = prices.read_snapshot(path, feed_root=feed_root)
             except prices.PricesFileError:
                 # The run archives it and fails naming what is wrong: nothing is lost or hidden.
-                import hashlib
-
                 requests.append(scan_request(prices_file=relative,
                                              sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
                 snapshot = None
