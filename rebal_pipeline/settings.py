@@ -24,6 +24,7 @@ Each can be moved on its own with the variables below (production points them el
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -227,9 +228,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RebalSettings:
         value = source.get(alias)
         if value is not None and value.strip() != "":
             by_alias[alias] = value
+    return _validated(tuple(sorted(by_alias.items())))
+
+
+@lru_cache(maxsize=64)
+def _validated(variables: tuple[tuple[str, str], ...]) -> RebalSettings:
+    """The settings of these variables, validated once per distinct set (RebalSettings is frozen:
+    sharing one is safe). Hot paths read the settings thousands of times a run (every audit
+    append reads its signing key); the environment's values are still read on every call."""
     try:
         # Only the given mapping counts (no second read of os.environ, no .env file).
-        return RebalSettings.model_validate(by_alias)
+        return RebalSettings.model_validate(dict(variables))
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(error) for error in exc.errors())) from None
 
@@ -246,8 +255,8 @@ def _secret(variable: str) -> bool:
 
 
 def current() -> RebalSettings:
-    """The settings of the process environment now (read each call: cheap, and a fix to the
-    environment applies to the next run without a restart)."""
+    """The settings of the process environment now (read each call, so a fix to the environment
+    applies to the next run without a restart; validated once per distinct set of values)."""
     return load_settings()
 
 

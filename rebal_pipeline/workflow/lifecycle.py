@@ -345,7 +345,7 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
     teams = _teams(conn, sorted({r.get("advisor_id") for r in recs if r.get("advisor_id")}))
     # Writes are buffered and flushed in bulk, in the order the loop makes them (the audit chain's
     # order is the same as one write at a time); a step that writes for itself (voiding,
-    # compliance routing, auto-approval) flushes first, so it sees every row before it.
+    # compliance routing) flushes first, so it sees every row before it.
     writes = _Writes(conn)
     for rec in recs:
         rec_id = rec["recommendation_id"]
@@ -402,8 +402,7 @@ def publish_day(conn: Connection, as_of: date, recs: list[dict], inside_lineages
             authority.route_to_compliance(conn, rec, now)
             open_by_lineage[lineage] = {**row, "status": "escalated"}
         elif _micro_trade(rec, policy) and status == "pending":
-            writes.flush()
-            _auto_approve(conn, rec, now, policy)
+            writes.auto_approve(rec, now, policy)
             open_by_lineage.pop(lineage, None)  # auto_approved: no longer waiting for a person
             unsubmitted.add(lineage)
             auto += 1
@@ -476,16 +475,28 @@ def _teams(conn: Connection, advisor_ids: list[str]) -> dict[str, list[str]]:
 
 class _Writes:
     """publish_day's writes, in bulk: recommendation rows (executemany), supersedes (one
-    executemany) and audit events (one audit.append_many), flushed in that order."""
+    executemany), micro-trade auto-approvals (executemany) and audit events (one
+    audit.append_many), flushed in that order."""
 
     def __init__(self, conn: Connection):
-        self.conn, self.rows, self.superseded, self.events = conn, [], [], []
+        self.conn, self.rows, self.superseded, self.decisions, self.events = conn, [], [], [], []
 
     def recommendation(self, rec: dict, lineage: str, as_of: date, now: datetime, status: str, carried: dict,
                        previous) -> dict:
         row = _recommendation_row(rec, lineage, as_of, now, status, carried, previous)
         self.rows.append(row)
         return {c: row.get(c) for c in _CARRIED}
+
+    def auto_approve(self, rec: dict, now: datetime, policy: LifecyclePolicy) -> None:
+        """The micro-trade rule approves the recommendation just buffered: stored auto_approved,
+        with its decision row and event (after the recommendation's own event, as decided)."""
+        row = self.rows[-1]
+        if row["recommendation_id"] != rec["recommendation_id"]:
+            raise RuntimeError(f"auto-approval of {rec['recommendation_id']} before its row was buffered")
+        row["status"] = "auto_approved"
+        decision, event = _auto_approval(rec, row["package"], now, policy)
+        self.decisions.append(decision)
+        self.events.append(event)
 
     def supersede(self, recommendation_id: str, by: str, now: datetime) -> None:
         self.superseded.append({"b_id": recommendation_id, "b_by": by, "b_now": now})
@@ -504,6 +515,9 @@ class _Writes:
                               .values(status="superseded", superseded_by=bindparam("b_by"),
                                       updated_at=bindparam("b_now")), self.superseded)
             self.superseded = []
+        if self.decisions:  # in the day's order: the decision sensor reads them by decision_seq
+            self.conn.execute(insert(decisions), self.decisions)
+            self.decisions = []
         if self.events:
             audit.append_many(self.conn, self.events)
             self.events = []
@@ -553,15 +567,16 @@ def _micro_trade(rec: dict, policy: LifecyclePolicy) -> bool:
             and float(rec.get("realized_gain") or 0) == 0.0)
 
 
-def _auto_approve(conn: Connection, rec: dict, now: datetime, policy: LifecyclePolicy) -> None:
+def _auto_approval(rec: dict, package_json: str, now: datetime, policy: LifecyclePolicy) -> tuple[dict, dict]:
+    """The micro-trade rule's decision on a recommendation just published (its row and its audit
+    event): written by publish_day with the day's other rows, the recommendation stored
+    `auto_approved`."""
     actor = f"policy:{policy.micro_trade_rule_version}"
     payload = {"rule": policy.micro_trade_rule_version, "limit": policy.micro_trade_limit,
                "trade_value": rec.get("trade_value"), "realized_gain": rec.get("realized_gain")}
-    _insert_decision(conn, rec["recommendation_id"], "auto_approve", actor, "policy",
-                     f"discretionary account: trades under ${policy.micro_trade_limit:,.0f} with zero realised gain",
-                     payload, now)
-    conn.execute(update(recommendations).where(recommendations.c.recommendation_id == rec["recommendation_id"])
-                 .values(status="auto_approved", updated_at=now))
+    return _decision_record(rec["recommendation_id"], "auto_approve", actor, "policy",
+                            f"discretionary account: trades under ${policy.micro_trade_limit:,.0f} with zero "
+                            "realised gain", payload, now, package_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,20 +588,29 @@ def _decision_id(recommendation_id: str, action: str, actor: str, payload_json: 
     return _sha(f"{recommendation_id}|{action}|{actor}|{payload_json}")[:32]
 
 
-def _insert_decision(conn: Connection, recommendation_id: str, action: str, actor: str, via: str,
-                     reason: str | None, payload: dict, now: datetime, identity: str | None = None) -> dict:
+def _decision_record(recommendation_id: str, action: str, actor: str, via: str, reason: str | None, payload: dict,
+                     now: datetime, package_json: str, identity: str | None = None) -> tuple[dict, dict]:
+    """A decision's row and its audit event. The record covers what was decided: the SHA-256 of
+    the stored package and of the trades decided on (audit.decision_hashes), checked by the gate
+    and by `rebal audit verify`."""
     body = audit.canonical_json(payload)
     decision_id = _decision_id(recommendation_id, action, actor, identity if identity is not None else body)
-    conn.execute(insert(decisions).values(
-        decision_id=decision_id, recommendation_id=recommendation_id, action=action, actor_id=actor, via=via,
-        reason=reason, payload=body, created_at=now))
-    # The record covers what was decided: the SHA-256 of the stored package and of the trades
-    # decided on (audit.decision_hashes), checked by the gate and by `rebal audit verify`.
+    row = {"decision_id": decision_id, "recommendation_id": recommendation_id, "action": action, "actor_id": actor,
+           "via": via, "reason": reason, "payload": body, "created_at": now}
+    event = {"event_id": f"decision:{decision_id}", "kind": f"decision_{action}", "actor": actor, "occurred_at": now,
+             "subject_id": recommendation_id,
+             "payload": {"reason": reason, "via": via, **payload, **audit.decision_hashes(action, payload, package_json)}}
+    return row, event
+
+
+def _insert_decision(conn: Connection, recommendation_id: str, action: str, actor: str, via: str,
+                     reason: str | None, payload: dict, now: datetime, identity: str | None = None) -> dict:
     package_json = conn.execute(select(recommendations.c.package).where(
         recommendations.c.recommendation_id == recommendation_id)).scalar_one()
-    audit.append(conn, f"decision:{decision_id}", f"decision_{action}", actor, now, recommendation_id,
-                 {"reason": reason, "via": via, **payload, **audit.decision_hashes(action, payload, package_json)})
-    return dict(conn.execute(select(decisions).where(decisions.c.decision_id == decision_id)).mappings().one())
+    row, event = _decision_record(recommendation_id, action, actor, via, reason, payload, now, package_json, identity)
+    conn.execute(insert(decisions).values(**row))
+    audit.append_many(conn, [event])
+    return dict(conn.execute(select(decisions).where(decisions.c.decision_id == row["decision_id"])).mappings().one())
 
 
 def decide(conn: Connection, recommendation_id: str, user: dict, action: str, now: datetime, *,
