@@ -395,13 +395,19 @@ def send_operations_alert_email(store: WorkflowStore, alert: OperationsAlert, no
 
 def send_notification_email(store: WorkflowStore, warehouse: Warehouse, notification_key: str,
                             now: datetime, *, comms: CommsSettings) -> list[Outcome]:
-    """One reminder, escalation or weekly digest to its recipient, or one operations alert to the
-    operations team, once (key = the notification key)."""
+    """One reminder, escalation or weekly digest to its recipient, one operations alert to the
+    operations team, or one market-event batch email to an advisor, once (key = the notification key)."""
     # Operations alerts live in the workflow store only (no outbox file): the row is the document.
     with store.begin() as conn:
         alert = operations_alerts.read_operations_alert(conn, notification_key)
     if alert is not None:
         return send_operations_alert_email(store, alert, now, comms=comms)
+    from rebal_pipeline.market_events import report as market_event_report
+
+    if notification_key.startswith(f"{market_event_report.MESSAGE_KIND}:"):
+        # A market-event batch's email to an advisor, sent by its scan's run; here when a send
+        # failed for a passing reason and outbound_retries asks again (market_events/report.py).
+        return market_event_report.send_advisor_email(store, notification_key, now, comms=comms)
     with store.begin() as conn:
         recorded = read_notification(conn, notification_key)
         kind, recipient_id, wanted = recorded.kind, recorded.recipient_id, list(recorded.recommendation_ids)

@@ -44,7 +44,7 @@ from rebal_pipeline.workflow.schema import (
     audit_events, batch_recommendations, market_batches, market_events, messages, notifications,
 )
 from rebal_pipeline_tests.approvals.conftest import AS_OF, publish, store  # noqa: F401 (the store fixture)
-from rebal_pipeline_tests.comms.peers import smtp_server
+from rebal_pipeline_tests.comms.peers import free_port, smtp_server
 from rebal_pipeline_tests.comms.reading import parse, read_html
 from rebal_pipeline_tests.factories import USERS, holding, make_package, trade, user
 
@@ -385,3 +385,28 @@ def test_no_email_before_the_event_is_scanned_and_only_to_a_portal_over_https(ba
     with pytest.raises(ValueError, match="not an https URL"), batch.begin() as conn:
         report.email_advisors(conn, BATCH, E1, NOW, portal_url="http://portal.example-ria.com")
     assert queued_keys(batch) == []
+
+
+def test_an_email_the_relay_refused_for_now_is_sent_by_the_retry_sensors_job_once(batch, smtp_peer):
+    from rebal_pipeline.comms import delivery
+    from rebal_pipeline.defs.comms.jobs import retry_target
+    from rebal_pipeline.workflow.schema import messages
+
+    queue(batch, E1)
+    down = CommsSettings.from_settings(load_settings({  # nothing listens on this port: a passing failure
+        "REBAL_SMTP_HOST": "127.0.0.1", "REBAL_SMTP_PORT": str(free_port()), "REBAL_SMTP_STARTTLS": "false",
+        "REBAL_SMTP_FROM": "Example RIA <alerts@example-ria.com>", "REBAL_SMTP_TIMEOUT": "2"}))
+    first = report.send_event_emails(batch, E1, NOW, comms=down)
+    assert {d.status for d in first} == {"retry"}
+    with batch.begin() as conn:
+        rows = [dict(r) for r in conn.execute(select(messages).where(messages.c.kind == "market_event")).mappings()]
+    # outbound_retries hands each to the send_notification job, which sends it once.
+    targets = {retry_target(r)[0] for r in rows}
+    assert targets == {"send_notification"}
+    later = NOW + timedelta(hours=1)
+    sent = [d for r in rows for d in delivery.send_notification_email(batch, None, r["message_key"], later,
+                                                                       comms=comms_for(smtp_peer))]
+    assert {d.status for d in sent} == {"sent"} and len(smtp_peer.messages) == len(rows)
+    again = [d for r in rows for d in delivery.send_notification_email(batch, None, r["message_key"], later,
+                                                                        comms=comms_for(smtp_peer))]
+    assert {d.status for d in again} == {"already_sent"} and len(smtp_peer.messages) == len(rows)

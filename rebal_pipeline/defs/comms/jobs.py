@@ -128,7 +128,9 @@ def retry_target(row: dict) -> tuple[str, str, dict] | None:
     if kind in ("alert", "crm_task") and row["recommendation_id"]:
         return (send_advisor_alert.name, f"alert:{row['recommendation_id']}",
                 {"deliver_advisor_alert": {"recommendation_id": row["recommendation_id"]}})
-    if kind in NOTIFICATION_KINDS:  # reminders, escalations, digests and operations alerts
+    # Reminders, escalations, digests, operations alerts and market-event batch emails (their
+    # first send is the scan run's: market_events/report.py).
+    if kind in (*NOTIFICATION_KINDS, "market_event"):
         return send_notification.name, key, {"deliver_notification": {"notification_key": key}}
     if kind in ("confirmation", "crm_note"):
         decision_id = key.split(":")[1] if key.count(":") >= 1 else ""
