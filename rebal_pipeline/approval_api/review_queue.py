@@ -56,6 +56,7 @@ from rebal_pipeline.core.pii import masker
 from rebal_pipeline.workflow import authority, lifecycle
 from rebal_pipeline.workflow.lifecycle import LifecyclePolicy
 from rebal_pipeline.workflow.package import RecommendationPackage
+from rebal_pipeline.workflow.package import worst_band as package_worst_band
 from rebal_pipeline.workflow.schema import (
     advisor_team, audit_events, batch_recommendations, batch_release_decisions, batch_releases, decisions,
     market_batches, market_events, notifications, recommendations, users,
@@ -369,14 +370,10 @@ def escalation_clock(rec: dict, now: datetime, policy: LifecyclePolicy) -> tuple
 
 
 def worst_band(package: RecommendationPackage) -> dict | None:
-    worst = None
-    for band in package.bands:
-        ratio = abs(band.drift) / band.band if band.band else 0.0
-        if worst is None or ratio > worst[0]:
-            worst = (ratio, band)
+    worst = package_worst_band(package)
     if worst is None:
         return None
-    ratio, band = worst
+    band, ratio = worst
     from rebal_pipeline.comms.chart import class_label
 
     return {"label": class_label(band.asset_class), "drift": emails.signed_percent(band.drift),

@@ -50,7 +50,7 @@ from rebal_pipeline.core.clock import utc
 from rebal_pipeline.market_events.prices import basket_move, exceeds
 from rebal_pipeline.workflow import audit, lifecycle
 from rebal_pipeline.workflow.gate import EXECUTABLE
-from rebal_pipeline.workflow.package import RecommendationPackage
+from rebal_pipeline.workflow.package import RecommendationPackage, worst_band
 from rebal_pipeline.workflow.schema import (
     batch_recommendations, batch_release_decisions, batch_releases, decisions, market_batches, market_events,
     recommendations, users,
@@ -262,10 +262,9 @@ def unscanned_events(conn: Connection, limit: int = 50) -> list[Event]:
 
 
 def severity_of(package: RecommendationPackage) -> float:
-    """The worst |drift| ÷ band of the package's bands (1.0 = at the band's edge; no band: 0), as
-    the review queue sorts (approval_api/review_queue.py computes the same in SQL)."""
-    ratios = [abs(b.drift) / b.band for b in package.bands if b.band and b.drift is not None]
-    return round(max(ratios), 6) if ratios else 0.0
+    """The member's stored severity: package.worst_band's ratio (no band: 0), to 6 decimals."""
+    worst = worst_band(package)
+    return round(worst[1], 6) if worst else 0.0
 
 
 def add_members(conn: Connection, event_id: str, recommendation_ids: Iterable[str], now: datetime) -> list[str]:

@@ -88,7 +88,8 @@ from rebal_pipeline.market_events.batches import BatchError
 from rebal_pipeline.supervision.deliver import sha256s
 from rebal_pipeline.supervision.render import moment as new_york_time
 from rebal_pipeline.workflow import audit, authority, lifecycle
-from rebal_pipeline.workflow.package import PackageBand, RecommendationPackage
+from rebal_pipeline.workflow.package import RecommendationPackage
+from rebal_pipeline.workflow.package import worst_band as package_worst_band
 from rebal_pipeline.workflow.schema import (
     audit_events, batch_recommendations, market_batches, market_events, notifications, recommendations, users,
 )
@@ -144,17 +145,6 @@ def _scanned(event: dict) -> dict:
     return event
 
 
-def _worst(package: RecommendationPackage) -> PackageBand | None:
-    """The band with the largest |drift| ÷ band (the first on a tie), as review_queue.worst_band
-    picks it; here with its numbers (worst_band returns them formatted for a page)."""
-    worst, ratio = None, -1.0
-    for band in package.bands:
-        value = abs(band.drift) / band.band if band.band else 0.0
-        if value > ratio:
-            worst, ratio = band, value
-    return worst
-
-
 def _members(conn: Connection, batch_id: str, *, advisor_id: str | None = None, through_seq: int | None = None,
              added_by: str | None = None) -> list[tuple[dict, RecommendationPackage]]:
     """The members' rows and packages in the report's order (the module docstring): of one
@@ -178,7 +168,7 @@ def _members(conn: Connection, batch_id: str, *, advisor_id: str | None = None, 
 
 
 def _row(rec: dict, package: RecommendationPackage) -> dict:
-    worst = _worst(package)
+    worst, _ratio = package_worst_band(package) or (None, 0.0)
     tax = (package.tax or {}).get("est_tax")
     return {
         "recommendation_id": rec["recommendation_id"], "event_id": rec["event_id"], "advisor_id": rec["advisor_id"],

@@ -128,6 +128,19 @@ class RecommendationPackage(_Frozen):
     trade_rules: TradeRules | None = None
 
 
+def worst_band(package: "RecommendationPackage") -> tuple[PackageBand, float] | None:
+    """The band furthest outside, and how far: the largest |drift| ÷ band (1.0 = at the band's
+    edge; a band of 0 counts 0), the first on a tie; None without bands. The one rule the review
+    queue, the market-event batches and their report sort and show by (the queue's SQL ordering,
+    review_queue._SEVERITY_SQL, computes the same number in the store)."""
+    worst: tuple[PackageBand, float] | None = None
+    for band in package.bands:
+        ratio = abs(band.drift) / band.band if band.band else 0.0
+        if worst is None or ratio > worst[1]:
+            worst = (band, ratio)
+    return worst
+
+
 def positions_fingerprint(holdings: list[tuple[str, str, float]]) -> str:
     """SHA-256 over the sorted (account, symbol, quantity) of the scope's positions."""
     text = "\n".join(f"{a}|{s}|{q:.8f}" for a, s, q in sorted(holdings))
