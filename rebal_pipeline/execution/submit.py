@@ -606,10 +606,7 @@ def orders_all_done(conn: Connection, decision_id: str) -> int:
     """How many orders an earlier run recorded for the decision, when none is still pending (0:
     none recorded, or some pending). Every order's row is written at once, pending, before any
     leaves (`stage_and_submit` step 1), so no pending row means every order was handled."""
-    total, pending = conn.execute(select(
-        func.count(), func.count().filter(submissions.c.status == "pending"),
-    ).where(submissions.c.decision_id == decision_id)).one()
-    return int(total) if total and not pending else 0
+    return release_orders_all_done(conn, [decision_id])
 
 
 def release_orders_all_done(conn: Connection, decision_ids: Iterable[str]) -> int:
@@ -693,6 +690,15 @@ def stage_and_submit(store, tickets: Tickets, *, session: FixSession, now: Calla
     return outcome
 
 
+def _check_desk_user(conn: Connection, user_id: str) -> None:
+    """Only an active trading-desk or operations user confirms that orders were placed."""
+    from rebal_pipeline.workflow.schema import users
+
+    user = conn.execute(select(users).where(users.c.user_id == user_id)).mappings().first()
+    if user is None or not user["active"] or user["role"] not in ("trading_desk", "operations"):
+        raise ExecutionError(f"{user_id} is not an active trading-desk or operations user")
+
+
 def confirm_executed(conn, decision_id: str, user_id: str, now: datetime) -> int:
     """The trading desk confirms it placed a decision's staged orders (status done → executed,
     one audit event). Only an active trading-desk or operations user may; orders that were not
@@ -700,11 +706,9 @@ def confirm_executed(conn, decision_id: str, user_id: str, now: datetime) -> int
     from sqlalchemy import and_, select, update
 
     from rebal_pipeline.workflow import audit
-    from rebal_pipeline.workflow.schema import submissions, users
+    from rebal_pipeline.workflow.schema import submissions
 
-    user = conn.execute(select(users).where(users.c.user_id == user_id)).mappings().first()
-    if user is None or not user["active"] or user["role"] not in ("trading_desk", "operations"):
-        raise ExecutionError(f"{user_id} is not an active trading-desk or operations user")
+    _check_desk_user(conn, user_id)
     rows = conn.execute(select(submissions).where(submissions.c.decision_id == decision_id)).mappings().all()
     if not rows:
         raise ExecutionError(f"no orders for decision {decision_id}")
@@ -745,12 +749,9 @@ def confirm_release_executed(conn: Connection, release_id: str, decision_ids: Se
     that are not written yet (pending). Also refused: no decision named, and a decision none of
     whose orders is in the release (the wrong release, or a decision that went out alone)."""
     from rebal_pipeline.workflow import ledger
-    from rebal_pipeline.workflow.schema import users
 
     now = _utc(now)
-    user = conn.execute(select(users).where(users.c.user_id == user_id)).mappings().first()
-    if user is None or not user["active"] or user["role"] not in ("trading_desk", "operations"):
-        raise ExecutionError(f"{user_id} is not an active trading-desk or operations user")
+    _check_desk_user(conn, user_id)
     ids = sorted(set(decision_ids))
     if not ids:
         raise ExecutionError(f"release {release_id}: no decisions named")

@@ -62,6 +62,18 @@ class OrderTickets:
     orders_done: int = 0  # > 0: every order was staged or submitted by an earlier run
 
 
+def _reference(connect: Callable[[], Any], trades: Sequence, day: date):
+    """(securities, accounts) of the trades on `day` from the warehouse, or None when it has no
+    reference tables at all (never built by the daily scan)."""
+    try:
+        with connect() as con:
+            if not submit.has_reference_tables(con):
+                return None
+            return submit.read_reference(con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
+    except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
+        raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+
+
 def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id: str, *, auto_submit: bool,
                   desk_id: str) -> OrderTickets:
     """The orders of a decision that passed the gate (`connect`: opens the warehouse as a
@@ -78,14 +90,10 @@ def order_tickets(store: WorkflowStore, connect: Callable[[], Any], decision_id:
             except gate.GateCannotCheck as exc:
                 raise submit.ExecutionError(str(exc)) from None
         day = submit.trading_day(approved.gate_checked_at)
-        try:
-            with connect() as con:
-                if not submit.has_reference_tables(con):
-                    return OrderTickets(decision_id, approved, day, None)
-                securities, accounts = submit.read_reference(
-                    con, {t.symbol for t in trades}, {t.account_id for t in trades}, day)
-        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
-            raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+        reference = _reference(connect, trades, day)
+        if reference is None:
+            return OrderTickets(decision_id, approved, day, None)
+        securities, accounts = reference
         tickets = submit.build_tickets(approved, trades, securities, accounts,
                                        auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:
@@ -113,9 +121,6 @@ def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id
     try:
         if not ids:
             raise submit.ExecutionError("the release covers no decision")
-        twice = sorted({d for d in ids if ids.count(d) > 1})
-        if twice:
-            raise submit.ExecutionError(f"decision(s) {', '.join(twice)} listed twice")
         with store.begin() as conn:
             for decision_id in ids:
                 try:
@@ -129,15 +134,10 @@ def release_tickets(store: WorkflowStore, connect: Callable[[], Any], release_id
                     raise submit.ExecutionError(reason) from None
                 approved.append(one)
         day = submit.trading_day(submit.release_placed_at(approved))
-        every = [t for mine in trades.values() for t in mine]
-        try:
-            with connect() as con:
-                if not submit.has_reference_tables(con):
-                    return OrderTickets(release_id, tuple(approved), day, None)
-                securities, accounts = submit.read_reference(
-                    con, {t.symbol for t in every}, {t.account_id for t in every}, day)
-        except duckdb.Error as exc:  # e.g. the daily run holds the file's write lock: re-execute later
-            raise WarehouseUnreadable(f"the warehouse cannot be read now: {type(exc).__name__}: {exc}") from None
+        reference = _reference(connect, [t for mine in trades.values() for t in mine], day)
+        if reference is None:
+            return OrderTickets(release_id, tuple(approved), day, None)
+        securities, accounts = reference
         tickets = submit.build_release_tickets(release_id, approved, trades, securities, accounts,
                                                auto_submit=auto_submit, desk_id=desk_id)
     except (TicketError, submit.ExecutionError) as exc:

@@ -257,17 +257,19 @@ after_delivery: Callable[[submit.Destination], None] | None = None
 def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_store: WorkflowStoreResource,
                         warehouse: Warehouse, execution: ExecutionResource):
     decision_id = prepared
+    release = batches.is_release_id(decision_id)  # a batch release: blocks across its passed decisions
+    label = f"release {decision_id}" if release else f"decision {decision_id}"
     try:
         # The run's execution settings (resources_for chose them), validated: a malformed value
         # fails the step at once, naming the variable; no retry can fix it.
         chosen = settings_of(execution)
         auto_submit, desk_id = submit.auto_submit_discretionary(chosen), submit.trading_desk_id(chosen)
     except settings.SettingsError as exc:
-        raise Failure(description=f"decision {decision_id}: no orders staged or submitted: {exc}",
+        raise Failure(description=f"{label}: no orders staged or submitted: {exc}",
                       allow_retries=False) from None
     try:
         with workflow_store.open() as store:
-            if batches.is_release_id(decision_id):  # a batch release: blocks across its passed decisions
+            if release:
                 with store.begin() as conn:
                     passed = batches.passed_decisions(conn, decision_id)
                 result = ticketing.release_tickets(store, warehouse.connect, decision_id, passed,
@@ -281,15 +283,16 @@ def build_order_tickets(context: OpExecutionContext, prepared: str, workflow_sto
         raise Failure(description=str(exc), allow_retries=False) from None
     if result.orders_done:
         context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "already_done"})
-        context.log.info(f"decision {decision_id}: all {result.orders_done} orders were staged or submitted by an "
+        context.log.info(f"{label}: all {result.orders_done} orders were staged or submitted by an "
                          "earlier run (the day's reference data has changed since): nothing left to do")
         return
     if result.tickets is None:
         context.instance.add_run_tags(context.run_id, {TICKETS_TAG: "no_reference_data"})
         context.log.warning(
-            f"decision {decision_id}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
+            f"{label}: the warehouse has no {' / '.join(submit.REFERENCE_TABLES)} (the "
             f"daily scan never built them): no orders staged or submitted; the approved trades "
-            f"stay in the workflow store (and outbox/approved/{decision_id}.json) for the trading desk")
+            f"stay in the workflow store (and outbox/approved/"
+            f"{'<decision id>.json of each decision' if release else decision_id + '.json'}) for the trading desk")
         return
     tickets = result.tickets
     yield Output(tickets.to_document(), metadata={
