@@ -20,6 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ from rebal_pipeline.workflow.package import PackageBand
 from rebal_pipeline.workflow.schema import recommendations
 from rebal_pipeline_tests.approvals.conftest import AS_OF, PUBLISHED_AT, publish, store  # noqa: F401 (fixture)
 from rebal_pipeline_tests.approvals.test_api import SECRET, Clock
+from rebal_pipeline_tests.browser import chromium  # noqa: F401 (fixture: Debian's chromium)
 from rebal_pipeline_tests.comms.peers import smtp_server
 from rebal_pipeline_tests.factories import DESK, USERS, holding, make_package, trade, user
 
@@ -170,3 +172,25 @@ def portal(store):  # noqa: F811 (the approvals' store fixture)
         with running_server(app) as url:
             settings.public_url = url
             yield Portal(store=store, app=app, url=url, clock=clock, mail=mail)
+
+
+# ---- In the browser: one page per test, script off (the portal works without it) ----
+
+SCREENSHOTS = Path(__file__).parent / "screenshots"  # kept with the tests, checked by eye
+
+
+@pytest.fixture
+def page(chromium):
+    SCREENSHOTS.mkdir(exist_ok=True)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900}, locale="en-US", java_script_enabled=False)
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    errors: list[str] = []
+    # Console errors but the browser's note of a 4xx page it was sent (the 401 before signing in or after signing out).
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error"
+           and not m.text.startswith("Failed to load resource") else None)
+    tab.errors = errors
+    try:
+        yield tab
+    finally:
+        context.close()

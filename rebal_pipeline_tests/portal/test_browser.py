@@ -5,7 +5,6 @@ Screenshots go to rebal_pipeline_tests/portal/screenshots/ (looked at by eye whe
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -13,29 +12,12 @@ from sqlalchemy import select
 from rebal_pipeline.workflow import lifecycle
 from rebal_pipeline.workflow.operations_alerts import raise_operations_alert
 from rebal_pipeline.workflow.schema import users
-from rebal_pipeline_tests.portal.conftest import AS_OF, ORDER
-from rebal_pipeline_tests.browser import chromium  # noqa: F401 (fixture: Debian's chromium)
+from rebal_pipeline_tests.portal.conftest import AS_OF, ORDER, SCREENSHOTS
 
-SCREENSHOTS = Path(__file__).parent / "screenshots"
 
 pytestmark = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 
 
-@pytest.fixture
-def page(chromium):
-    SCREENSHOTS.mkdir(exist_ok=True)
-    context = chromium.new_context(viewport={"width": 1280, "height": 900}, locale="en-US", java_script_enabled=False)
-    tab = context.new_page()
-    tab.set_default_timeout(15_000)
-    errors: list[str] = []
-    # Console errors but the browser's note of a 4xx page it was sent (the 401 after signing out).
-    tab.on("console", lambda m: errors.append(m.text) if m.type == "error"
-           and not m.text.startswith("Failed to load resource") else None)
-    tab.errors = errors
-    try:
-        yield tab
-    finally:
-        context.close()
 
 
 def shot(page, name: str) -> None:

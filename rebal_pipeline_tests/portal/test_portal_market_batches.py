@@ -17,8 +17,7 @@ Not a member: Q-MED-OLD (ADV-1's). Five earlier batches (16–20 Nov) have no me
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
+from datetime import date, datetime, timezone
 
 import pytest
 from sqlalchemy import insert, select, update
@@ -29,11 +28,10 @@ from rebal_pipeline.workflow.schema import (
     batch_recommendations, batch_release_decisions, batch_releases, market_batches, market_events,
     recommendations, users,
 )
-from rebal_pipeline_tests.browser import chromium  # noqa: F401 (fixture: Debian's chromium)
-from rebal_pipeline_tests.portal.conftest import PEOPLE, book_package, hidden, page_text, publish, queue_ids, \
-    visible_text
+from rebal_pipeline_tests.portal.conftest import (
+    PEOPLE, SCREENSHOTS, book_package, hidden, page_text, publish, queue_ids, visible_text,
+)
 
-SCREENSHOTS = Path(__file__).parent / "screenshots"
 BATCH = "mev-20261123"
 
 
@@ -271,21 +269,6 @@ def test_signed_move():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def page(chromium):
-    SCREENSHOTS.mkdir(exist_ok=True)
-    context = chromium.new_context(viewport={"width": 1280, "height": 900}, locale="en-US", java_script_enabled=False)
-    tab = context.new_page()
-    tab.set_default_timeout(15_000)
-    errors: list[str] = []
-    # Console errors but the browser's note of a 4xx page it was sent (the 401 before signing in).
-    tab.on("console", lambda m: errors.append(m.text) if m.type == "error"
-           and not m.text.startswith("Failed to load resource") else None)
-    tab.errors = errors
-    try:
-        yield tab
-    finally:
-        context.close()
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
